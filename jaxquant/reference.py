@@ -1,0 +1,241 @@
+"""Plain-jnp definition of every jaxquant op: the specification, the CPU lowering and the oracle.
+
+Numerics (DESIGN.md §1). All arithmetic is float32 (float64 for float64 inputs); ``rne`` is
+round-half-to-even (``jnp.round``)::
+
+    inv_scale = 1 / scale                                   # one correctly rounded reciprocal
+    v         = rne(x * inv_scale) + zp                     # round first, then add zp
+    q         = clamp(v, qmin, qmax)                        # stored in the code dtype
+    x_hat     = (q - zp) * scale                            # dequantize
+    m         = qmin <= v <= qmax                           # STE mask, on the unclamped v
+    fake_quantize(x)            = dequantize(quantize(x))   # in x's dtype
+    d fake_quantize / dx        = dy * m
+    d quantize / dx  (float q)  = dy * inv_scale * m
+
+Special values: a NaN ``v`` gives the code ``qmin``; ``+Inf`` saturates to ``qmax`` and ``-Inf``
+to ``qmin``; the mask is False for all three (their gradient is 0). This equals PyTorch's CPU
+``fake_quantize_per_tensor_affine`` (PyTorch's per-channel kernel maps ``+Inf`` to ``qmin``
+through an undefined float->int cast; we saturate). Scales must be finite and > 0; a zero,
+negative-zero, Inf or NaN scale follows the rules above (e.g. ``scale = 0`` makes every
+code of a non-zero x saturate and 0 * Inf = NaN give ``qmin``).
+
+Dynamic parameters (per row of the last axis, or per tensor), with ``2**-126`` the smallest
+normal float32 (``TINY``) and every constant a rounded float32 reciprocal, multiplied::
+
+    symmetric:   scale = max(amax * f32(1 / qmax), TINY),            zp = 0
+    asymmetric:  lo = min(min(x), 0);  hi = max(max(x), 0)
+                 scale = max((hi - lo) * f32(1 / (qmax - qmin)), TINY)
+                 zp    = clamp(qmin - rne(lo * (1 / scale)), qmin, qmax)   (NaN -> qmin)
+
+A row containing NaN gets a NaN scale (so its codes are ``qmin`` and it dequantizes to NaN:
+the NaN stays visible); a row containing Inf gets an Inf scale.
+
+The functions with a ``_bf`` suffix work on the *broadcast form* (``granularity.py``): the
+parameters have x's rank and broadcast against it. They are the CPU lowering of the primitives.
+The public-style functions without the suffix take a granularity, like ``jaxquant``'s API.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from jaxquant import granularity as gran
+
+TINY = float(np.finfo(np.float32).tiny)  # 2**-126
+
+__all__ = [
+    "compute_dtype",
+    "affine_codes",
+    "quantize_bf",
+    "dequantize_bf",
+    "fake_quantize_bf",
+    "fake_quantize_backward_bf",
+    "quantize_backward_bf",
+    "dynamic_qparams_rows",
+    "dynamic_quantize_rows",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quantize_backward",
+    "fake_quantize_backward",
+    "choose_qparams",
+    "dynamic_quantize",
+]
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float64 for float64 inputs, float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def recip(a):
+    """The correctly rounded reciprocal ``1 / a`` in a's dtype."""
+    return jnp.asarray(1, a.dtype) / a
+
+
+def to_code(v, qmin, qmax):
+    """``clamp(v, qmin, qmax)`` with NaN -> qmin (v is a float array)."""
+    return jnp.where(jnp.isnan(v), jnp.asarray(qmin, v.dtype), jnp.clip(v, qmin, qmax))
+
+
+def affine_codes(x, scale, zp, qmin, qmax):
+    """Returns ``(q, m)``: codes ``clamp(rne(x * (1/scale)) + zp)`` as floats, and the STE mask.
+
+    ``x``, ``scale`` are in the compute dtype, ``zp`` is already converted to it.
+    """
+    v = jnp.round(x * recip(scale)) + zp
+    m = (v >= qmin) & (v <= qmax)
+    return to_code(v, qmin, qmax), m
+
+
+def _params(x_dtype, scale, zp):
+    ct = compute_dtype(x_dtype)
+    s = scale.astype(ct)
+    z = jnp.zeros((), ct) if zp is None else zp.astype(ct)
+    return ct, s, z
+
+
+def quantize_bf(x, scale, zp, *, qmin, qmax, dtype):
+    """Codes of x in ``dtype`` (an int container, or a float dtype for real-valued codes)."""
+    ct, s, z = _params(x.dtype, scale, zp)
+    q, _ = affine_codes(x.astype(ct), s, z, qmin, qmax)
+    return q.astype(dtype)
+
+
+def dequantize_bf(q, scale, zp, *, dtype):
+    """``(q - zp) * scale`` in the compute dtype of ``dtype``, cast to ``dtype``."""
+    ct, s, z = _params(dtype, scale, zp)
+    return ((q.astype(ct) - z) * s).astype(dtype)
+
+
+def fake_quantize_bf(x, scale, zp, *, qmin, qmax):
+    """``dequantize(quantize(x))`` in x's dtype."""
+    ct, s, z = _params(x.dtype, scale, zp)
+    q, _ = affine_codes(x.astype(ct), s, z, qmin, qmax)
+    return ((q - z) * s).astype(x.dtype)
+
+
+def fake_quantize_backward_bf(dy, x, scale, zp, *, qmin, qmax):
+    """STE of fake_quantize: ``dy * m`` (a multiply, so ``-dy * 0 = -0.0`` as in PyTorch)."""
+    ct, s, z = _params(x.dtype, scale, zp)
+    _, m = affine_codes(x.astype(ct), s, z, qmin, qmax)
+    return (dy.astype(ct) * m.astype(ct)).astype(x.dtype)
+
+
+def quantize_backward_bf(dy, x, scale, zp, *, qmin, qmax):
+    """STE of quantize with real-valued codes: ``dy * (1/scale) * m``, in x's dtype."""
+    ct, s, z = _params(x.dtype, scale, zp)
+    _, m = affine_codes(x.astype(ct), s, z, qmin, qmax)
+    return ((dy.astype(ct) * recip(s)) * m.astype(ct)).astype(x.dtype)
+
+
+def dynamic_qparams_rows(x, *, qmin, qmax, symmetric, axis=-1, keepdims=True):
+    """Dynamic (scale, zp) reduced over ``axis`` (an int or tuple); scale float32, zp int32."""
+    ct = compute_dtype(x.dtype)
+    xf = x.astype(ct)
+    has_nan = jnp.any(jnp.isnan(xf), axis=axis, keepdims=keepdims)
+    if symmetric:
+        amax = jnp.max(jnp.abs(xf), axis=axis, keepdims=keepdims, initial=0)
+        amax = jnp.where(has_nan, jnp.nan, amax)  # explicit: NaN-propagating max
+        scale = jnp.maximum(amax * np.asarray(1 / qmax, ct), ct.type(TINY))
+        zp = jnp.zeros(scale.shape, jnp.int32)
+        return scale.astype(ct), zp
+    lo = jnp.minimum(jnp.min(xf, axis=axis, keepdims=keepdims, initial=0), 0)
+    hi = jnp.maximum(jnp.max(xf, axis=axis, keepdims=keepdims, initial=0), 0)
+    lo = jnp.where(has_nan, jnp.nan, lo)
+    hi = jnp.where(has_nan, jnp.nan, hi)
+    scale = jnp.maximum((hi - lo) * np.asarray(1 / (qmax - qmin), ct), ct.type(TINY))
+    zp = to_code(qmin - jnp.round(lo * recip(scale)), qmin, qmax)
+    return scale.astype(ct), zp.astype(jnp.int32)
+
+
+def dynamic_quantize_rows(x, *, qmin, qmax, symmetric, dtype):
+    """Dynamic quantization of each row of the last axis: ``(q, scale[..., 1], zp[..., 1])``."""
+    scale, zp = dynamic_qparams_rows(x, qmin=qmin, qmax=qmax, symmetric=symmetric)
+    q = quantize_bf(x, scale, zp, qmin=qmin, qmax=qmax, dtype=dtype)
+    return q, scale, zp
+
+
+# ----------------------------------------------------------------------------------------
+# Granularity-level reference API (same meaning as the public jaxquant functions).
+# ----------------------------------------------------------------------------------------
+
+
+def _range(dtype, qmin, qmax):
+    if qmin is None or qmax is None:
+        info = jnp.iinfo(dtype)
+        qmin = info.min if qmin is None else qmin
+        qmax = info.max if qmax is None else qmax
+    return int(qmin), int(qmax)
+
+
+def _bf(x, scale, zero_point, granularity):
+    gran.check_granularity(granularity, x.shape)
+    xb, sb = gran.to_broadcast_form(x, jnp.asarray(scale), granularity)
+    zb = None
+    if zero_point is not None:
+        _, zb = gran.to_broadcast_form(x, jnp.asarray(zero_point), granularity)
+    return xb, sb, zb
+
+
+def quantize(x, scale, zero_point=None, *, granularity, qmin=None, qmax=None, dtype=jnp.int8):
+    qmin, qmax = _range(dtype, qmin, qmax)
+    xb, sb, zb = _bf(x, scale, zero_point, granularity)
+    return gran.from_broadcast_form(quantize_bf(xb, sb, zb, qmin=qmin, qmax=qmax, dtype=dtype), x.shape)
+
+
+def dequantize(q, scale, zero_point=None, *, granularity, dtype=jnp.float32):
+    qb, sb, zb = _bf(q, scale, zero_point, granularity)
+    return gran.from_broadcast_form(dequantize_bf(qb, sb, zb, dtype=dtype), q.shape)
+
+
+def fake_quantize(x, scale, zero_point=None, *, granularity, qmin, qmax):
+    xb, sb, zb = _bf(x, scale, zero_point, granularity)
+    return gran.from_broadcast_form(fake_quantize_bf(xb, sb, zb, qmin=qmin, qmax=qmax), x.shape)
+
+
+def fake_quantize_backward(dy, x, scale, zero_point=None, *, granularity, qmin, qmax):
+    xb, sb, zb = _bf(x, scale, zero_point, granularity)
+    dyb = jnp.reshape(dy, xb.shape)
+    out = fake_quantize_backward_bf(dyb, xb, sb, zb, qmin=qmin, qmax=qmax)
+    return gran.from_broadcast_form(out, x.shape)
+
+
+def quantize_backward(dy, x, scale, zero_point=None, *, granularity, qmin, qmax):
+    xb, sb, zb = _bf(x, scale, zero_point, granularity)
+    dyb = jnp.reshape(dy, xb.shape)
+    out = quantize_backward_bf(dyb, xb, sb, zb, qmin=qmin, qmax=qmax)
+    return gran.from_broadcast_form(out, x.shape)
+
+
+def _reduce_axes(granularity, x):
+    """Axes of the broadcast-form x reduced to get one parameter per scale element."""
+    nd = x.ndim
+    if isinstance(granularity, gran.PerTensor):
+        return x, tuple(range(nd))
+    if isinstance(granularity, gran.PerChannel):
+        axis = granularity.axis % nd
+        return x, tuple(a for a in range(nd) if a != axis)
+    if isinstance(granularity, gran.PerToken):
+        return x, (nd - 1,)
+    g = granularity.group_size
+    return jnp.reshape(x, x.shape[:-1] + (x.shape[-1] // g, g)), (nd,)
+
+
+def choose_qparams(x, *, granularity, qmin, qmax, symmetric=True):
+    """(scale float32 of ``param_shape``, zero_point int32 of ``param_shape``) from data."""
+    gran.check_granularity(granularity, x.shape)
+    xr, axes = _reduce_axes(granularity, x)
+    scale, zp = dynamic_qparams_rows(xr, qmin=qmin, qmax=qmax, symmetric=symmetric, axis=axes, keepdims=False)
+    shape = gran.param_shape(granularity, x.shape)
+    return jnp.reshape(scale, shape), jnp.reshape(zp, shape)
+
+
+def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetric=True, qmin=None, qmax=None):
+    """``choose_qparams`` then ``quantize``: returns ``(q, scale, zero_point)``."""
+    qmin, qmax = _range(dtype, qmin, qmax)
+    scale, zp = choose_qparams(x, granularity=granularity, qmin=qmin, qmax=qmax, symmetric=symmetric)
+    q = quantize(x, scale, zp, granularity=granularity, qmin=qmin, qmax=qmax, dtype=dtype)
+    return q, scale, zp
