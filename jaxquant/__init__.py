@@ -1,0 +1,33 @@
+"""jaxquant: quantization kernels for JAX on NVIDIA GPUs (Pallas), with straight-through gradients.
+
+The public API (DESIGN.md §3); everything else lives in submodules.
+"""
+
+from jaxquant.backend import implementation
+from jaxquant.granularity import PerChannel, PerGroup, PerTensor, PerToken
+from jaxquant.primitives.api import (
+    choose_qparams,
+    dequantize,
+    dynamic_quantize,
+    fake_quantize,
+    fake_quantize_backward,
+    quantize,
+    quantize_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quantize_backward",
+    "fake_quantize_backward",
+    "dynamic_quantize",
+    "choose_qparams",
+    "implementation",
+    "PerTensor",
+    "PerChannel",
+    "PerToken",
+    "PerGroup",
+]

@@ -1,0 +1,39 @@
+"""Which implementation the primitives lower to.
+
+=============  =====================================================================
+``"auto"``     the default: the Pallas kernel when lowering for CUDA, the plain-jnp
+               reference (``jaxquant.reference``) when lowering for the CPU
+``"reference"`` the plain-jnp reference on every platform (e.g. to compare on a GPU)
+``"pallas"``   the Pallas kernel; lowering for the CPU raises an error
+``"interpret"`` the Pallas kernel in Pallas interpret mode (slow; the CPU test tier)
+=============  =====================================================================
+
+Select one with the context manager ``jaxquant.implementation(name)``. The choice is read when a
+function is *traced*: a function already compiled by ``jax.jit`` keeps what it was traced with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+__all__ = ["IMPLEMENTATIONS", "implementation", "current_implementation"]
+
+IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
+_current = contextvars.ContextVar("jaxquant_implementation", default="auto")
+
+
+def current_implementation() -> str:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+    """Context manager selecting the implementation for ops traced inside it."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {name!r}")
+    token = _current.set(name)
+    try:
+        yield name
+    finally:
+        _current.reset(token)

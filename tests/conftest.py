@@ -1,0 +1,113 @@
+"""Shared test fixtures: implementation tiers, input generators with edge values, exact comparisons.
+
+Tiers: ``reference`` (plain jnp), ``interpret`` (the Pallas kernels in interpret mode, CPU) and
+``pallas`` (the real kernels; only where a CUDA GPU is present). On a machine without a GPU
+we run JAX on the CPU explicitly (``JAX_PLATFORMS=cpu``) so that an installed CUDA plugin (used
+only to *lower* kernels for CUDA) does not try to initialise.
+"""
+
+import os
+import shutil
+import zlib
+
+if "JAX_PLATFORMS" not in os.environ and not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import jaxquant as jq
+
+HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+TIERS = ["interpret", "pallas"] if HAS_GPU else ["interpret"]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=TIERS)
+def tier(request):
+    """An implementation tier of the kernels, compared against the reference."""
+    return request.param
+
+
+# Fresh random inputs on every run; set JAXQUANT_TEST_SEED to replay a run (the header prints it).
+BASE_SEED = int(os.environ.get("JAXQUANT_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
+
+
+def pytest_report_header(config):
+    return f"jaxquant: JAXQUANT_TEST_SEED={BASE_SEED}, jax {jax.__version__}, devices {jax.devices()}"
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the run's base seed and the test's id."""
+    return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def run_impl(impl, fn, *args):
+    """Trace and run ``fn`` under implementation ``impl`` (a fresh jit each call)."""
+    with jq.implementation(impl):
+        return jax.jit(fn)(*args)
+
+
+def assert_same_bits(a, b, what=""):
+    """Exact equality: same dtype/shape, NaN at the same places, other elements bit-identical."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
+    if a.dtype.kind == "f" or a.dtype == jnp.bfloat16:
+        fa, fb = a.astype(np.float64), b.astype(np.float64)
+        na, nb = np.isnan(fa), np.isnan(fb)
+        assert (na == nb).all(), f"{what}: NaN positions differ ({int((na != nb).sum())} elements)"
+        ua = a.view(f"u{a.dtype.itemsize}")[~na]
+        ub = b.view(f"u{b.dtype.itemsize}")[~nb]
+        bad = ua != ub
+        assert not bad.any(), (f"{what}: {int(bad.sum())}/{ua.size} elements differ, e.g. "
+                               f"{fa[~na][bad][:5]} vs {fb[~nb][bad][:5]}")
+    else:
+        bad = a != b
+        assert not bad.any(), f"{what}: {int(bad.sum())}/{a.size} codes differ, e.g. {a[bad][:5]} vs {b[bad][:5]}"
+
+
+def make_params(rng, pshape, *, qmin, qmax, asymmetric, pow2):
+    """Positive scales (powers of two when ``pow2``, so ties are exact) and zero points in range."""
+    if pow2:
+        scale = 2.0 ** rng.integers(-6, 1, size=pshape)
+    else:
+        scale = rng.uniform(0.003, 0.2, size=pshape)
+    scale = np.asarray(scale, np.float32)
+    zp = None
+    if asymmetric:
+        zp = np.asarray(rng.integers(qmin, qmax + 1, size=pshape), np.int32)
+    return scale, zp
+
+
+def make_x(rng, shape, dtype, scale_b, zp_b, *, qmin, qmax, specials=True):
+    """Random x spanning past the clamp range, with .5 ties, clamp edges, zeros, NaN and +-Inf.
+
+    ``scale_b`` / ``zp_b``: the parameters broadcast to x's shape (float64 / int arrays).
+    """
+    span = (qmax - qmin + 1) * 0.75
+    x = rng.standard_normal(shape) * span * scale_b
+    if specials and x.size:
+        flat = x.reshape(-1)
+        sb = np.broadcast_to(scale_b, shape).reshape(-1)
+        zb = np.broadcast_to(zp_b if zp_b is not None else 0, shape).reshape(-1)
+        n = flat.size
+        idx = rng.choice(n, size=max(1, n // 4), replace=False)
+        k = rng.integers(qmin - 3, qmax + 3, size=idx.size) - zb[idx]
+        flat[idx] = (k + 0.5) * sb[idx]  # ties (exact when the scale is a power of two)
+        idx2 = rng.choice(n, size=max(1, n // 16), replace=False)
+        edges = np.array([qmin - 0.5, qmin - 0.51, qmin, qmax, qmax + 0.49, qmax + 0.5, qmax + 0.51, 0.0])
+        flat[idx2] = (rng.choice(edges, idx2.size) - zb[idx2]) * sb[idx2]
+        for v in (np.nan, np.inf, -np.inf, 0.0, -0.0):
+            flat[rng.integers(0, n)] = v
+        x = flat.reshape(shape)
+    return jnp.asarray(x.astype(np.float32)).astype(dtype)
