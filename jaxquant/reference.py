@@ -76,8 +76,16 @@ def recip(a):
 
 
 def to_code(v, qmin, qmax):
-    """``clamp(v, qmin, qmax)`` with NaN -> qmin (v is a float array)."""
+    """``clamp(v, qmin, qmax)`` with NaN -> qmin and -0.0 -> +0.0 (v is a float array)."""
+    v = plus_zero(v)
     return jnp.where(jnp.isnan(v), jnp.asarray(qmin, v.dtype), jnp.clip(v, qmin, qmax))
+
+
+def plus_zero(v):
+    """-0.0 -> +0.0. Codes and ``q - zp`` are integers: a zero is always +0.0 (as in PyTorch,
+    where they are int64). Written out because XLA folds ``v + 0.0`` to ``v``, which would keep
+    the -0.0 that ``rne`` gives for small negative ``x * inv_scale``."""
+    return jnp.where(v == 0, jnp.zeros((), v.dtype), v)
 
 
 def affine_codes(x, scale, zp, qmin, qmax):
@@ -107,28 +115,35 @@ def quantize_bf(x, scale, zp, *, qmin, qmax, dtype):
 def dequantize_bf(q, scale, zp, *, dtype):
     """``(q - zp) * scale`` in the compute dtype of ``dtype``, cast to ``dtype``."""
     ct, s, z = _params(dtype, scale, zp)
-    return ((q.astype(ct) - z) * s).astype(dtype)
+    return (plus_zero(q.astype(ct) - z) * s).astype(dtype)
 
 
 def fake_quantize_bf(x, scale, zp, *, qmin, qmax):
     """``dequantize(quantize(x))`` in x's dtype."""
     ct, s, z = _params(x.dtype, scale, zp)
     q, _ = affine_codes(x.astype(ct), s, z, qmin, qmax)
-    return ((q - z) * s).astype(x.dtype)
+    return (plus_zero(q - z) * s).astype(x.dtype)
+
+
+def ste(g, m):
+    """``g * m`` for a boolean mask m, written ``where(m, g, g * 0)``: the same value for every g
+    (``-g * 0 = -0.0`` and ``Inf * 0 = NaN``, as PyTorch's ``dY * mask``), in a form XLA does not
+    simplify into ``select(m, g, +0.0)``."""
+    return jnp.where(m, g, g * jnp.asarray(0, g.dtype))
 
 
 def fake_quantize_backward_bf(dy, x, scale, zp, *, qmin, qmax):
-    """STE of fake_quantize: ``dy * m`` (a multiply, so ``-dy * 0 = -0.0`` as in PyTorch)."""
+    """STE of fake_quantize: ``dy * m``, in x's dtype."""
     ct, s, z = _params(x.dtype, scale, zp)
     _, m = affine_codes(x.astype(ct), s, z, qmin, qmax)
-    return (dy.astype(ct) * m.astype(ct)).astype(x.dtype)
+    return ste(dy.astype(ct), m).astype(x.dtype)
 
 
 def quantize_backward_bf(dy, x, scale, zp, *, qmin, qmax):
     """STE of quantize with real-valued codes: ``dy * (1/scale) * m``, in x's dtype."""
     ct, s, z = _params(x.dtype, scale, zp)
     _, m = affine_codes(x.astype(ct), s, z, qmin, qmax)
-    return ((dy.astype(ct) * recip(s)) * m.astype(ct)).astype(x.dtype)
+    return ste(dy.astype(ct) * recip(s), m).astype(x.dtype)
 
 
 def dynamic_qparams_rows(x, *, qmin, qmax, symmetric, axis=-1, keepdims=True):

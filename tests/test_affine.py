@@ -115,3 +115,23 @@ def test_zero_size_and_scalar():
             assert jq.quantize(jnp.zeros((0, 8)), jnp.zeros((0,)) + 1, granularity=jq.PerToken()).shape == (0, 8)
             q = jq.quantize(jnp.float32(3.3), jnp.float32(0.5), granularity=jq.PerTensor())
             assert q.shape == () and int(q) == 7
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("scale_const", [False, True])
+def test_zero_codes_are_plus_zero(impl, with_zp, scale_const):
+    """Small negatives round to a zero code: fake_quantize gives +0.0 (PyTorch does), float codes
+    are +0.0, whatever XLA folds (a constant scale, no zero point)."""
+    x = jnp.array([[-0.001, -0.3, -0.5, 0.2, -5.0, -0.0]], jnp.float32)
+    zp = jnp.zeros((1,), jnp.int32) if with_zp else None
+    s0 = jnp.ones((1,), jnp.float32)
+
+    def f(x, s):
+        s = s0 if scale_const else s
+        return (jq.fake_quantize(x, s, zp, granularity=jq.PerToken(), qmin=-8, qmax=7),
+                jq.quantize(x, s, zp, granularity=jq.PerToken(), qmin=-8, qmax=7, dtype=jnp.float32),
+                jq.dequantize(jnp.zeros((1, 6), jnp.int8), s, zp, granularity=jq.PerToken()))
+
+    for out in run_impl(impl, f, x, s0):
+        np.testing.assert_array_equal(np.signbit(np.asarray(out))[0, :4], False)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import next_pow2, plus_zero, recip, rne, to_code
 
 __all__ = ["OPS", "Config", "heuristics", "affine"]
 
@@ -119,7 +119,7 @@ def _kernel(*refs, op, has_zp, n_main, qmin, qmax, ct, out_dtype, shape3, block,
     mains = [load(ref, mask, 0) for ref in main_refs]
 
     if op == "dequantize":
-        out = (mains[0].astype(ct) - z) * s
+        out = plus_zero(mains[0].astype(ct) - z) * s
     else:
         xs = mains[-1].astype(ct)
         inv = recip(s)
@@ -127,13 +127,13 @@ def _kernel(*refs, op, has_zp, n_main, qmin, qmax, ct, out_dtype, shape3, block,
         if op == "quantize":
             out = to_code(v, qmin, qmax)
         elif op == "fake_quantize":
-            out = (to_code(v, qmin, qmax) - z) * s
+            out = plus_zero(to_code(v, qmin, qmax) - z) * s
         else:
-            m = jnp.where((v >= qmin) & (v <= qmax), jnp.asarray(1, ct), jnp.asarray(0, ct))
+            m = (v >= qmin) & (v <= qmax)
             dy = mains[0].astype(ct)
             if op == "quantize_backward":
                 dy = dy * inv
-            out = dy * m
+            out = jnp.where(m, dy, dy * jnp.asarray(0, ct))  # == dy * m, keeping -0.0 and NaN
     out = out.astype(out_dtype)
     if mask is None:
         o_ref[...] = out

@@ -32,8 +32,13 @@ def to_code(v, qmin: int, qmax: int):
     """clamp(v, qmin, qmax) with NaN -> qmin; written with compares so NaN handling is explicit."""
     lo = jnp.asarray(qmin, v.dtype)
     hi = jnp.asarray(qmax, v.dtype)
-    c = jnp.where(v < lo, lo, jnp.where(v > hi, hi, v))
+    c = jnp.where(v < lo, lo, jnp.where(v > hi, hi, plus_zero(v)))
     return jnp.where(v != v, lo, c)
+
+
+def plus_zero(v):
+    """-0.0 -> +0.0 (integer-valued floats; see jaxquant.reference.plus_zero)."""
+    return jnp.where(v == 0, jnp.zeros((), v.dtype), v)
 
 
 def recip(a):

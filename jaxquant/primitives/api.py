@@ -86,7 +86,7 @@ def _quantize_fn(spec: _Spec):
         x, scale, zp = res
         if jnp.issubdtype(spec.out_dtype, jnp.integer):
             return jnp.zeros_like(x), jnp.zeros_like(scale), None
-        return _bwd_op("quantize_backward", dq, x, scale, zp, spec), jnp.zeros_like(scale), None
+        return _backward_fn("quantize_backward", spec)(dq, x, scale, zp), jnp.zeros_like(scale), None
 
     f.defvjp(fwd, bwd)
     return f
@@ -103,7 +103,7 @@ def _fake_quantize_fn(spec: _Spec):
 
     def bwd(res, dy):
         x, scale, zp = res
-        return _bwd_op("fake_quantize_backward", dy, x, scale, zp, spec), jnp.zeros_like(scale), None
+        return _backward_fn("fake_quantize_backward", spec)(dy, x, scale, zp), jnp.zeros_like(scale), None
 
     f.defvjp(fwd, bwd)
     return f
@@ -202,6 +202,27 @@ def fake_quantize(x, scale, zero_point=None, *, granularity, qmin, qmax, config:
     return _fake_quantize_fn(spec)(x, scale, zero_point)
 
 
+@functools.lru_cache(maxsize=None)
+def _backward_fn(op: str, spec: _Spec):
+    """The STE backward ops are linear in dy and diagonal (``dy * c(x)`` elementwise), hence
+    self-adjoint: their VJP with respect to dy is the same op applied to the cotangent. The mask
+    is piecewise constant in x, so x, scale and zero_point get zero gradients."""
+
+    @jax.custom_vjp
+    def f(dy, x, scale, zp):
+        return _bwd_op(op, dy, x, scale, zp, spec)
+
+    def fwd(dy, x, scale, zp):
+        return f(dy, x, scale, zp), (x, scale, zp)
+
+    def bwd(res, ct):
+        x, scale, zp = res
+        return f(ct.astype(x.dtype), x, scale, zp).astype(ct.dtype), jnp.zeros_like(x), jnp.zeros_like(scale), None
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def _backward(op, dy, x, scale, zero_point, granularity, qmin, qmax, config):
     x = V.float_array("x", x)
     dy = V.float_array("dy", dy)
@@ -209,8 +230,7 @@ def _backward(op, dy, x, scale, zero_point, granularity, qmin, qmax, config):
     qmin, qmax = V.free_range(qmin, qmax)
     scale, zero_point = V.params(x, scale, zero_point, granularity)
     spec = _Spec(granularity, qmin, qmax, None, zero_point is not None, _check_config(config, AffineConfig), _impl())
-    return _bwd_op(op, dy, x, scale.astype(ref.compute_dtype(x.dtype)),
-                   None if zero_point is None else zero_point, spec)
+    return _backward_fn(op, spec)(dy, x, scale, zero_point)
 
 
 def quantize_backward(dy, x, scale, zero_point=None, *, granularity, qmin, qmax, config: AffineConfig | None = None):

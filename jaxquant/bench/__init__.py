@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m jaxquant.bench`` (PERF.md's method). Sections live in their own modules."""

@@ -1,0 +1,86 @@
+"""``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
+
+Options: ``--sections quant[,linear,weight_only]``, ``--quick`` (small shapes, for a CPU smoke
+run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
+``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from jaxquant.bench import harness, quant
+
+SECTIONS = {"quant": quant.run}
+
+
+def _register_optional():
+    """Linear-layer sections, present once their kernels exist (imported explicitly, no magic)."""
+    import importlib.util
+    for name in ("linear", "weight_only"):
+        if importlib.util.find_spec(f"jaxquant.bench.{name}") is not None:
+            mod = importlib.import_module(f"jaxquant.bench.{name}")
+            SECTIONS[name] = mod.run
+
+
+import importlib  # noqa: E402
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    _register_optional()
+    p = argparse.ArgumentParser(prog="python -m jaxquant.bench", description=__doc__)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; numbers mean nothing)")
+    p.add_argument("--sweep", action="store_true", help="also sweep kernel tiles")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    wanted = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown sections {unknown}; available: {list(SECTIONS)}")
+
+    console = Console(stderr=True)
+    ctx = harness.make_context(args.quick)
+    if ctx.platform == "cpu" and not args.quick:
+        console.print("[yellow]No GPU: kernels run in Pallas interpret mode; use --quick (numbers are not meaningful).")
+    rows: list[dict] = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as prog:
+        task = prog.add_task("device copy bandwidth")
+        ctx.progress = lambda msg: prog.update(task, description=msg)
+        ctx.copy_gbps = harness.copy_bandwidth(ctx)
+        for name in wanted:
+            kwargs = {"sweep": args.sweep} if name == "quant" else {}
+            rows += SECTIONS[name](ctx, **kwargs)
+    path = harness.write_results(args.out, ctx, rows)
+
+    out = Console()
+    table = Table(title=f"jaxquant on {ctx.device} (jax {harness.jax.__version__}); copy {ctx.copy_gbps:.0f} GB/s")
+    for col in ("section", "op", "granularity / shape", "ms", "GB/s | TOP/s", "copy %", "vs jnp", "vs bf16", "target met"):
+        table.add_column(col)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["section"], r["op"], str(r.get("config")), "error", "", "", "", "", "")
+            continue
+        rate = r.get("gbps") if r.get("gbps") is not None else r.get("tops")
+        table.add_row(r["section"], r["op"], f"{r.get('granularity', '')} {r.get('shape', '')} {r.get('config', '')}".strip(),
+                      _fmt(r.get("ms"), ".3f"), _fmt(rate, ".0f"),
+                      _fmt(100 * r["copy_frac"], ".0f") if r.get("copy_frac") is not None else "",
+                      _fmt(r.get("vs_jnp"), ".2f"), _fmt(r.get("vs_bf16"), ".2f"),
+                      "" if r.get("met") is None else ("yes" if r["met"] else "NO"))
+    out.print(table)
+    out.print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

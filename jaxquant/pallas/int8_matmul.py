@@ -1,0 +1,343 @@
+"""The int8 GEMM family (Pallas Triton): ``y = epilogue(A_int8 @ W_int8^T)``, weights ``[N, K]``.
+
+One kernel body, three ways of getting the activation tile ``a`` (``a_mode``):
+
+``"int8"``     ``a`` is already int8 ``[M, K]`` (e.g. from ``jaxquant.pallas.dynamic``), with an
+               optional float32 scale per row ``[M, 1]`` or per tensor ``[1, 1]``.
+``"dynamic"``  ``a`` is the float activation ``x [M, K]``; the kernel quantizes it itself with the
+               dynamic symmetric per-token rule (DESIGN.md §1)::
+
+                   amax = max_k |x[m, k]|;  s[m] = max(amax * f32(1/127), 2**-126)
+                   q[m, k] = clamp(rne(x[m, k] * (1 / s[m])), -128, 127)     (NaN -> -128;
+                                                                             a NaN row: s = NaN)
+               (a first pass over K for ``amax``, a second that quantizes each tile just before
+               the dot). Meant for decode (small M): it saves the quantization launch and the
+               int8 round trip through memory; every N-tile program redoes the (tiny) work.
+``"static"``   ``a`` is the float activation and ``s`` one given float32 scale ``[1, 1]``
+               (SmoothQuant-static): ``q = clamp(rne(x * (1/s)), -128, 127)``, one pass.
+
+Main loop (exact integer arithmetic)::
+
+    acc[m, n] = sum_k int32(q[m, k]) * int32(w[n, k])        # lax.dot_general(..., int32)
+Epilogue, in float32, in this order, inside the kernel (no int32 ``[M, N]`` in device memory)::
+
+    y = (f32(acc) * a_scale[m]) * w_scale[n]  (+ f32(bias[n]))  ->  cast to out_dtype
+With no scales at all the kernel writes ``acc`` itself (int32), which is how the accumulator is
+tested against ``lax.dot_general`` exactly.
+
+Tiles: a program computes a ``block_m x block_n`` output tile, looping over K in ``block_k``
+chunks (the tail chunk masked). Programs run in a 1-d grid with the usual "grouped" order
+(``group_m`` row blocks sweep the N tiles together) so the A and W tiles they share stay in L2.
+Ragged M / N edges are masked on loads and stores (never padded); the masks are compiled in only
+where the shape needs them. Decode shapes (M <= 16) use skinny ``block_m = 16`` tiles with a
+small ``block_n`` so that the weight stream is spread over all multiprocessors.
+
+Limits: Pallas Triton addresses an array with 32-bit element offsets unless it is larger than
+2**32 bytes, so each operand and the output must have fewer than 2**31 elements
+(``MAX_ELEMENTS``); the primitive layer splits larger problems along M / N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxquant.pallas.common import next_pow2, recip, rne, to_code
+
+__all__ = ["Config", "heuristics", "fused_quantize_max_m", "int8_matmul", "MAX_ELEMENTS", "TUNED"]
+
+TINY = float(np.finfo(np.float32).tiny)
+QMIN, QMAX = -128, 127
+MAX_ELEMENTS = 2**31 - 1
+A_MODES = ("int8", "dynamic", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile of one program and its launch parameters (block sizes are powers of two >= 16)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"int8_matmul Config.{name}: expected a power of two >= 16, got {v!r}")
+        for name in ("group_m", "num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"int8_matmul Config.{name}: expected a power of two >= 1, got {v!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"int8_matmul Config.num_stages: expected an int >= 1, got {self.num_stages!r}")
+
+
+# Tuned tables, per device kind (``jax.devices()[0].device_kind``); measured with
+# ``python -m jaxquant.bench.linear --sweep`` (benchmarks/results/). Each entry is
+# ``(max_m, config)``: the first entry whose ``max_m >= M`` is used. A device missing from the
+# table uses the H200's (same Hopper multiprocessor; the H100 has less bandwidth, not less math).
+_H200 = (
+    (16, Config(16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (64, Config(64, 64, 256, group_m=1, num_warps=4, num_stages=4)),
+    (256, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
+    (1 << 62, Config(128, 256, 128, group_m=8, num_warps=8, num_stages=3)),
+)
+TUNED = {"NVIDIA H200": _H200, "NVIDIA H100 80GB HBM3": _H200}
+_DEFAULT_DEVICE = "NVIDIA H200"
+# Largest M for which quantizing the activation inside the GEMM (a_mode "dynamic"/"static") beats
+# a separate quantization launch, per device (measured; see heuristics' docstring).
+_FUSED_MAX_M = {"NVIDIA H200": 16}
+_NUM_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132}
+
+
+def fused_quantize_max_m(device_kind: str | None = None) -> int:
+    """Largest M whose activation the GEMM kernel quantizes itself (pure)."""
+    return _FUSED_MAX_M.get(device_kind or _DEFAULT_DEVICE, _FUSED_MAX_M[_DEFAULT_DEVICE])
+
+
+def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Config:
+    """Pure function: the tile for an ``[M, K] x [N, K]^T`` problem on ``device_kind``.
+
+    Starts from the device's tuned table (by M), then shrinks blocks that are far larger than
+    the problem (so tiny problems do not pay for empty tiles) and, for skinny (decode) problems,
+    narrows ``block_n`` until there are about two programs per multiprocessor: at small M the
+    kernel streams the weights and needs every SM to pull its share of the bandwidth.
+    """
+    table = TUNED.get(device_kind or _DEFAULT_DEVICE, TUNED[_DEFAULT_DEVICE])
+    cfg = next(c for max_m, c in table if m <= max_m)
+    bm = max(16, min(cfg.block_m, next_pow2(m)))
+    bn = max(16, min(cfg.block_n, next_pow2(n)))
+    bk = max(16, min(cfg.block_k, next_pow2(k)))
+    sms = _NUM_SMS.get(device_kind or _DEFAULT_DEVICE, 132)
+    if bm <= 64:
+        while bn > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < 2 * sms:
+            bn //= 2
+    warps = cfg.num_warps
+    if bm * bn <= 64 * 64:
+        warps = min(warps, 4)
+    return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
+
+
+def _grid_ij(pid, nm, nn, group_m):
+    """Grouped launch order: program ``pid`` -> (row block i, column block j)."""
+    width = group_m * nn
+    group = pid // width
+    first = group * group_m
+    size = jnp.minimum(nm - first, group_m)
+    r = pid % width
+    return first + r % size, r // size
+
+
+def _kernel(*refs, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, blocks, nmn, group_m,
+            out_dtype):
+    it = iter(refs)
+    a_ref = next(it)
+    as_ref = next(it) if has_a_scale else None
+    w_ref = next(it)
+    ws_ref = next(it) if has_w_scale else None
+    b_ref = next(it) if has_bias else None
+    o_ref = next(it)
+    m_total, n_total, k_total = dims
+    bm, bn, bk = blocks
+    nm, nn = nmn
+    i, j = _grid_ij(pl.program_id(0), nm, nn, group_m)
+
+    rmask = cmask = None
+    if m_total % bm:
+        rmask = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total
+    if n_total % bn:
+        cmask = (j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total
+    n_full, tail = divmod(k_total, bk)
+
+    def and_(a, b):
+        if a is None:
+            return b
+        return a if b is None else a & b
+
+    def load_tile(ref, k, row_mask, masked_k):
+        kk = k * bk if isinstance(k, int) else pl.multiple_of(k * bk, bk)
+        view = ref.at[:, pl.ds(kk, bk)]
+        m = row_mask
+        if masked_k:
+            kmask = (kk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)) < k_total
+            m = and_(m, kmask)
+        if m is None:
+            return view[...]
+        return pltriton.load(view, mask=m, other=0)
+
+    wmask = None if cmask is None else jnp.reshape(cmask, (bn, 1))
+    f32 = jnp.float32
+
+    def load_w(k, masked_k):
+        return load_tile(w_ref, k, wmask, masked_k)
+
+    def k_loop(step, init):
+        """Run ``step(k, carry, masked_k)`` over every K chunk (the ragged tail chunk masked)."""
+        carry = init
+        if n_full:
+            carry = jax.lax.fori_loop(0, n_full, lambda k, c: step(k, c, False), carry)
+        if tail:
+            carry = step(n_full, carry, True)
+        return carry
+
+    def load_scalar_or_rows(ref):
+        if a_per_row:
+            v = ref[...] if rmask is None else pltriton.load(ref, mask=rmask, other=1)
+        else:
+            v = ref[...]
+        return v.astype(f32)
+
+    a_scale = None
+    inv = None
+    if a_mode == "dynamic":
+        zero = jnp.zeros((bm, 1), f32)
+
+        def stats(k, carry, masked_k):
+            nan, amax = carry
+            x = load_tile(a_ref, k, rmask, masked_k).astype(f32)
+            nan = jnp.maximum(nan, jnp.max(jnp.where(x != x, 1.0, 0.0).astype(f32), axis=1, keepdims=True))
+            amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1, keepdims=True))
+            return nan, amax
+
+        nan, amax = k_loop(stats, (zero, zero))
+        t = amax * jnp.asarray(np.float32(1 / QMAX), f32)
+        a_scale = jnp.where(nan > 0, jnp.asarray(np.nan, f32), jnp.where(t < TINY, jnp.asarray(TINY, f32), t))
+        inv = recip(a_scale)
+    elif a_mode == "static":
+        a_scale = as_ref[...].astype(f32)
+        inv = recip(a_scale)
+    elif has_a_scale:
+        a_scale = load_scalar_or_rows(as_ref)
+
+    def a_codes(k, masked_k):
+        a = load_tile(a_ref, k, rmask, masked_k)
+        if a_mode == "int8":
+            return a
+        return to_code(rne(a.astype(f32) * inv), QMIN, QMAX).astype(jnp.int8)
+
+    def mm(k, acc, masked_k):
+        a = a_codes(k, masked_k)
+        w = load_w(k, masked_k)
+        return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+
+    acc = k_loop(mm, jnp.zeros((bm, bn), jnp.int32))
+
+    if a_scale is None and not has_w_scale and not has_bias:
+        out = acc.astype(out_dtype)
+    else:
+        y = acc.astype(f32)
+        if a_scale is not None:
+            y = y * a_scale
+        if has_w_scale:
+            ws = ws_ref[...] if cmask is None else pltriton.load(ws_ref, mask=cmask, other=1)
+            y = y * ws.astype(f32)
+        if has_bias:
+            b = b_ref[...] if cmask is None else pltriton.load(b_ref, mask=cmask, other=0)
+            y = y + b.astype(f32)
+        out = y.astype(out_dtype)
+    omask = and_(rmask, cmask)
+    if omask is None:
+        o_ref[...] = out
+    else:
+        pltriton.store(o_ref, out, mask=omask)
+
+
+def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "int8", out_dtype=None,
+                config: Config | None = None, device_kind: str | None = None, interpret: bool = False):
+    """``epilogue(quant(a) @ w^T)`` in one ``pallas_call`` (see the module docstring).
+
+    Args:
+      a: ``[M, K]``: int8 codes (``a_mode="int8"``) or a float16/bfloat16/float32 activation
+        (``"dynamic"``: quantized per row in the kernel; ``"static"``: with ``a_scale``).
+      w: int8 ``[N, K]`` weight codes (contracted on K: the fast layout).
+      a_scale: float32 ``[M, 1]`` (per row) or ``[1, 1]`` (per tensor); required for
+        ``"static"``, ignored (computed) for ``"dynamic"``, optional for ``"int8"``.
+      w_scale: float32 ``[1, N]`` per output channel, or None.
+      bias: ``[1, N]`` (any float dtype, added in float32), or None.
+      out_dtype: the result dtype; int32 (the raw accumulator) is allowed only with no scale and
+        no bias. Default: int32 if there is no epilogue, else float32.
+      config: tile override; default ``heuristics(M, N, K, device_kind=...)``.
+    Returns ``[M, N]`` in ``out_dtype``.
+    """
+    if a_mode not in A_MODES:
+        raise ValueError(f"a_mode: expected one of {A_MODES}, got {a_mode!r}")
+    m, k = a.shape
+    n, k2 = w.shape
+    assert k == k2, (a.shape, w.shape)
+    has_epilogue = a_mode != "int8" or a_scale is not None or w_scale is not None or bias is not None
+    if out_dtype is None:
+        out_dtype = np.float32 if has_epilogue else np.int32
+    out_dtype = np.dtype(out_dtype)
+    if has_epilogue and out_dtype == np.int32:
+        raise ValueError("out_dtype: int32 (the raw accumulator) needs a_mode='int8' and no scales / bias")
+    if a_mode == "static" and a_scale is None:
+        raise ValueError("a_scale: required for a_mode='static'")
+    if m == 0 or n == 0:
+        return jnp.zeros((m, n), out_dtype)
+    if k == 0:  # an empty sum: acc = 0 (the epilogue then gives 0 * scales + bias)
+        a = jnp.zeros((m, 16), a.dtype)
+        w = jnp.zeros((n, 16), w.dtype)
+        k = 16
+    for name, size in (("a", m * k), ("w", n * k), ("output", m * n)):
+        if size > MAX_ELEMENTS:
+            raise NotImplementedError(
+                f"jaxquant int8_matmul: {name} has {size} elements; one kernel call handles < 2**31 "
+                "(split the problem along M or N)")
+    cfg = config or heuristics(m, n, k, device_kind=device_kind)
+    bm = min(cfg.block_m, max(16, next_pow2(m)))
+    bn = min(cfg.block_n, max(16, next_pow2(n)))
+    bk = min(cfg.block_k, max(16, next_pow2(k)))
+    nm, nn = pl.cdiv(m, bm), pl.cdiv(n, bn)
+    nk = pl.cdiv(k, bk)
+    group_m = max(1, min(cfg.group_m, nm))
+
+    def ij(pid):
+        return _grid_ij(pid, nm, nn, group_m)
+
+    width = bk * nk
+    operands = [a]
+    in_specs = [pl.BlockSpec((bm, width), lambda p: (ij(p)[0], 0))]
+    has_a_scale = a_scale is not None and a_mode != "dynamic"
+    a_per_row = False
+    if has_a_scale:
+        a_scale = jnp.asarray(a_scale, jnp.float32)
+        if a_scale.size != 1:  # one scale per row (with M == 1 that is one per tensor)
+            assert a_scale.shape == (m, 1), (a_scale.shape, m)
+            a_per_row = True
+            in_specs.append(pl.BlockSpec((bm, 1), lambda p: (ij(p)[0], 0)))
+        else:
+            a_scale = jnp.reshape(a_scale, (1, 1))
+            in_specs.append(pl.BlockSpec((1, 1), lambda p: (0, 0)))
+        operands.append(a_scale)
+    operands.append(w)
+    in_specs.append(pl.BlockSpec((bn, width), lambda p: (ij(p)[1], 0)))
+    if w_scale is not None:
+        operands.append(jnp.reshape(jnp.asarray(w_scale, jnp.float32), (1, n)))
+        in_specs.append(pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1])))
+    if bias is not None:
+        operands.append(jnp.reshape(bias, (1, n)))
+        in_specs.append(pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1])))
+    kernel = functools.partial(
+        _kernel, a_mode=a_mode, has_a_scale=has_a_scale, a_per_row=a_per_row, has_w_scale=w_scale is not None,
+        has_bias=bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn), group_m=group_m,
+        out_dtype=out_dtype)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(nm * nn,),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda p: ij(p)),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"jaxquant_int8_matmul_{a_mode}",
+    )(*operands)

@@ -1,0 +1,337 @@
+"""Weight-only dequant-matmul (Pallas Triton): ``y = x @ dequant(W)^T`` with int4 / int8 weights.
+
+Operands (``jaxquant.weights`` documents the layout): ``x [M, K]`` (float16 / bfloat16 /
+float32), ``codes`` int8 ``[N, K // 2]`` (bits=4, byte j = k 2j in the low nibble, 2j+1 in the
+high nibble) or ``[N, K]`` (bits=8), ``scale`` float32 ``[N, K // g]`` or ``[N]`` (per
+channel), optional int32 ``zero_point`` of the same shape, optional float ``bias [N]``.
+
+Math. The weight is never materialised in memory: each program streams its ``[BN, BK]`` tile of
+codes, unpacks the nibbles with shifts in registers and contracts it on K against ``x``'s tile
+(``lax.dot_general`` on the ``[N, K]`` layout, float32 accumulation)::
+
+    group-wise:   y[m, n] = sum_groups  s[n, grp] * sum_{k in grp} x[m, k] * (q[n, k] - z[n, grp])
+    per-channel:  y[m, n] = s[n] * sum_k x[m, k] * (q[n, k] - z[n])
+    y = (y + bias[n]) cast to x's dtype
+
+``q - z`` is an integer with ``|q - z| <= 255``, exact in the dot's operand dtype (x's dtype:
+bfloat16 holds integers up to 256 exactly), and each product ``x * (q - z)`` is exact in float32,
+so the tensor-core dot is exact up to float32 accumulation order; the scale is applied once per
+group (or once per row) to the float32 partial sum. This differs from the reference
+(dequantize to float32, then a float32 dot) only by float32 rounding: see
+``tests/test_weight_only.py`` for the bound. float32 x uses IEEE float32 dots (no TF32).
+
+Tiling. Grid ``(N / BN, M / BM, split_k)``; a program owns a ``[BM, BN]`` output tile and a
+contiguous 1 / ``split_k`` of K, walked in ``BK`` steps by a pipelined loop (``num_stages``).
+Group-wise scales: a step handles ``BK`` consecutive k as ``BK / min(BK, g)`` sub-dots, each
+followed by one multiply with its group's scale (``BK`` a multiple or a divisor of ``g``).
+With ``split_k > 1`` the kernel writes float32 partials ``[split_k, M, N]`` that a small XLA
+reduction sums (then bias and the cast fuse into it); with ``split_k == 1`` bias and the cast are
+fused in the kernel. Decode (small M) takes ``BM = 16`` (the smallest tensor-core tile; rows past
+M are masked) and enough ``N / BN * split_k`` programs to stream weights on every SM; prefill
+takes 128-row tiles. Ragged M and N (and K, per channel) are masked, never padded.
+
+Configs come from ``heuristics(M, N, K, bits, group_size)``: a pure function of the shapes over
+the tuned table ``jaxquant/tuned/weight_only.json`` (measured on an H200; see ``bench/weight_only``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxquant.pallas.common import next_pow2
+
+__all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "weight_only_matmul", "NUM_SMS"]
+
+NUM_SMS = 132  # H100 / H200 SXM
+
+
+def _pow2(name, v, lo=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
+        raise ValueError(f"weight_only Config.{name}: expected a power of two >= {lo}, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A ``[block_m, block_n]`` output tile, ``block_k`` (unpacked) k per loop step, K split ``split_k`` ways."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        _pow2("block_m", self.block_m, 16)
+        _pow2("block_n", self.block_n, 16)
+        _pow2("block_k", self.block_k, 16)
+        _pow2("num_warps", self.num_warps)
+        if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"weight_only Config.split_k: expected an int >= 1, got {self.split_k!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"weight_only Config.num_stages: expected an int >= 1, got {self.num_stages!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# heuristics over the tuned table
+# ----------------------------------------------------------------------------------------
+
+_TUNED_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tuned", "weight_only.json")
+
+# Used when the tuned file is missing; same format as the file's "table".
+_DEFAULT_TABLE = [
+    {"m_max": 16, "bits": 4, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4}},
+    {"m_max": 16, "bits": 8, "config": {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}},
+    {"m_max": 64, "bits": 0, "config": {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}},
+    {"m_max": 256, "bits": 0, "config": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}},
+    {"m_max": 1 << 62, "bits": 0, "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4}},
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _table():
+    try:
+        with open(_TUNED_PATH) as f:
+            return tuple(json.load(f)["table"])
+    except (OSError, KeyError, ValueError):
+        return tuple(_DEFAULT_TABLE)
+
+
+def choose_split(total_steps: int, bk: int, group_size: int | None, want: int) -> int:
+    """Largest ``s <= want`` cutting the K steps into equal runs that are whole groups."""
+    best = 1
+    for s in range(1, max(1, min(want, total_steps)) + 1):
+        if total_steps % s == 0 and (group_size is None or (total_steps // s * bk) % group_size == 0):
+            best = s
+    return best
+
+
+def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num_sms: int = NUM_SMS) -> Config:
+    """Pure function: the Config for ``x [m, k] @ W[n, k]^T`` with ``bits``-bit weights.
+
+    Picks the tuned tile for M's bucket (first row of the table with ``m <= m_max`` and matching
+    ``bits``, 0 = any), fits the tile to the shape (no larger than needed; ``block_k`` a multiple
+    or divisor of the group size and a divisor of K when possible) and, when the tile grid
+    has fewer than ~2 programs per SM, splits K (a divisor of the number of K steps) so the whole
+    GPU streams weights.
+    """
+    row = next(r for r in _table() if m <= r["m_max"] and r["bits"] in (0, bits))
+    c = dict(row["config"])
+    bm = max(16, min(c["block_m"], next_pow2(m)))
+    bn = max(16, min(c["block_n"], next_pow2(n)))
+    bk = fit_block_k(c["block_k"], k, group_size)
+    steps = pl.cdiv(k, bk)
+    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    split = 1
+    target = c.get("programs", 2 * num_sms)
+    if k % bk == 0 and tiles < target:
+        split = choose_split(steps, bk, group_size, min(pl.cdiv(target, tiles), c.get("max_split", 16)))
+    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"])
+
+
+def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
+    """``bk`` adjusted to K and the group size (a power of two >= 16)."""
+    bk = max(16, min(bk, next_pow2(k)))
+    if group_size is not None:
+        # a multiple of the group size dividing K, or a divisor of the group size
+        if bk >= group_size:
+            while bk > group_size and k % bk:
+                bk //= 2
+        return bk
+    # per channel: prefer a divisor of K (no K masking), but not below 64
+    b = bk
+    while b > 64 and k % b:
+        b //= 2
+    return b if k % b == 0 else bk
+
+
+# ----------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------
+
+
+def _unpack(b, bits, symmetric):
+    """int8 bytes ``[BN, BK/2]`` -> int8 codes ``[BN, BK]`` (low nibble = even k)."""
+    if bits == 8:
+        return b
+    if symmetric:
+        lo = jnp.right_shift(jnp.left_shift(b, jnp.int8(4)), jnp.int8(4))
+        hi = jnp.right_shift(b, jnp.int8(4))
+    else:
+        lo = b & jnp.int8(0xF)
+        hi = jnp.right_shift(b, jnp.int8(4)) & jnp.int8(0xF)
+    return jnp.stack([lo, hi], axis=-1).reshape(b.shape[0], 2 * b.shape[1])
+
+
+def _kernel(x_ref, w_ref, s_ref, *refs, bm, bn, bk, unit, steps, m_total, n_total, k_total, k_span, bits,
+            group, symmetric, has_zp, has_bias, cdt, split, out_dtype):
+    z_ref = refs[0] if has_zp else None
+    b_ref = refs[int(has_zp)] if has_bias else None
+    o_ref = refs[-1]
+    pn, pm, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    wdiv = 2 if bits == 4 else 1
+    mask_m = m_total % bm != 0
+    mask_n = n_total % bn != 0
+    mask_k = k_total % bk != 0  # only with split == 1 (per-channel weights)
+
+    rmask = ((pm * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total) if mask_m else None
+    nmask_col = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)) < n_total) if mask_n else None
+    nmask_row = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total) if mask_n else None
+    nmask_1d = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)) < n_total) if mask_n else None
+
+    def both(a, b):
+        if a is None:
+            return b
+        return a if b is None else a & b
+
+    def load(ref, mask, other):
+        if mask is None:
+            return ref[...]
+        return pltriton.load(ref, mask=mask, other=other)
+
+    dot_prec = jax.lax.Precision.HIGHEST if cdt == np.dtype(np.float32) else None
+
+    def partial_dot(k0):
+        """float32 ``[BM, BN]`` = x[:, k0:k0+unit] . (q - z)[:, k0:k0+unit]^T, and the group index."""
+        kmask_x = kmask_w = None
+        if mask_k:
+            kmask_x = (k0 + jax.lax.broadcasted_iota(jnp.int32, (1, unit), 1)) < k_total
+            kmask_w = (k0 // wdiv + jax.lax.broadcasted_iota(jnp.int32, (1, unit // wdiv), 1)) < k_total // wdiv
+        xt = load(x_ref.at[:, pl.ds(k0, unit)], both(rmask, kmask_x), 0).astype(cdt)
+        wb = load(w_ref.at[:, pl.ds(k0 // wdiv, unit // wdiv)], both(nmask_col, kmask_w), 0)
+        q = _unpack(wb, bits, symmetric)
+        if group is not None:
+            gi = k0 // group
+            if has_zp:
+                z = load(z_ref.at[:, pl.ds(gi, 1)], nmask_col, 0)  # [BN, 1]
+                w = q.astype(jnp.float32) - z.astype(jnp.float32)
+                w = w.astype(cdt)
+            else:
+                w = q.astype(cdt)
+        else:
+            w = q.astype(cdt)
+            if has_zp:
+                w = (q.astype(jnp.float32) - zc.astype(jnp.float32)).astype(cdt)
+        acc = jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())), precision=dot_prec,
+                                  preferred_element_type=jnp.float32)
+        return acc
+
+    zc = None
+    if group is None and has_zp:
+        zc = load(z_ref, nmask_1d, 0)[:, None]  # [BN, 1]
+
+    def body(t, acc):
+        base = t * bk
+        for u in range(bk // unit):
+            k0 = base + u * unit
+            part = partial_dot(k0)
+            if group is not None:
+                s = load(s_ref.at[:, pl.ds(k0 // group, 1)], nmask_col, 0)  # [BN, 1]
+                part = part * jnp.reshape(s, (1, bn))
+            acc = acc + part
+        return acc
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    if group is None:
+        s = load(s_ref, nmask_1d, 0)
+        acc = acc * s[None, :]
+    if has_bias:
+        acc = acc + load(b_ref, nmask_1d, 0).astype(jnp.float32)[None, :]
+    out = acc.astype(out_dtype)
+    omask = both(rmask, nmask_row)
+    if omask is None:
+        o_ref[...] = out
+    else:
+        pltriton.store(o_ref, out, mask=omask)
+
+
+def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
+                       symmetric: bool, k: int, config: Config | None = None, interpret: bool = False):
+    """``x [M, K] @ dequant(codes, scale, zero_point)^T + bias`` in x's dtype (see the module doc).
+
+    Inputs are assumed validated (``jaxquant.primitives.weight_only``).
+    """
+    m = x.shape[0]
+    n = codes.shape[0]
+    out_dtype = np.dtype(x.dtype)
+    if m == 0 or n == 0:
+        return jnp.zeros((m, n), out_dtype)
+    if k == 0:
+        y = jnp.zeros((m, n), jnp.float32)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)[None, :]
+        return y.astype(out_dtype)
+    cfg = config or heuristics(m, n, k, bits, group_size)
+    bm = max(16, min(cfg.block_m, next_pow2(m)))
+    bn = max(16, min(cfg.block_n, next_pow2(n)))
+    bk = fit_block_k(cfg.block_k, k, group_size)
+    if group_size is not None and not (bk % group_size == 0 or group_size % bk == 0):
+        raise ValueError(f"weight_only: block_k={bk} must be a multiple or divisor of group_size={group_size}")
+    total_steps = pl.cdiv(k, bk)
+    split = cfg.split_k
+    # split K only into equal runs of whole steps (and whole groups)
+    split = 1 if k % bk else choose_split(total_steps, bk, group_size, split)
+    steps = total_steps // split
+    k_span = steps * bk
+    unit = bk if group_size is None else min(bk, group_size)
+    wdiv = 2 if bits == 4 else 1
+    has_zp = zero_point is not None
+    has_bias = bias is not None and split == 1
+    cdt = np.dtype(x.dtype)
+
+    grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), split)
+    in_specs = [
+        pl.BlockSpec((bm, k_span), lambda i, j, s: (j, s)),
+        pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)),
+    ]
+    operands = [x, codes]
+    if group_size is not None:
+        pspec = pl.BlockSpec((bn, k_span // group_size), lambda i, j, s: (i, s))
+    else:
+        pspec = pl.BlockSpec((bn,), lambda i, j, s: (i,))
+    in_specs.append(pspec)
+    operands.append(scale.astype(jnp.float32))
+    if has_zp:
+        in_specs.append(pspec)
+        operands.append(zero_point.astype(jnp.int32))
+    if has_bias:
+        in_specs.append(pl.BlockSpec((bn,), lambda i, j, s: (i,)))
+        operands.append(bias)
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (j, i))
+        kdt = out_dtype
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i))
+        kdt = np.dtype(np.float32)
+    kernel = functools.partial(
+        _kernel, bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k, k_span=k_span,
+        bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
+        split=split, out_dtype=kdt)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"jaxquant_weight_only_w{bits}",
+    )(*operands)
+    if split == 1:
+        return y
+    y = jnp.sum(y, axis=0)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
