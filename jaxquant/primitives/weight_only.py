@@ -1,0 +1,207 @@
+"""``weight_only_linear``: W4A16 / W8A16 linear layers over a ``QuantizedWeight`` (``y = x @ W^T``).
+
+The primitive ``jaxquant_weight_only_linear`` takes ``x [..., K]``, the weight's ``codes``,
+``scale``, optional ``zero_point`` and optional ``bias [N]``, and returns ``y [..., N]`` in
+x's dtype. Lowering: CUDA -> the fused dequant-matmul Pallas kernel of
+``jaxquant.pallas.weight_only`` (one ``pallas_call``; plus one small XLA reduction when K is
+split); CPU -> the plain-jnp reference below (``jaxquant.backend`` overrides the choice).
+Batching: a batched ``x`` folds its batch axis into the leading (M) dimensions, so ``vmap``
+is still one kernel launch; a batched weight maps the op over the weights (``lax.map``).
+
+Reference (the spec of the forward)::
+
+    W = (q - zp) * scale                     float32 [N, K] (jaxquant.weights.dequantize_weight)
+    y = (dot(x.astype(f32), W^T, precision=HIGHEST, accumulate f32) + bias.astype(f32)).astype(x.dtype)
+
+Backward (``custom_vjp``, for LoRA / QLoRA fine-tuning over frozen quantized weights)::
+
+    dx    = dy @ W                           XLA: W dequantized to x's dtype (float32 for float32
+                                             x), float32 accumulation, cast to x's dtype
+    dbias = sum(dy over the leading axes)    in bias's dtype
+    codes, scale, zero_point: no gradient (frozen; zero cotangents)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from jaxquant import backend
+from jaxquant import weights as W
+from jaxquant.pallas import weight_only as kernels
+
+__all__ = ["weight_only_linear", "weight_only_linear_p", "reference_weight_only_linear"]
+
+_X_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
+
+weight_only_linear_p = Primitive("jaxquant_weight_only_linear")
+
+
+def reference_weight_only_linear(x, codes, scale, zero_point, bias, *, bits, group_size, symmetric):
+    """The plain-jnp spec (module docstring): dequantize to float32, float32 dot, bias, cast."""
+    w = W.dequantize_weight_raw(codes, scale, zero_point, bits=bits, group_size=group_size, symmetric=symmetric,
+                                dtype=jnp.float32)
+    y = jax.lax.dot_general(x.astype(jnp.float32), w, (((x.ndim - 1,), (1,)), ((), ())),
+                            precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _split(args, has_zp, has_bias):
+    x, codes, scale = args[:3]
+    rest = list(args[3:])
+    zp = rest.pop(0) if has_zp else None
+    bias = rest.pop(0) if has_bias else None
+    return x, codes, scale, zp, bias
+
+
+def _abstract_eval(x, codes, scale, *rest, bits, group_size, symmetric, k, has_zp, has_bias, config, impl):
+    return jax.core.ShapedArray(x.shape[:-1] + (codes.shape[0],), x.dtype)
+
+
+def _lowering(platform):
+    def rule(ctx, *args, bits, group_size, symmetric, k, has_zp, has_bias, config, impl):
+        use = impl
+        if use == "auto":
+            use = "pallas" if platform == "cuda" else "reference"
+        if use == "pallas" and platform != "cuda":
+            raise NotImplementedError(
+                f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}; use 'auto', "
+                "'reference' or 'interpret'")
+
+        def fn(*a):
+            x, codes, scale, zp, bias = _split(a, has_zp, has_bias)
+            if use == "reference":
+                return reference_weight_only_linear(x, codes, scale, zp, bias, bits=bits, group_size=group_size,
+                                                    symmetric=symmetric)
+            lead = x.shape[:-1]
+            x2 = jnp.reshape(x, (math.prod(lead), k))
+            y = kernels.weight_only_matmul(x2, codes, scale, zp, bias, bits=bits, group_size=group_size,
+                                           symmetric=symmetric, k=k, config=config, interpret=use == "interpret")
+            return jnp.reshape(y, lead + (codes.shape[0],))
+
+        return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
+    return rule
+
+
+def _batch(args, dims, **params):
+    x, *wargs = args
+    dx, *wdims = dims
+    if all(d is None for d in wdims):
+        # fold the batch axis of x into its leading (M) dimensions
+        return weight_only_linear_p.bind(jnp.moveaxis(x, dx, 0), *wargs, **params), 0
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [jnp.broadcast_to(a[None], (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+             for a, d in zip(args, dims)]
+    return jax.lax.map(lambda t: weight_only_linear_p.bind(*t, **params), tuple(moved)), 0
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(**params):
+    return jax.jit(lambda *a: weight_only_linear_p.bind(*a, **params))
+
+
+weight_only_linear_p.def_impl(lambda *a, **params: _jitted(**params)(*a))
+weight_only_linear_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(weight_only_linear_p, _lowering("cpu"), platform="cpu")
+mlir.register_lowering(weight_only_linear_p, _lowering("cuda"), platform="cuda")
+batching.primitive_batchers[weight_only_linear_p] = _batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static facts of one call (hashable: the custom_vjp closure is cached on it)."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    shape: tuple
+    has_zp: bool
+    has_bias: bool
+    config: kernels.Config | None
+    impl: str
+
+
+def _bind(spec: _Spec, x, codes, scale, zp, bias):
+    args = [x, codes, scale] + ([zp] if spec.has_zp else []) + ([bias] if spec.has_bias else [])
+    return weight_only_linear_p.bind(*args, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                                     k=spec.shape[1], has_zp=spec.has_zp, has_bias=spec.has_bias,
+                                     config=spec.config, impl=spec.impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_fn(spec: _Spec):
+    @jax.custom_vjp
+    def f(x, codes, scale, zp, bias):
+        return _bind(spec, x, codes, scale, zp, bias)
+
+    def fwd(x, codes, scale, zp, bias):
+        return f(x, codes, scale, zp, bias), (x, codes, scale, zp, bias)
+
+    def bwd(res, dy):
+        x, codes, scale, zp, bias = res
+        wdt = jnp.float32 if np.dtype(x.dtype) == np.float32 else x.dtype
+        w = W.dequantize_weight_raw(codes, scale, zp, bits=spec.bits, group_size=spec.group_size,
+                                    symmetric=spec.symmetric, dtype=wdt)
+        dx = jax.lax.dot_general(dy.astype(wdt), w, (((dy.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(x.dtype)
+        db = None
+        if bias is not None:
+            db = jnp.sum(dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1))).astype(bias.dtype)
+        return dx, None, None, None, db
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | None = None):
+    """``y = x @ dequant(qweight)^T (+ bias)``, in x's dtype, with the dequantization fused in the matmul.
+
+    Args:
+      x: float16 / bfloat16 / float32 activations ``[..., K]`` (any leading dims, vmappable).
+      qweight: a ``jaxquant.QuantizedWeight`` of shape ``(N, K)`` (bits 4 or 8, any group size,
+        symmetric or not) from ``jaxquant.quantize_weight``.
+      bias: optional float ``[N]``, added in float32 before the cast.
+      config: a ``jaxquant.pallas.weight_only.Config`` overriding the tuned tile heuristics.
+
+    Forward: on a GPU one Pallas kernel streams the packed codes and dequantizes them in
+    registers (float32 accumulation); on the CPU the reference dequantize-then-``dot``.
+    Backward (``custom_vjp``): ``dx = dy @ dequant(W)`` (XLA), ``dbias = sum(dy)``; the
+    quantized weight is frozen (no gradient). Math and layout: ``jaxquant.weights`` and
+    ``jaxquant.pallas.weight_only``.
+    """
+    if not (isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval")):
+        if isinstance(x, (list, tuple, float, int)):
+            x = jnp.asarray(x)
+        else:
+            raise TypeError(f"x: expected an array, got {type(x).__name__}")
+    if np.dtype(x.dtype) not in _X_DTYPES:
+        raise TypeError(f"x: expected a float16, bfloat16 or float32 array, got {np.dtype(x.dtype).name} "
+                        f"of shape {tuple(x.shape)}")
+    if x.ndim < 1:
+        raise ValueError(f"x: expected shape [..., K] (rank >= 1), got a scalar")
+    qweight = W.check_quantized_weight("qweight", qweight)
+    n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x: expected the last axis to be K = {k} (qweight of shape (N, K) = {qweight.shape}), "
+                         f"got x of shape {tuple(x.shape)}")
+    if bias is not None:
+        if not hasattr(bias, "dtype"):
+            bias = jnp.asarray(bias)
+        if not jnp.issubdtype(bias.dtype, jnp.floating) or np.dtype(bias.dtype) == np.float64:
+            raise TypeError(f"bias: expected a float16, bfloat16 or float32 array, got {np.dtype(bias.dtype).name}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias: expected shape ({n},) (N of qweight {qweight.shape}), got {tuple(bias.shape)}")
+    if config is not None and not isinstance(config, kernels.Config):
+        raise TypeError(f"config: expected a jaxquant.pallas.weight_only.Config or None, got {config!r}")
+    spec = _Spec(qweight.bits, qweight.group_size, qweight.symmetric, qweight.shape,
+                 qweight.zero_point is not None, bias is not None, config, backend.current_implementation())
+    return _linear_fn(spec)(x, qweight.codes, qweight.scale, qweight.zero_point, bias)
