@@ -81,6 +81,11 @@ class Config:
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"weight_only Config.num_stages: expected an int >= 1, got {self.num_stages!r}")
 
+    def tag(self) -> str:
+        """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}/s{self.split_k}/w{self.num_warps}"
+                f"/st{self.num_stages}")
+
 
 # ----------------------------------------------------------------------------------------
 # heuristics over the tuned table

@@ -1,0 +1,203 @@
+"""Benchmarks of ``weight_only_linear`` (W4A16 / W8A16) against XLA's bf16 matmul and plain jnp (PERF.md).
+
+For each variant (W4A16 group 128, W4A16 per channel, W8A16 per channel), shape ``(N, K)`` from
+``jaxquant.shapes`` and token count M, one run times, side by side:
+
+* ours: ``weight_only_linear(x, qweight)`` (the fused Pallas kernel on a GPU),
+* ``bf16``: XLA's ``x @ w.T`` with ``w`` bfloat16 ``[N, K]`` (what a bf16 model runs),
+* ``jnp``: plain jnp dequantize-then-matmul under ``jax.jit`` (``dequantize_weight`` in bf16,
+  then ``x @ w.T``: what a JAX user writes today without a fused kernel).
+
+Weight sets are rotated (``harness.rotations``) so weights stream from HBM, not L2. Reported:
+``ms``, ``tops`` (2*M*N*K / time), ``gbps`` (weight bytes + x + y per time: the weight stream
+dominates at decode), ``copy_frac`` (gbps / device copy bandwidth), ``vs_bf16``, ``vs_jnp``.
+Targets (H200): W4A16 g128 on 8192x8192 and 4096x14336 >= 3.0x bf16 at M <= 16 (and >= 8x plain
+jnp), >= 1.5x at M = 128..512, >= 0.9x at M >= 2048; W8A16 per channel >= 1.8x at M <= 16.
+
+``python -m jaxquant.bench.weight_only --sweep --out DIR`` times a grid of kernel tiles on the
+decode and prefill shapes (the source of ``jaxquant/tuned/weight_only.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+import jaxquant as jq
+from jaxquant import shapes
+from jaxquant.bench import harness
+from jaxquant.bench.harness import Context, nbytes, rotations, timeit
+from jaxquant.pallas import weight_only as K
+from jaxquant.primitives.weight_only import weight_only_linear
+from jaxquant.weights import dequantize_weight, quantize_weight
+
+M_LIST = [1, 16, 64, 128, 512, 2048, 8192]
+TARGET_NK = [(8192, 8192), (4096, 14336)]
+VARIANTS = [("W4A16-g128", 4, 128), ("W4A16-perchannel", 4, None), ("W8A16-perchannel", 8, None)]
+
+
+def _target(variant, nk, m):
+    """(description, ratio needed vs bf16, ratio needed vs jnp) or None where PERF.md sets none."""
+    if variant == "W4A16-g128" and tuple(nk) in TARGET_NK:
+        if m <= 16:
+            return ">= 3.0x bf16, >= 8x jnp", 3.0, 8.0
+        if 128 <= m <= 512:
+            return ">= 1.5x bf16", 1.5, None
+        if m >= 2048:
+            return ">= 0.9x bf16", 0.9, None
+    if variant == "W8A16-perchannel" and m <= 16:
+        return ">= 1.8x bf16", 1.8, None
+    return None
+
+
+def _plan(ctx: Context):
+    """(variant, bits, group, (N, K), [M...]) to run."""
+    if ctx.quick:
+        return [(v, b, g, (256, 512), [1, 16]) for v, b, g in VARIANTS]
+    plan = [("W4A16-g128", 4, 128, nk, M_LIST) for nk in TARGET_NK]
+    plan += [("W4A16-g128", 4, 128, nk, [1, 16, 128, 2048]) for nk in shapes.LINEAR_NK if nk not in TARGET_NK]
+    for v, b, g in VARIANTS[1:]:
+        plan += [(v, b, g, nk, [1, 16, 128, 2048]) for nk in TARGET_NK]
+    return plan
+
+
+def _weights(n, k, count, seed=0):
+    key = jax.random.PRNGKey(seed)
+    return [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+            for i in range(count)]
+
+
+def run(ctx: Context) -> list[dict]:
+    rows = []
+    auto = "interpret" if ctx.platform == "cpu" else "auto"
+    min_time = 0.01 if ctx.quick else 0.03
+    for variant, bits, group, (n, k), ms in _plan(ctx):
+        qbytes = n * k * bits // 8 + n * (k // (group or k)) * 4
+        nq = len(rotations(lambda i: i, qbytes))
+        nb = len(rotations(lambda i: i, n * k * 2))
+        ws = _weights(n, k, max(nq, nb))
+        quant = jax.jit(lambda w: quantize_weight(w, bits=bits, group_size=group))
+        qws = [quant(w) for w in ws[:nq]]
+        w_bf16 = ws[:nb]
+        jax.block_until_ready((qws, w_bf16))
+
+        def ours_fn(impl):
+            def f(x, qw):
+                with jq.implementation(impl):
+                    return weight_only_linear(x, qw)
+            return jax.jit(f)
+
+        ours = ours_fn(auto)
+        bf16 = jax.jit(lambda x, w: x @ w.T)
+        plain = jax.jit(lambda x, qw: x @ dequantize_weight(qw, jnp.bfloat16).T)
+        for m in ms:
+            ctx.say(f"weight_only {variant} M={m} N={n} K={k}")
+            xs = [jax.random.normal(jax.random.PRNGKey(100 + i), (m, k), jnp.bfloat16) for i in range(max(nq, nb))]
+            sets_q = [(xs[i], qws[i]) for i in range(nq)]
+            sets_b = [(xs[i], w_bf16[i]) for i in range(nb)]
+            t = timeit(ours, sets_q, repeats=ctx.repeats, min_time=min_time)
+            tb = timeit(bf16, sets_b, repeats=ctx.repeats, min_time=min_time)
+            tj = timeit(plain, sets_q, repeats=ctx.repeats, min_time=min_time)
+            moved = nbytes(qws[0]) + m * k * 2 + m * n * 2
+            gbps = moved / t / 1e9
+            cfg = K.heuristics(m, n, k, bits, group)
+            tgt = _target(variant, (n, k), m)
+            met = None
+            if tgt is not None:
+                met = bool(tb / t >= tgt[1] and (tgt[2] is None or tj / t >= tgt[2]))
+            rows.append(dict(section="weight_only", op=variant, granularity=f"M={m}", shape=[m, n, k],
+                             dtype="bfloat16", ms=t * 1e3, bf16_ms=tb * 1e3, jnp_ms=tj * 1e3,
+                             tops=2 * m * n * k / t / 1e12, gbps=gbps, copy_frac=gbps / ctx.copy_gbps,
+                             vs_bf16=tb / t, vs_jnp=tj / t, weight_bytes=nbytes(qws[0]),
+                             config=cfg.tag(), target=None if tgt is None else tgt[0], met=met))
+            del xs, sets_q, sets_b
+        del qws, w_bf16, ws
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# tile sweep
+# ----------------------------------------------------------------------------------------
+
+def _sweep_cases():
+    dec = [K.Config(16, bn, bk, s, w, st) for bn, bk, s, w, st in itertools.product(
+        (32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (4,), (4,))]
+    dec += [K.Config(16, 64, 256, s, w, st) for s in (2, 4) for w, st in ((2, 4), (8, 4), (4, 2), (4, 6))]
+    dec8 = [K.Config(16, bn, bk, s, 4, 4) for bn, bk, s in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4))]
+    pre = [K.Config(*c) for c in (
+        (32, 64, 128, 1, 4, 4), (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 128, 128, 1, 8, 3),
+        (128, 128, 64, 1, 8, 4), (128, 128, 128, 1, 8, 3), (128, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3),
+        (64, 256, 64, 1, 8, 4), (128, 64, 128, 1, 4, 4))]
+    return [
+        ((1, 8192, 8192, 4, 128), dec),
+        ((1, 4096, 14336, 4, 128), dec),
+        ((1, 8192, 8192, 8, None), dec8),
+        ((128, 8192, 8192, 4, 128), pre),
+        ((512, 8192, 8192, 4, 128), pre),
+        ((2048, 8192, 8192, 4, 128), pre),
+    ]
+
+
+def sweep(ctx: Context, cases=None) -> list[dict]:
+    """Time each Config on each (M, N, K, bits, group); errors are reported, not fatal."""
+    rows = []
+    for (m, n, k, bits, group), cfgs in (cases or _sweep_cases()):
+        qbytes = n * k * bits // 8
+        nq = len(rotations(lambda i: i, qbytes))
+        ws = _weights(n, k, nq, seed=7)
+        qws = [quantize_weight(w, bits=bits, group_size=group) for w in ws]
+        xs = [jax.random.normal(jax.random.PRNGKey(i), (m, k), jnp.bfloat16) for i in range(nq)]
+        sets = list(zip(xs, qws))
+        bf16 = jax.jit(lambda x, w: x @ w.T)
+        tb = timeit(bf16, [(xs[i], ws[i]) for i in range(min(4, nq))], repeats=ctx.repeats, min_time=0.02)
+        for cfg in cfgs:
+            ctx.say(f"sweep {m}x{n}x{k} w{bits} g{group} {cfg}")
+            f = jax.jit(lambda x, qw, cfg=cfg: weight_only_linear(x, qw, config=cfg))
+            try:
+                t = timeit(f, sets, repeats=ctx.repeats, min_time=0.02)
+            except Exception as e:  # a tile that does not compile is reported
+                rows.append(dict(section="weight_only_sweep", op=f"w{bits} g{group}", shape=[m, n, k], bits=bits,
+                                 group=group, config=cfg.tag(), error=str(e)[:300]))
+                continue
+            rows.append(dict(section="weight_only_sweep", op=f"w{bits} g{group}", shape=[m, n, k], bits=bits,
+                             group=group, config=cfg.tag(), cfg=dataclass_dict(cfg), ms=t * 1e3, bf16_ms=tb * 1e3, vs_bf16=tb / t,
+                             gbps=(nbytes(qws[0]) + m * k * 2 + m * n * 2) / t / 1e9))
+        del ws, qws, xs, sets
+    return rows
+
+
+def dataclass_dict(cfg):
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jaxquant.bench.weight_only")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    ctx = harness.make_context(args.quick)
+    ctx.progress = lambda s: print(s, flush=True)
+    ctx.copy_gbps = harness.copy_bandwidth(ctx)
+    rows = sweep(ctx) if args.sweep else run(ctx)
+    path = harness.write_results(args.out, ctx, rows, extra={"section": "weight_only" + ("_sweep" if args.sweep else "")})
+    best = {}
+    for r in rows:
+        if "ms" in r:
+            key = (tuple(r["shape"]), r.get("bits"), r.get("group"), r.get("op"))
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    for key, r in best.items():
+        print(key, f"{r['ms']:.4f} ms", f"vs_bf16 {r.get('vs_bf16', 0):.2f}", r.get("config"))
+    print("results:", path)
+
+
+if __name__ == "__main__":
+    main()
