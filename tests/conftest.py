@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import jaxquant as jq
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
-TIERS = ["interpret", "pallas"] if HAS_GPU else ["interpret"]
+# On a GPU the real kernels are the tier (interpret mode is CI's, on the CPU).
+TIERS = ["pallas"] if HAS_GPU else ["interpret"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,9 +53,16 @@ def rng(request):
 
 
 def run_impl(impl, fn, *args):
-    """Trace and run ``fn`` under implementation ``impl`` (a fresh jit each call)."""
+    """Trace and run ``fn`` under implementation ``impl``.
+
+    ``jax.jit`` caches traces per Python function, whatever ``jaxquant.implementation`` was then;
+    a fresh wrapper per call makes each tier trace anew (else tiers would silently share a trace).
+    """
+    def fresh(*a):
+        return fn(*a)
+
     with jq.implementation(impl):
-        return jax.jit(fn)(*args)
+        return jax.jit(fresh)(*args)
 
 
 def assert_same_bits(a, b, what=""):

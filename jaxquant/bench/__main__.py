@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             rows += SECTIONS[name](ctx, **kwargs)
     path = harness.write_results(args.out, ctx, rows)
 
-    out = Console()
+    out = Console(width=200)
     table = Table(title=f"jaxquant on {ctx.device} (jax {harness.jax.__version__}); copy {ctx.copy_gbps:.0f} GB/s")
     for col in ("section", "op", "granularity / shape", "ms", "GB/s | TOP/s", "copy %", "vs jnp", "vs bf16", "target met"):
         table.add_column(col)

@@ -233,7 +233,7 @@ def _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg,
     """
     b, r, c = view.x_shape3
     pfull = view.param_full
-    if b * br * c - 1 > _MAX_I32_OFFSET or r < 2 * br:
+    if b * c - 1 > _MAX_I32_OFFSET:
         if pfull == (False, False, False):
             # Shared parameters: any 2-d re-view of x is valid; make it row-rich.
             n = b * r * c
@@ -241,14 +241,16 @@ def _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg,
             from jaxquant.granularity import CanonicalView
 
             view2 = CanonicalView((1, n // c2, c2), (False, False, False), None)
-            if view2.x_shape3 != view.x_shape3:
-                mains2 = [jnp.reshape(m, view2.x_shape3) for m in mains]
-                out = affine(op, *mains2, scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax,
-                             out_dtype=out_dtype, view=view2, config=None, interpret=interpret)
-                return jnp.reshape(out, (b, r, c))
+            mains2 = [jnp.reshape(m, view2.x_shape3) for m in mains]
+            out = affine(op, *mains2, scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax,
+                         out_dtype=out_dtype, view=view2, config=None, interpret=interpret)
+            return jnp.reshape(out, (b, r, c))
         raise NotImplementedError(
             f"jaxquant: the Pallas Triton backend cannot split the [B, R, C] = {view.x_shape3} view of a "
-            "1-byte array of more than 2**31 elements into row chunks; use another layout")
+            "1-byte array of more than 2**31 elements into row chunks of < 2**31 elements")
+    # A chunk holds whole row tiles; shrink the tile if one would not fit.
+    while br > 1 and b * br * c - 1 > _MAX_I32_OFFSET:
+        br //= 2
     blocks_per_chunk = max(1, _MAX_I32_OFFSET // (b * br * c))
     n_blocks = pl.cdiv(r, br)
     slice_inputs = any(np.dtype(m.dtype).itemsize == 1 for m in mains)

@@ -173,9 +173,12 @@ def dynamic_quantize_rows(x, *, qmin: int, qmax: int, symmetric: bool, out_dtype
     # 1-byte q of more than 2**31 elements: chunk rows (see affine.py's module docstring).
     blocks_per_call = n_blocks
     if out_dtype.itemsize == 1 and rows * cols - 1 > _MAX_I32_OFFSET:
-        blocks_per_call = max(1, _MAX_I32_OFFSET // (br * cols))
-        if br * cols - 1 > _MAX_I32_OFFSET:
+        if cols - 1 > _MAX_I32_OFFSET:
             raise NotImplementedError(f"jaxquant: rows of {cols} 1-byte codes are too long for 32-bit offsets")
+        while br > 1 and br * cols - 1 > _MAX_I32_OFFSET:  # a chunk holds whole row tiles
+            br //= 2
+        n_blocks = pl.cdiv(rows, br)
+        blocks_per_call = max(1, _MAX_I32_OFFSET // (br * cols))
     outs = []
     for start in range(0, n_blocks, blocks_per_call):
         nb = min(blocks_per_call, n_blocks - start)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one GPU script: the GPU test suite, then the benchmarks. Logs and results go to $OUT
+# (the device tool's output folder; default ./gpu_out). Run from the repository root:
+#   OUT=/tmp/out bash scripts/gpu_check.sh [pytest args...]
+# Env: SECTIONS (bench sections, default all), BENCH_ARGS (e.g. --sweep), SKIP_TESTS=1, SKIP_BENCH=1.
+set -o pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import jax, jaxlib, triton; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'triton', triton.__version__); print(jax.devices())"
+} 2>&1 | tee "$OUT/device.txt"
+rc=0
+if [ -z "$SKIP_TESTS" ]; then
+  python3 -m pytest -q -p no:cacheprovider -x tests/ "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+  rc=${PIPESTATUS[0]}
+fi
+if [ -z "$SKIP_BENCH" ]; then
+  sections=${SECTIONS:-}
+  python3 -m jaxquant.bench ${sections:+--sections "$sections"} --out "$OUT" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
+exit $rc
