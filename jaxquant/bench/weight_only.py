@@ -126,10 +126,9 @@ def run(ctx: Context) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 
 def _sweep_cases():
-    dec = [K.Config(16, bn, bk, s, w, st) for bn, bk, s, w, st in itertools.product(
-        (32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (4,), (4,))]
-    dec += [K.Config(16, 64, 256, s, w, st) for s in (2, 4) for w, st in ((2, 4), (8, 4), (4, 2), (4, 6))]
-    dec8 = [K.Config(16, bn, bk, s, 4, 4) for bn, bk, s in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4))]
+    dec = [K.Config(16, bn, bk, s, 4, 4) for bn, bk, s in itertools.product((32, 64, 128), (256, 512), (1, 2, 4, 8))]
+    dec += [K.Config(16, 64, 256, 2, w, st) for w, st in ((2, 4), (8, 4), (4, 2), (4, 6))]
+    dec8 = [K.Config(16, bn, bk, s, 4, 4) for bn, bk, s in itertools.product((32, 64, 128), (128, 256), (1, 2, 4))]
     pre = [K.Config(*c) for c in (
         (32, 64, 128, 1, 4, 4), (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 128, 128, 1, 8, 3),
         (128, 128, 64, 1, 8, 4), (128, 128, 128, 1, 8, 3), (128, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3),
@@ -144,10 +143,17 @@ def _sweep_cases():
     ]
 
 
-def sweep(ctx: Context, cases=None) -> list[dict]:
-    """Time each Config on each (M, N, K, bits, group); errors are reported, not fatal."""
+def sweep(ctx: Context, cases=None, budget_s: float = 1e9) -> list[dict]:
+    """Time each Config on each (M, N, K, bits, group); errors are reported, not fatal.
+
+    Stops starting new cases after ``budget_s`` seconds (what ran is returned).
+    """
+    import time
+    t_end = time.time() + budget_s
     rows = []
     for (m, n, k, bits, group), cfgs in (cases or _sweep_cases()):
+        if time.time() > t_end:
+            break
         qbytes = n * k * bits // 8
         nq = len(rotations(lambda i: i, qbytes))
         ws = _weights(n, k, nq, seed=7)
@@ -157,6 +163,8 @@ def sweep(ctx: Context, cases=None) -> list[dict]:
         bf16 = jax.jit(lambda x, w: x @ w.T)
         tb = timeit(bf16, [(xs[i], ws[i]) for i in range(min(4, nq))], repeats=ctx.repeats, min_time=0.02)
         for cfg in cfgs:
+            if time.time() > t_end:
+                break
             ctx.say(f"sweep {m}x{n}x{k} w{bits} g{group} {cfg}")
             f = jax.jit(lambda x, qw, cfg=cfg: weight_only_linear(x, qw, config=cfg))
             try:
@@ -182,12 +190,21 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--budget", type=float, default=1e9, help="sweep: seconds after which no new tile starts")
     args = p.parse_args(argv)
     ctx = harness.make_context(args.quick)
     ctx.progress = lambda s: print(s, flush=True)
     ctx.copy_gbps = harness.copy_bandwidth(ctx)
-    rows = sweep(ctx) if args.sweep else run(ctx)
+    rows = sweep(ctx, budget_s=args.budget) if args.sweep else run(ctx)
     path = harness.write_results(args.out, ctx, rows, extra={"section": "weight_only" + ("_sweep" if args.sweep else "")})
+    for r in rows:
+        if "error" in r:
+            print("ERR", r["shape"], r["op"], r["config"], r["error"][:160].replace("\n", " "))
+        elif r.get("section") == "weight_only_sweep":
+            print(f"{r['shape']} {r['op']} {r['config']:>22} {r['ms']:.4f}ms x{r['vs_bf16']:.2f} {r['gbps']:.0f}GB/s")
+        else:
+            print(f"{r['op']:>17} {r['shape']} {r['config']:>22} {r['ms']:.4f}ms bf16 x{r['vs_bf16']:.2f} "
+                  f"jnp x{r['vs_jnp']:.2f} {r['gbps']:.0f}GB/s {r['tops']:.0f}T met={r['met']}")
     best = {}
     for r in rows:
         if "ms" in r:

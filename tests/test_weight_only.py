@@ -1,0 +1,255 @@
+"""weight_only_linear: the fused dequant-matmul kernel vs the reference, transformations, lowering, errors.
+
+Error bound (kernel vs reference). Both compute ``sum_k x[m,k] * w[n,k]`` in float32 with
+different orders: the reference rounds ``w = (q - zp) * scale`` to float32 and sums products in
+its order; the kernel forms exact products ``x * (q - zp)`` (integers |q - zp| <= 255 are exact
+in every x dtype, float32 products of them are exact), sums them per group in float32 and then
+multiplies by the group's scale. Each result is within ``gamma = (K + 2) * 2**-24`` (relative,
+times ``sum_k |x| |w|``) of the exact sum (the standard float summation bound, plus one rounding
+for the scale product), so ``|kernel - reference| <= 2 * (K + 2) * 2**-24 * sum_k |x||w|``
+before the cast. The cast to x's dtype adds at most one unit in the last place of the output
+dtype at the reference's magnitude. Bias adds one more float32 rounding (``2**-24 * |y|``).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+
+import jaxquant as jq
+from jaxquant import shapes
+from jaxquant.pallas import weight_only as K
+from jaxquant.primitives.weight_only import reference_weight_only_linear, weight_only_linear
+from jaxquant.weights import QuantizedWeight, dequantize_weight, quantize_weight
+from conftest import run_impl
+
+# (M-shape, N, K, bits, group, symmetric, x dtype, bias, config): ragged M/N, split-K, K-masking.
+CASES = [
+    ((5,), 40, 256, 4, 128, True, jnp.float32, False, None),
+    ((3, 7), 33, 512, 4, 32, False, jnp.bfloat16, True, K.Config(16, 32, 128, 2)),
+    ((1,), 64, 512, 4, 64, True, jnp.float16, False, K.Config(16, 64, 256, 2)),
+    ((17,), 24, 768, 4, 256, False, jnp.float32, True, K.Config(16, 16, 512, 1)),
+    ((2,), 48, 200, 4, None, True, jnp.bfloat16, True, K.Config(16, 32, 128, 1)),   # K ragged vs BK
+    ((9,), 40, 256, 4, None, False, jnp.float32, False, K.Config(32, 32, 64, 4)),
+    ((4,), 72, 320, 8, None, True, jnp.bfloat16, True, None),
+    ((33,), 20, 256, 8, 128, False, jnp.float16, False, K.Config(16, 16, 64, 2)),
+    ((6,), 40, 512, 8, 32, True, jnp.float32, True, K.Config(16, 32, 64, 2)),
+    ((2, 2, 3), 16, 128, 8, None, False, jnp.float32, False, K.Config(16, 16, 32, 4)),
+]
+
+
+def _ids(c):
+    return f"m{c[0]}-n{c[1]}-k{c[2]}-w{c[3]}-g{c[4]}-{'sym' if c[5] else 'asym'}-{jnp.dtype(c[6]).name}" \
+           f"{'-bias' if c[7] else ''}-{c[8].tag() if c[8] else 'auto'}"
+
+
+def _make(rng, lead, n, k, bits, group, sym, dtype, bias):
+    w = jnp.asarray(rng.standard_normal((n, k)) * rng.uniform(0.2, 2, (n, 1)), jnp.float32)
+    qw = quantize_weight(w, bits=bits, group_size=group, symmetric=sym)
+    x = jnp.asarray(rng.standard_normal(lead + (k,)), jnp.float32).astype(dtype)
+    b = jnp.asarray(rng.standard_normal((n,)), jnp.float32).astype(dtype) if bias else None
+    return x, qw, b
+
+
+def _ulp(a, dtype):
+    """One unit in the last place of ``dtype`` at magnitude |a| (float64 array)."""
+    nmant = {np.dtype(jnp.float32): 23, np.dtype(jnp.bfloat16): 7, np.dtype(jnp.float16): 10}[np.dtype(dtype)]
+    tiny = float(jnp.finfo(dtype).tiny)
+    e = np.floor(np.log2(np.maximum(np.abs(a), tiny)))
+    return 2.0 ** (e - nmant)
+
+
+def assert_within_bound(y, ref, x, qw, b):
+    k = qw.shape[1]
+    y64, r64 = np.asarray(y.astype(jnp.float32), np.float64), np.asarray(ref.astype(jnp.float32), np.float64)
+    w = np.asarray(dequantize_weight(qw), np.float64)
+    xa = np.abs(np.asarray(x.astype(jnp.float32), np.float64)).reshape(-1, k)
+    mag = (xa @ np.abs(w).T).reshape(r64.shape)
+    bound = 2 * (k + 2) * 2.0**-24 * mag + _ulp(r64, x.dtype)
+    if b is not None:
+        bound = bound + 2.0**-24 * (np.abs(r64) + mag) * 2
+    err = np.abs(y64 - r64)
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())}/{err.size} outside the bound; worst {float((err / bound).max()):.3g}x"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_kernel_matches_reference(tier, rng, case):
+    lead, n, k, bits, group, sym, dtype, bias, cfg = case
+    x, qw, b = _make(rng, lead, n, k, bits, group, sym, dtype, bias)
+    y = run_impl(tier, lambda x, qw, b: weight_only_linear(x, qw, b, config=cfg), x, qw, b)
+    ref = run_impl("reference", lambda x, qw, b: weight_only_linear(x, qw, b), x, qw, b)
+    assert y.dtype == x.dtype and y.shape == lead + (n,)
+    assert ref.dtype == x.dtype
+    assert_within_bound(y, ref, x, qw, b)
+
+
+def test_reference_is_dequantize_then_dot(rng):
+    x, qw, b = _make(rng, (3,), 16, 128, 4, 32, False, jnp.bfloat16, True)
+    want = (jnp.dot(x.astype(jnp.float32), dequantize_weight(qw).T, precision="highest")
+            + b.astype(jnp.float32)).astype(x.dtype)
+    got = run_impl("reference", lambda x, qw, b: weight_only_linear(x, qw, b), x, qw, b)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_exact_small_integers(tier, rng):
+    """Integer-valued x and power-of-two scales: every partial sum is exact, so kernel == reference bit for bit."""
+    n, k = 24, 256
+    q = jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int8)
+    from jaxquant.weights import pack_int4
+    qw = QuantizedWeight(pack_int4(q), jnp.asarray(2.0 ** rng.integers(-3, 3, (n, k // 64)), jnp.float32), None,
+                         bits=4, group_size=64, symmetric=True, shape=(n, k))
+    x = jnp.asarray(rng.integers(-4, 5, (5, k)), jnp.bfloat16)
+    y = run_impl(tier, lambda x, qw: weight_only_linear(x, qw, config=K.Config(16, 16, 128, 2)), x, qw)
+    ref = run_impl("reference", weight_only_linear, x, qw)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32)))
+
+
+def test_zero_sized(rng):
+    x, qw, _ = _make(rng, (0,), 16, 128, 4, 32, True, jnp.float32, False)
+    y = run_impl("interpret", weight_only_linear, x, qw)
+    assert y.shape == (0, 16)
+
+
+# ----------------------------------------------------------------------------------------
+# transformations
+# ----------------------------------------------------------------------------------------
+
+
+def test_vmap_over_x(tier, rng):
+    x, qw, b = _make(rng, (3, 5), 40, 256, 4, 64, False, jnp.float32, True)
+    f = lambda x, qw, b: jax.vmap(lambda xi: weight_only_linear(xi, qw, b), in_axes=1, out_axes=1)(x)
+    y = run_impl(tier, f, x, qw, b)
+    ref = run_impl("reference", weight_only_linear, x, qw, b)
+    assert y.shape == (3, 5, 40)
+    assert_within_bound(y, ref, x, qw, b)
+
+
+def test_vmap_over_weights(rng):
+    ws = jnp.asarray(rng.standard_normal((3, 16, 128)), jnp.float32)
+    qws = jax.vmap(lambda w: quantize_weight(w, bits=4, group_size=32))(ws)
+    x = jnp.asarray(rng.standard_normal((2, 128)), jnp.float32)
+    y = run_impl("interpret", jax.vmap(weight_only_linear, in_axes=(None, 0)), x, qws)
+    for i in range(3):
+        qi = jax.tree_util.tree_map(lambda a: a[i], qws)
+        ref = run_impl("reference", weight_only_linear, x, qi)
+        assert_within_bound(y[i], ref, x, qi, None)
+
+
+def test_grad_and_vmap_of_grad(rng):
+    x, qw, b = _make(rng, (4, 3), 24, 128, 4, 32, True, jnp.float32, True)
+    dy = jnp.asarray(rng.standard_normal((4, 3, 24)), jnp.float32)
+    loss = lambda x, b: jnp.sum(weight_only_linear(x, qw, b) * dy)
+    dx, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, b)
+    w = dequantize_weight(qw)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(jnp.dot(dy, w, precision="highest")), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(db), np.asarray(dy.sum((0, 1))), rtol=1e-6, atol=1e-5)
+    per = jax.jit(jax.vmap(jax.grad(lambda xi, dyi: jnp.sum(weight_only_linear(xi, qw) * dyi))))(x, dy)
+    np.testing.assert_allclose(np.asarray(per), np.asarray(jnp.einsum("abn,nk->abk", dy, w)), rtol=1e-5, atol=1e-5)
+    # the quantized weight is frozen: its cotangent is zero
+    gq = jax.grad(lambda qw: jnp.sum(weight_only_linear(x, qw)), allow_int=True)(qw)
+    assert float(jnp.abs(gq.scale).max()) == 0.0
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (8, None, False)])
+def test_check_grads(rng, bits, group, sym):
+    x, qw, b = _make(rng, (3,), 16, 128, bits, group, sym, jnp.float32, True)
+    # y is linear in (x, b): a large finite-difference step is exact up to float32 rounding of y,
+    # while jax's default eps=1e-4 would amplify that rounding (|y| * 2**-24 / eps) past rtol.
+    check_grads(lambda x, b: weight_only_linear(x, qw, b), (x, b), order=1, modes=("rev",), eps=1.0)
+
+
+def test_grad_bf16_dtype(rng):
+    x, qw, b = _make(rng, (2,), 16, 64, 4, 32, False, jnp.bfloat16, True)
+    dx, db = jax.grad(lambda x, b: jnp.sum(weight_only_linear(x, qw, b).astype(jnp.float32)), argnums=(0, 1))(x, b)
+    assert dx.dtype == jnp.bfloat16 and db.dtype == jnp.bfloat16
+
+
+def test_remat_and_scan(rng):
+    x, qw, _ = _make(rng, (2,), 32, 64, 8, None, True, jnp.float32, False)
+    qws = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), qw)
+
+    def net(x):
+        def body(h, q):
+            return jnp.tanh(jax.checkpoint(weight_only_linear)(h[:, :64], q)).repeat(2, axis=1), None
+        return jnp.sum(jax.lax.scan(body, x, qws)[0])
+
+    g = jax.jit(jax.grad(net))(x)
+    assert g.shape == x.shape and bool(jnp.isfinite(g).all())
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA lowering (on the CPU machine: catches Triton lowering errors interpret mode hides)
+# ----------------------------------------------------------------------------------------
+
+LOWER = [
+    (1, 4096, 4096, 4, 128, True, jnp.bfloat16, False),
+    (16, 4096, 14336, 4, 128, False, jnp.bfloat16, True),
+    (1, 8192, 8192, 4, None, True, jnp.float16, False),
+    (1, 8192, 8192, 8, None, True, jnp.bfloat16, True),
+    (2048, 14336, 4096, 4, 128, True, jnp.bfloat16, False),
+    (512, 4096, 4096, 8, 64, False, jnp.bfloat16, False),
+    (1000, 11008, 4000, 4, None, False, jnp.bfloat16, True),  # ragged M, N and K
+    (7, 100, 256, 4, 32, True, jnp.float32, True),
+]
+
+
+@pytest.mark.parametrize("m,n,k,bits,group,sym,dtype,bias", LOWER)
+def test_lowers_for_cuda(m, n, k, bits, group, sym, dtype, bias):
+    w = jax.ShapeDtypeStruct((n, k), jnp.float32)
+    qw = jax.eval_shape(lambda w: quantize_weight(w, bits=bits, group_size=group, symmetric=sym), w)
+    x = jax.ShapeDtypeStruct((m, k), dtype)
+    b = jax.ShapeDtypeStruct((n,), dtype) if bias else None
+    with jq.implementation("auto"):
+        txt = jax.jit(weight_only_linear).trace(x, qw, b).lower(lowering_platforms=("cuda",)).as_text()
+    assert f'jaxquant_weight_only_w{bits}' in txt
+
+
+def test_heuristics_valid_for_model_shapes():
+    for (n, k) in shapes.LINEAR_NK + shapes.RAGGED_NK:
+        for m in shapes.TOKENS_M + shapes.RAGGED_M + [64]:
+            for bits, group in ((4, 128), (4, None), (8, None), (4, 32)):
+                if group and k % group:
+                    continue
+                c = K.heuristics(m, n, k, bits, group)
+                assert c == K.heuristics(m, n, k, bits, group)  # pure
+                if group:
+                    assert c.block_k % group == 0 or group % c.block_k == 0
+                steps = math.ceil(k / c.block_k)
+                assert steps % c.split_k == 0
+                if group and c.split_k > 1:
+                    assert (steps // c.split_k * c.block_k) % group == 0
+    with pytest.raises(ValueError, match="block_n"):
+        K.Config(16, 24, 64)
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+
+
+def test_errors(rng):
+    x, qw, b = _make(rng, (2,), 16, 128, 4, 32, True, jnp.float32, False)
+    with pytest.raises(ValueError, match=r"x: expected the last axis to be K = 128.*got x of shape \(2, 64\)"):
+        weight_only_linear(x[:, :64], qw)
+    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32 array, got int32"):
+        weight_only_linear(x.astype(jnp.int32), qw)
+    with pytest.raises(TypeError, match="qweight: expected a jaxquant.QuantizedWeight.*got ArrayImpl"):
+        weight_only_linear(x, jnp.ones((16, 128)))
+    bad = QuantizedWeight(qw.codes.astype(jnp.int32), qw.scale, None, bits=4, group_size=32, symmetric=True,
+                          shape=(16, 128))
+    with pytest.raises(ValueError, match=r"qweight.codes: expected int8 of shape \(16, 64\).*got int32"):
+        weight_only_linear(x, bad)
+    bad = QuantizedWeight(qw.codes, qw.scale, None, bits=4, group_size=48, symmetric=True, shape=(16, 128))
+    with pytest.raises(ValueError, match="group_size"):
+        weight_only_linear(x, bad)
+    bad = QuantizedWeight(qw.codes, qw.scale, None, bits=4, group_size=64, symmetric=True, shape=(16, 96))
+    with pytest.raises(ValueError, match=r"group_size: K = 96.*multiple of group_size = 64"):
+        weight_only_linear(x, bad)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(16,\)"):
+        weight_only_linear(x, qw, jnp.ones((8,)))
+    with pytest.raises(TypeError, match="config: expected"):
+        weight_only_linear(x, qw, config=(16, 16, 64))
