@@ -119,11 +119,21 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(16, min(cfg.block_k, next_pow2(k)))
     sms = _NUM_SMS.get(device_kind or _DEFAULT_DEVICE, 132)
-    if bm <= 64:
+    if bm <= 16:  # skinny: spread the weight stream, ~2 programs per SM
         while bn > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < 2 * sms:
             bn //= 2
+    else:  # fill at least one wave, shrinking the larger side first (down to 64)
+        while pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms:
+            if bn >= bm and bn > 64:
+                bn //= 2
+            elif bm > 64:
+                bm //= 2
+            elif bn > 32:
+                bn //= 2
+            else:
+                break
     warps = cfg.num_warps
-    if bm * bn <= 64 * 64:
+    if bm * bn < 128 * 128:
         warps = min(warps, 4)
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
 

@@ -466,10 +466,10 @@ def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, c
     of x; ``jax.grad`` gives ``dx = dy @ (codes * w_scale[:, None])`` (straight-through the
     activation quantizer) and ``dbias = sum(dy)``; the codes and scales get no gradient.
     """
-    x = V.float_array("x", x)
+    x = V.as_array("x", x)
     if np.dtype(x.dtype) not in _OUT_DTYPES:
-        raise TypeError(f"x: expected a float16, bfloat16 or float32 array, got a float64 array of shape "
-                        f"{tuple(x.shape)}")
+        raise TypeError(f"x: expected a float16, bfloat16 or float32 array, got a {np.dtype(x.dtype).name} array "
+                        f"of shape {tuple(x.shape)}")
     if x.ndim < 1:
         raise ValueError(f"x: expected an array [..., K] of rank >= 1, got a scalar")
     k = x.shape[-1]

@@ -1,0 +1,419 @@
+"""W8A8 ``quantized_linear`` and the raw ``int8_matmul``: kernels == reference, transformations, errors.
+
+Exactness contract (see ``jaxquant.primitives.linear``):
+* the int32 accumulator (``int8_matmul`` with no epilogue) equals ``lax.dot_general(int8, int8,
+  preferred_element_type=int32)`` exactly, on every tier;
+* the float output equals the reference's epilogue ``(f32(acc) * s[m]) * w_scale[n] + bias[n]``
+  bit for bit in interpret mode (XLA:CPU evaluates both, same op order). On a GPU we allow
+  1 ulp of ``out_dtype``: Triton may contract ``(.. * w_scale) + bias`` into one FMA (one rounding
+  instead of two) where XLA:GPU does not, which moves the float32 value by <= 1 float32 ulp and
+  the rounded ``out_dtype`` value by <= 1 of its ulps. The activation codes and scales are exact.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+
+import jaxquant as jq
+from jaxquant.pallas import int8_matmul as mm_k
+from jaxquant.primitives import linear as L
+from jaxquant.primitives.linear import int8_matmul, quantized_linear
+from jaxquant.weights import QuantizedWeight, quantize_weight
+from conftest import assert_same_bits, run_impl
+
+DN = (((1,), (1,)), ((), ()))
+
+
+def assert_close_ulp(got, want, what, ulps):
+    """Same dtype/shape/NaN places; elements within ``ulps`` units in the last place of the dtype."""
+    if ulps == 0:
+        return assert_same_bits(got, want, what)
+    a, b = np.asarray(got), np.asarray(want)
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    fa, fb = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.isnan(fa), np.isnan(fb)
+    assert (na == nb).all(), f"{what}: NaN positions differ"
+    ia = a.view(f"i{a.dtype.itemsize}")[~na].astype(np.int64)
+    ib = b.view(f"i{b.dtype.itemsize}")[~nb].astype(np.int64)
+    # ordered integer view of IEEE floats (sign-magnitude -> two's complement)
+    top = np.int64(1) << (8 * a.dtype.itemsize - 1)
+    oa = np.where(ia < 0, -(ia + top), ia)
+    ob = np.where(ib < 0, -(ib + top), ib)
+    assert np.abs(oa - ob).max(initial=0) <= ulps, f"{what}: more than {ulps} ulp apart"
+
+
+def tol_for(tier):
+    return 0 if tier == "interpret" else 1
+
+
+def make_layer(rng, n, k, *, outliers=False):
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32)
+    return w, quantize_weight(w, bits=8)
+
+
+def make_x(rng, shape, dtype, *, specials=False):
+    x = rng.standard_normal(shape) * 3
+    if specials:
+        flat = x.reshape(-1, shape[-1])
+        flat[0, :] = 0.0  # an all-zero token: scale 2**-126, codes 0
+        if flat.shape[0] > 2:
+            flat[2, 1] = np.nan  # a NaN token: NaN scale, NaN outputs
+    return jnp.asarray(x, jnp.float32).astype(dtype)
+
+
+# Shapes: M <= 16 takes the fused (in-kernel quantization) path, larger M the two-kernel path.
+# None of M, N, K is a multiple of a block; small explicit configs force several grid steps and
+# K chunks plus a masked K tail in interpret mode.
+CASES = [
+    ((1, 40), 24, None),
+    ((5, 70), 40, mm_k.Config(16, 16, 32)),
+    ((2, 3, 50), 33, mm_k.Config(16, 32, 16)),
+    ((37, 96), 50, mm_k.Config(16, 32, 64)),
+    ((70, 130), 20, None),
+]
+
+
+@pytest.mark.parametrize("xshape,n,cfg", CASES, ids=[f"{c[0]}x{c[1]}" for c in CASES])
+def test_int32_accumulator_exact(tier, rng, xshape, n, cfg):
+    k = xshape[-1]
+    a = jnp.asarray(rng.integers(-128, 128, size=xshape), jnp.int8)
+    w = jnp.asarray(rng.integers(-128, 128, size=(n, k)), jnp.int8)
+    w = w.at[0].set(-128).at[1].set(127)  # extreme codes: the largest |products|
+    f = lambda a, w: int8_matmul(a, w, config=cfg)
+    got = run_impl(tier, f, a, w)
+    want = jax.lax.dot_general(a.reshape(-1, k), w, DN, preferred_element_type=jnp.int32).reshape(xshape[:-1] + (n,))
+    assert got.dtype == jnp.int32
+    assert_same_bits(got, want, f"int32 accumulator [{tier}]")
+    assert_same_bits(run_impl("reference", f, a, w), want, "reference accumulator")
+
+
+@pytest.mark.parametrize("xshape,n,cfg", CASES, ids=[f"{c[0]}x{c[1]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+def test_int8_matmul_epilogue(tier, rng, xshape, n, cfg, dtype):
+    k = xshape[-1]
+    a = jnp.asarray(rng.integers(-128, 128, size=xshape), jnp.int8)
+    w = jnp.asarray(rng.integers(-128, 128, size=(n, k)), jnp.int8)
+    s_tok = jnp.asarray(rng.uniform(0.001, 0.1, xshape[:-1]), jnp.float32)
+    ws = jnp.asarray(rng.uniform(0.001, 0.1, (n,)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(n), dtype)
+    # (scales are jit arguments: with a compile-time-constant scale XLA may reassociate the
+    # reference's products, which moves a result by 1 ulp)
+    f = lambda a, w, s, ws, b, s1: (int8_matmul(a, w, s, ws, b, out_dtype=dtype, config=cfg),
+                                    int8_matmul(a, w, s1, ws, out_dtype=dtype, config=cfg),
+                                    int8_matmul(a, w, None, ws, config=cfg))
+    s1 = jnp.float32(0.02)
+    got = run_impl(tier, f, a, w, s_tok, ws, b, s1)
+    want = run_impl("reference", f, a, w, s_tok, ws, b, s1)
+    for name, g, r, tol in zip(["per-token+bias", "per-tensor", "w_scale only"], got, want, [tol_for(tier), 0, 0]):
+        assert_close_ulp(g, r, f"int8_matmul {name} [{tier}]", tol)
+
+
+@pytest.mark.parametrize("xshape,n,cfg", CASES, ids=[f"{c[0]}x{c[1]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+def test_quantized_linear_equals_reference(tier, rng, xshape, n, cfg, dtype):
+    k = xshape[-1]
+    _, qw = make_layer(rng, n, k)
+    x = make_x(rng, xshape, dtype, specials=True)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    act = jnp.float32(0.05)
+
+    def f(x, qw, b, act):
+        return (quantized_linear(x, qw, config=cfg),
+                quantized_linear(x, qw, b, config=cfg),
+                quantized_linear(x, qw, b, out_dtype=jnp.float32, config=cfg),
+                quantized_linear(x, qw, act_scale=act, config=cfg))
+
+    got = run_impl(tier, f, x, qw, b, act)
+    want = run_impl("reference", f, x, qw, b, act)
+    for name, g, r, tol in zip(["dynamic", "dynamic+bias", "dynamic+bias f32 out", "static"], got, want,
+                               [0, tol_for(tier), tol_for(tier), 0]):
+        assert g.shape == xshape[:-1] + (n,)
+        assert_close_ulp(g, r, f"{name} [{tier}, x {np.dtype(dtype).name}]", tol)
+    # the NaN token gives NaN outputs, the zero token gives 0 (+ bias)
+    flat = np.asarray(got[0], np.float32).reshape(-1, n)
+    assert (flat[0] == 0).all()
+    if flat.shape[0] > 2:
+        assert np.isnan(flat[2]).all()
+
+
+def test_reference_is_the_documented_pipeline(rng):
+    """The reference equals dynamic_quantize + lax.dot_general(int8) + epilogue written out here."""
+    x = make_x(rng, (9, 64), jnp.bfloat16)
+    _, qw = make_layer(rng, 24, 64)
+    b = jnp.asarray(rng.standard_normal(24), jnp.float32)
+    with jq.implementation("reference"):
+        y = jax.jit(lambda x: quantized_linear(x, qw, b))(x)
+        q, s, _ = jq.dynamic_quantize(x)
+    acc = jax.lax.dot_general(q, qw.codes, DN, preferred_element_type=jnp.int32)
+    want = ((acc.astype(jnp.float32) * s[:, None]) * qw.scale[None, :] + b).astype(jnp.bfloat16)
+    assert_same_bits(y, want, "documented pipeline")
+
+
+def test_chunked_large_problems(monkeypatch, rng):
+    """Problems over the 2**31-element kernel limit are split along M and N (limit shrunk here)."""
+    x = make_x(rng, (40, 64), jnp.float32)
+    _, qw = make_layer(rng, 48, 64)
+    b = jnp.asarray(rng.standard_normal(48), jnp.float32)
+    f = lambda x: quantized_linear(x, qw, b)
+    want = run_impl("reference", f, x)
+    monkeypatch.setattr(mm_k, "MAX_ELEMENTS", 64 * 20)
+    got = run_impl("interpret", f, x)
+    assert_same_bits(got, want, "chunked")
+
+
+# ------------------------------------------------------------------------------------------
+# Transformations and gradients.
+# ------------------------------------------------------------------------------------------
+
+
+def test_jit_vmap(rng):
+    _, qw = make_layer(rng, 24, 64)
+    x = make_x(rng, (3, 5, 64), jnp.bfloat16)
+    for impl in ["reference", "interpret"]:
+        with jq.implementation(impl):
+            direct = jax.jit(lambda x: quantized_linear(x, qw))(x)
+            mapped = jax.jit(jax.vmap(lambda x: quantized_linear(x, qw)))(x)
+            mapped1 = jax.jit(jax.vmap(lambda x: quantized_linear(x, qw), in_axes=1, out_axes=1))(x)
+            assert_same_bits(mapped, direct, f"vmap [{impl}]")
+            assert_same_bits(mapped1, direct, f"vmap axis 1 [{impl}]")
+
+
+def test_vmap_over_weights(rng):
+    ws = jnp.asarray(rng.standard_normal((3, 16, 32)), jnp.float32)
+    qws = jax.vmap(lambda w: quantize_weight(w, bits=8))(ws)
+    x = make_x(rng, (4, 32), jnp.float32)
+    with jq.implementation("interpret"):
+        got = jax.jit(jax.vmap(lambda qw: quantized_linear(x, qw)))(qws)
+    for i in range(3):
+        qw = quantize_weight(ws[i], bits=8)
+        want = run_impl("reference", lambda x: quantized_linear(x, qw), x)
+        assert_same_bits(got[i], want, f"weight batch {i}")
+    # int8_matmul: batched scales fold into rows, batched weights map
+    a = jnp.asarray(rng.integers(-128, 128, (3, 4, 32)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.01, 0.1, (3,)), jnp.float32)
+    f = jax.vmap(lambda a, s, w: int8_matmul(a, w, s, out_dtype=jnp.float32), in_axes=(0, 0, None))
+    w = qws.codes[0]
+    got = run_impl("interpret", f, a, s, w)
+    want = run_impl("reference", lambda a, s, w: int8_matmul(a, w, jnp.broadcast_to(s[:, None], (3, 4)),
+                                                             out_dtype=jnp.float32), a, s, w)
+    assert_same_bits(got, want, "vmap int8_matmul")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grad_is_straight_through(rng, dtype):
+    """dx = dy @ (codes * w_scale), dbias = sum(dy); codes and scales get no gradient."""
+    w, qw = make_layer(rng, 24, 40)
+    x = make_x(rng, (2, 7, 40), dtype)
+    b = jnp.asarray(rng.standard_normal(24), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((2, 7, 24)), dtype)
+    w_hat = qw.codes.astype(jnp.float32) * qw.scale[:, None]
+
+    def loss(x, b):
+        return jnp.vdot(quantized_linear(x, qw, b).astype(jnp.float32), dy.astype(jnp.float32))
+
+    for impl in ["reference", "interpret"]:
+        with jq.implementation(impl):
+            gx, gb = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, b)
+        assert gx.dtype == dtype and gb.dtype == jnp.float32
+        want = jnp.einsum("...n,nk->...k", dy.astype(jnp.float32), w_hat.astype(dtype).astype(jnp.float32),
+                          precision="highest")
+        np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(want), rtol=1e-2 if dtype != jnp.float32
+                                   else 1e-5, atol=1e-2 if dtype != jnp.float32 else 1e-5)
+        np.testing.assert_allclose(gb, np.asarray(dy, np.float32).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    # no gradient to the weight pytree's leaves (frozen serving parameters)
+    gq = jax.grad(lambda s: quantized_linear(x, QuantizedWeight(qw.codes, s, None, bits=8, group_size=None,
+                                                                   symmetric=True, shape=qw.shape)
+                                             ).astype(jnp.float32).sum())(qw.scale)
+    assert not np.asarray(gq).any()
+
+
+def test_check_grads_on_vjp(rng):
+    """The VJP is linear in dy: jax.test_util.check_grads on it (forward and reverse, order 2)."""
+    _, qw = make_layer(rng, 12, 20)
+    x = make_x(rng, (5, 20), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(12), jnp.float32)
+    _, vjp = jax.vjp(lambda x, b: quantized_linear(x, qw, b), x, b)
+    dy = jnp.asarray(rng.standard_normal((5, 12)), jnp.float32)
+    check_grads(lambda dy: vjp(dy), (dy,), order=2, modes=("fwd", "rev"), eps=1e-2)
+    # and the surrogate the VJP is the derivative of: x -> x @ W_hat^T + b is differentiable
+    w_hat = qw.codes.astype(jnp.float32) * qw.scale[:, None]
+    gx, gb = vjp(dy)
+    check_grads(lambda x, b: x @ w_hat.T + b, (x, b), order=1, modes=("rev",), eps=1e-2)
+    sx, sb = jax.vjp(lambda x, b: jnp.dot(x, w_hat.T, precision="highest") + b, x, b)[1](dy)
+    np.testing.assert_allclose(gx, sx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gb, sb, rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_of_grad_and_remat(rng):
+    _, qw = make_layer(rng, 16, 32)
+    x = make_x(rng, (3, 4, 32), jnp.float32)
+    g = lambda x: jax.grad(lambda x: quantized_linear(x, qw).sum())(x)
+    with jq.implementation("interpret"):
+        a = jax.jit(jax.vmap(g))(x)
+        b = jax.jit(g)(x)
+        c = jax.jit(jax.grad(lambda x: jax.checkpoint(lambda x: quantized_linear(x, qw))(x).sum()))(x)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(c, b, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA lowering (no GPU needed) and launch counts.
+# ------------------------------------------------------------------------------------------
+
+
+def cuda_kernels(f, *args):
+    try:
+        hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # pragma: no cover - a machine without jax-cuda12-plugin
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"CUDA lowering unavailable: {e}")
+        raise
+    return re.findall(r'name = "(jaxquant_\w+)"', hlo)
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_lowers_for_cuda(rng, dtype):
+    _, qw = make_layer(rng, 300, 200)
+    b = jnp.zeros((300,), jnp.bfloat16)
+    small = jnp.ones((2, 3, 200), dtype)  # M = 6: fused
+    big = jnp.ones((5, 40, 200), dtype)   # M = 200: quantize kernel + GEMM
+    act = jnp.float32(0.1)
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, b), small) == ["jaxquant_int8_matmul_dynamic"]
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), small) == ["jaxquant_int8_matmul_static"]
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, b), big) == ["jaxquant_dynamic_quantize",
+                                                                       "jaxquant_int8_matmul_int8"]
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), big) == ["jaxquant_quantize",
+                                                                                   "jaxquant_int8_matmul_int8"]
+    assert cuda_kernels(jax.vmap(lambda x: quantized_linear(x, qw, b)), big) == ["jaxquant_dynamic_quantize",
+                                                                                 "jaxquant_int8_matmul_int8"]
+    a = jnp.ones((200, 200), jnp.int8)
+    assert cuda_kernels(lambda a: int8_matmul(a, qw.codes), a) == ["jaxquant_int8_matmul_int8"]
+
+
+@pytest.mark.lowering
+def test_every_tuned_config_lowers():
+    """Each configuration of the tuned tables (and the decode shapes' heuristics) lowers to Triton."""
+    a = jnp.ones((300, 512), jnp.int8)
+    w = jnp.ones((512, 512), jnp.int8)
+    s = jnp.ones((300, 1), jnp.float32)
+    ws = jnp.ones((512,), jnp.float32)
+    cfgs = {c for table in mm_k.TUNED.values() for _, c in table}
+    for cfg in cfgs:
+        names = cuda_kernels(lambda a: mm_k.int8_matmul(a, w, a_scale=s, w_scale=ws[None], out_dtype=jnp.bfloat16,
+                                                        config=cfg), a)
+        assert names == ["jaxquant_int8_matmul_int8"], cfg
+
+
+def test_heuristics_pure_and_valid():
+    for m in [1, 7, 16, 17, 128, 512, 1000, 2048, 8192]:
+        for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (11008, 4000), (24, 40)]:
+            c = mm_k.heuristics(m, n, k)
+            assert c == mm_k.heuristics(m, n, k)
+            assert c.block_m >= 16 and c.block_n >= 16 and c.block_k >= 16
+            if m <= 16:
+                assert c.block_m == 16  # skinny decode tiles
+
+
+# ------------------------------------------------------------------------------------------
+# Validation errors: each names the argument, the expected and the given value.
+# ------------------------------------------------------------------------------------------
+
+
+def test_validation_errors(rng):
+    _, qw = make_layer(rng, 24, 40)
+    x = jnp.ones((3, 40), jnp.float32)
+    with pytest.raises(ValueError, match=r"qweight: expected K = 41 .*\(24, 40\)"):
+        quantized_linear(jnp.ones((3, 41)), qw)
+    bad_codes = QuantizedWeight(qw.codes.astype(jnp.int32), qw.scale, None, bits=8, group_size=None,
+                                symmetric=True, shape=(24, 40))
+    with pytest.raises(ValueError, match=r"qweight.codes: expected int8 of shape \(24, 40\).*got int32"):
+        quantized_linear(x, bad_codes)
+    transposed = QuantizedWeight(qw.codes.T, qw.scale, None, bits=8, group_size=None, symmetric=True, shape=(24, 40))
+    with pytest.raises(ValueError, match=r"qweight.codes: expected int8 of shape \(24, 40\).*shape \(40, 24\)"):
+        quantized_linear(x, transposed)
+    bad_scale = QuantizedWeight(qw.codes, qw.scale[:, None], None, bits=8, group_size=None, symmetric=True,
+                                shape=(24, 40))
+    with pytest.raises(ValueError, match=r"qweight.scale: expected float32 of shape \(24,\).*\(24, 1\)"):
+        quantized_linear(x, bad_scale)
+    with pytest.raises(ValueError, match=r"qweight.bits: expected 8 .* got 4"):
+        quantized_linear(x, quantize_weight(jnp.ones((24, 40)), bits=4))
+    grouped = QuantizedWeight(qw.codes, jnp.ones((24, 2), jnp.float32), None, bits=8, group_size=20,
+                              symmetric=True, shape=(24, 40))
+    with pytest.raises(ValueError, match=r"group_size"):
+        quantized_linear(x, grouped)
+    with pytest.raises(ValueError, match=r"qweight.group_size: expected None .* got 16"):
+        quantized_linear(jnp.ones((3, 64)), quantize_weight(jnp.ones((24, 64)), bits=8, group_size=16))
+    with pytest.raises(ValueError, match=r"qweight.symmetric: expected True"):
+        quantized_linear(x, quantize_weight(jnp.ones((24, 40)), bits=8, symmetric=False))
+    with pytest.raises(TypeError, match=r"qweight: expected a jaxquant.QuantizedWeight"):
+        quantized_linear(x, qw.codes)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(24,\) .* got shape \(40,\)"):
+        quantized_linear(x, qw, jnp.ones((40,)))
+    with pytest.raises(ValueError, match=r"act_scale: expected a scalar .* got shape \(3,\)"):
+        quantized_linear(x, qw, act_scale=jnp.ones((3,)))
+    with pytest.raises(TypeError, match=r"x: expected a float16, bfloat16 or float32 array, got .*int8"):
+        quantized_linear(jnp.ones((3, 40), jnp.int8), qw)
+    with pytest.raises(TypeError, match=r"out_dtype: expected one of float16, bfloat16, float32, got int8"):
+        quantized_linear(x, qw, out_dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"config: expected a jaxquant.pallas.int8_matmul.Config"):
+        quantized_linear(x, qw, config=(16, 16, 16))
+    with pytest.raises(ValueError, match=r"Config.block_n: expected a power of two >= 16, got 24"):
+        mm_k.Config(16, 24, 32)
+    a = jnp.ones((3, 40), jnp.int8)
+    with pytest.raises(ValueError, match=r"w: expected shape \(N, 40\) .*layout \[N, K\].* got shape \(40, 24\)"):
+        int8_matmul(a, qw.codes.T)
+    with pytest.raises(TypeError, match=r"a: expected int8 codes, got a float32 array"):
+        int8_matmul(x, qw.codes)
+    with pytest.raises(ValueError, match=r"a_scale: expected a scalar or shape \(3,\) .* got shape \(3, 1\)"):
+        int8_matmul(a, qw.codes, jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match=r"w_scale: expected shape \(24,\) .* got shape \(1, 24\)"):
+        int8_matmul(a, qw.codes, None, jnp.ones((1, 24)))
+    with pytest.raises(TypeError, match=r"out_dtype: expected one of .*int32, got int8"):
+        int8_matmul(a, qw.codes, out_dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"out_dtype: expected one of float16, bfloat16, float32, got int32"):
+        int8_matmul(a, qw.codes, jnp.float32(1), out_dtype=jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# Accuracy on activations with outlier channels (README numbers).
+# ------------------------------------------------------------------------------------------
+
+
+def _rel(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def accuracy_report(seed=0, m=256, k=1024, n=512):
+    """Relative error vs the float matmul: per-token x per-channel (ours) vs per-tensor scales."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, rng.choice(k, 8, replace=False)] *= 50.0  # LLM-style outlier channels
+    x *= rng.uniform(0.1, 3.0, (m, 1)).astype(np.float32)  # tokens of very different magnitude
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    w *= rng.uniform(0.2, 5.0, (n, 1)).astype(np.float32)  # output channels of different range
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    with jq.implementation("reference"):
+        ours = quantized_linear(x, quantize_weight(w, bits=8))
+        tensor_scale = jnp.max(jnp.abs(x)) * np.float32(1 / 127)
+        static = quantized_linear(x, quantize_weight(w, bits=8), act_scale=tensor_scale)
+    wt_scale = float(jnp.max(jnp.abs(w))) / 127
+    wq = np.clip(np.round(np.asarray(w) / wt_scale), -128, 127) * wt_scale
+    xq = np.clip(np.round(np.asarray(x) / float(tensor_scale)), -128, 127) * float(tensor_scale)
+    per_tensor_both = xq @ wq.T
+    return {"per-token x per-channel (quantized_linear)": _rel(ours, y),
+            "per-tensor act (static) x per-channel weight": _rel(static, y),
+            "per-tensor x per-tensor": _rel(per_tensor_both, y)}
+
+
+def test_accuracy_outliers():
+    r = accuracy_report()
+    ours = r["per-token x per-channel (quantized_linear)"]
+    assert ours < 0.05, r
+    assert ours < r["per-tensor act (static) x per-channel weight"] < r["per-tensor x per-tensor"] * 1.5, r
