@@ -137,6 +137,7 @@ def run(ctx: Context) -> list[dict]:
             except Exception as e:  # a Qwix API mismatch is reported, not fatal
                 row.update(qwix_error=str(e)[:200])
         rows.append(row)
+        ctx.say(_fmt_row(row))
         del sets
     return rows
 
@@ -162,9 +163,11 @@ def sweep(ctx: Context) -> list[dict]:
             t = timeit(fn, sets, repeats=ctx.repeats)
         except Exception as e:  # a tile that does not compile is reported, not fatal
             rows.append(dict(section="sweep", op=tag, shape=[m, n, k], config=str(cfg), error=str(e)[:300]))
+            ctx.say(_fmt_row(rows[-1]))
             return
         rows.append(dict(section="sweep", op=tag, shape=[m, n, k], config=str(cfg), ms=t * 1e3,
                          tops=2.0 * m * n * k / t / 1e12))
+        ctx.say(_fmt_row(rows[-1]))
 
     for m, n, k in [(8192, 8192, 8192), (2048, 4096, 4096)]:
         x, qw, _ = _make_set(0, m, n, k)
@@ -191,6 +194,16 @@ def sweep(ctx: Context) -> list[dict]:
     return rows
 
 
+def _fmt_row(r) -> str:
+    if "error" in r:
+        return f"= {r['op']:16s} {str(r['shape']):20s} {r['config']}  ERROR {r['error'][:160]}"
+    extra = "".join(f" {key}={r[key]:.2f}" for key in ("vs_bf16", "vs_jnp", "bf16_ms", "jnp_ms", "gemm_tops",
+                                                       "xla_int8_tops") if key in r)
+    met = "" if "met" not in r else (" met" if r["met"] else " MISSED")
+    cfg = str(r.get("config", "")).replace("Config", "").replace("block_", "").replace("num_", "")
+    return f"= {r['op']:16s} {str(r['shape']):20s} {r['ms']:.4f} ms {r['tops']:.0f} TOP/s{extra}{met} {cfg}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxquant.bench.linear")
     p.add_argument("--sweep", action="store_true", help="tile sweep (otherwise: the benchmark section)")
@@ -201,14 +214,6 @@ def main(argv=None) -> int:
     ctx.progress = lambda msg: print(msg, flush=True)
     rows = sweep(ctx) if args.sweep else run(ctx)
     path = harness.write_results(args.out, ctx, rows, {"section": "linear-sweep" if args.sweep else "linear"})
-    for r in rows:
-        if "error" in r:
-            print(f"{r['op']:16s} {str(r['shape']):20s} {r['config']}  ERROR {r['error'][:120]}")
-        else:
-            extra = "".join(f" {key}={r[key]:.2f}" for key in ("vs_bf16", "vs_jnp", "gemm_tops", "xla_int8_tops")
-                            if key in r)
-            print(f"{r['op']:16s} {str(r['shape']):20s} {r['ms']:.4f} ms {r['tops']:.0f} TOP/s{extra} "
-                  f"{r.get('config', '')}")
     print("results:", path)
     return 0
 
