@@ -8,6 +8,9 @@
 ``"interpret"`` the Pallas kernel in Pallas interpret mode (slow; the CPU test tier)
 =============  =====================================================================
 
+float64 data: the Triton kernels are not bit-exact in float64 yet, so under ``"auto"`` float64
+ops lower to the XLA reference on CUDA too (``"pallas"`` raises for float64).
+
 Select one with the context manager ``jaxquant.implementation(name)``. The choice is read when a
 function is *traced*: a function already compiled by ``jax.jit`` keeps what it was traced with.
 """

@@ -81,7 +81,7 @@ def heuristics(shape3, param_full, *, target_elems: int = _TARGET_ELEMS) -> Conf
     return Config(block_rows=br, block_cols=bc, num_warps=num_warps, num_stages=1)
 
 
-def _kernel(*refs, op, has_zp, n_main, qmin, qmax, ct, out_dtype, shape3, block, offs, masks, pfull):
+def _kernel(*refs, op, has_zp, n_main, qmin, qmax, ct, out_dtype, shape3, block, offs, masks, pfull, fast):
     main_refs = refs[:n_main]
     s_ref = refs[n_main]
     z_ref = refs[n_main + 1] if has_zp else None
@@ -119,15 +119,15 @@ def _kernel(*refs, op, has_zp, n_main, qmin, qmax, ct, out_dtype, shape3, block,
     mains = [load(ref, mask, 0) for ref in main_refs]
 
     if op == "dequantize":
-        out = plus_zero(mains[0].astype(ct) - z) * s
+        out = plus_zero(mains[0].astype(ct) - z, fast) * s
     else:
         xs = mains[-1].astype(ct)
         inv = recip(s)
-        v = rne(xs * inv) + z
+        v = rne(xs * inv, fast) + z
         if op == "quantize":
-            out = to_code(v, qmin, qmax)
+            out = to_code(v, qmin, qmax, fast)
         elif op == "fake_quantize":
-            out = plus_zero(to_code(v, qmin, qmax) - z) * s
+            out = plus_zero(to_code(v, qmin, qmax, fast) - z, fast) * s
         else:
             m = (v >= qmin) & (v <= qmax)
             dy = mains[0].astype(ct)
@@ -212,7 +212,8 @@ def _call(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, shape3, pfull
     in_specs = [main_spec] * len(mains) + [p_spec] * (2 if has_zp else 1)
     kernel = functools.partial(
         _kernel, op=op, has_zp=has_zp, n_main=len(mains), qmin=qmin, qmax=qmax, ct=ct,
-        out_dtype=out_dtype, shape3=shape3, block=(br, bc), offs=(row_off, 0), masks=masks, pfull=pfull)
+        out_dtype=out_dtype, shape3=shape3, block=(br, bc), offs=(row_off, 0), masks=masks, pfull=pfull,
+        fast=not interpret)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, out_rows, c), out_dtype),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import abs_max_bits, bits_to_float, next_pow2, recip, rne, to_code
 
 __all__ = ["Config", "heuristics", "dynamic_quantize_rows"]
 
@@ -69,7 +69,7 @@ def heuristics(rows: int, cols: int) -> Config:
 
 
 def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, symmetric, qmin, qmax, ct,
-            out_dtype):
+            out_dtype, fast):
     i = pl.program_id(0) + row_off
     rmask = None
     if rows % br:
@@ -101,13 +101,19 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
     zero = jnp.asarray(0, ct)
     one = jnp.asarray(1, ct)
 
+    int_amax = symmetric and ct == np.float32
+
     def stats(x):
+        if int_amax:  # one NaN-propagating integer reduction (common.abs_max_bits)
+            return (abs_max_bits(x),)
         nan = jnp.max(jnp.where(x != x, one, zero), axis=1, keepdims=True)
         if symmetric:
             return nan, jnp.max(jnp.abs(x), axis=1, keepdims=True)
         return nan, jnp.min(x, axis=1, keepdims=True), jnp.max(x, axis=1, keepdims=True)
 
     def combine(a, b):
+        if int_amax:  # integer max of bit patterns: NaN-propagating
+            return (jnp.maximum(a[0], b[0]),)
         if symmetric:
             return jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])
         return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])
@@ -116,24 +122,33 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
     acc = stats(x0)
     if nchunks > 1:
         acc = jax.lax.fori_loop(1, nchunks, lambda k, a: combine(a, stats(load(k))), acc)
-    nan = acc[0] > zero
     tiny = jnp.asarray(TINY, ct)
     nan_v = jnp.asarray(np.nan, ct)
-    if symmetric:
+    if int_amax:
+        t = bits_to_float(acc[0]) * jnp.asarray(np.asarray(1 / qmax, ct), ct)
+        scale = jnp.where(t < tiny, tiny, t)  # NaN stays NaN
+        inv = recip(scale)
+        zp = jnp.zeros_like(scale)
+    elif symmetric:
+        nan = acc[0] > zero
         t = acc[1] * jnp.asarray(np.asarray(1 / qmax, ct), ct)
         scale = jnp.where(nan, nan_v, jnp.where(t < tiny, tiny, t))
         inv = recip(scale)
         zp = jnp.zeros_like(scale)
     else:
+        nan = acc[0] > zero
         lo = jnp.where(acc[1] > zero, zero, acc[1])
         hi = jnp.where(acc[2] < zero, zero, acc[2])
         t = (hi - lo) * jnp.asarray(np.asarray(1 / (qmax - qmin), ct), ct)
         scale = jnp.where(nan, nan_v, jnp.where(t < tiny, tiny, t))
         inv = recip(scale)
-        zp = to_code(jnp.asarray(qmin, ct) - rne(lo * inv), qmin, qmax)
+        zp = to_code(jnp.asarray(qmin, ct) - rne(lo * inv, fast), qmin, qmax, fast)
 
     def codes(x):
-        return to_code(rne(x * inv) + zp, qmin, qmax).astype(out_dtype)
+        v = rne(x * inv, fast)
+        if not symmetric:
+            v = v + zp
+        return to_code(v, qmin, qmax, fast).astype(out_dtype)
 
     store(0, codes(x0))
     if nchunks > 1:
@@ -200,7 +215,7 @@ def _call(x, rows, cols, br, bc, nchunks, row_off, nb, out_rows, symmetric, qmin
     width = bc * nchunks
     kernel = functools.partial(
         _kernel, rows=rows, cols=cols, br=br, bc=bc, nchunks=nchunks, row_off=row_off, symmetric=symmetric,
-        qmin=qmin, qmax=qmax, ct=ct, out_dtype=out_dtype)
+        qmin=qmin, qmax=qmax, ct=ct, out_dtype=out_dtype, fast=not interpret)
     out_shape = [jax.ShapeDtypeStruct((out_rows, cols), out_dtype), jax.ShapeDtypeStruct((out_rows, 1), ct)]
     out_specs = [pl.BlockSpec((br, width), lambda i: (i, 0)), pl.BlockSpec((br, 1), lambda i: (i, 0))]
     if not symmetric:

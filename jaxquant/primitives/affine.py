@@ -76,6 +76,14 @@ def _make(op):
             use = impl
             if use == "auto":
                 use = "pallas" if platform == "cuda" else "reference"
+            f64 = any(np.dtype(a.dtype) == np.float64 for a in ctx.avals_in + ctx.avals_out)
+            if f64 and use == "pallas":
+                if impl == "auto":  # float64 is not bit-exact in the Triton kernel yet: XLA, documented
+                    use = "reference"
+                else:
+                    raise NotImplementedError(
+                        "jaxquant: the Pallas Triton kernels take float16/bfloat16/float32; float64 runs with "
+                        "implementation 'auto' (XLA on the GPU) or 'reference'")
             if use == "pallas" and platform != "cuda":
                 raise NotImplementedError(
                     f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}; use "
