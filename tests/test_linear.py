@@ -65,7 +65,7 @@ def make_x(rng, shape, dtype, *, specials=False):
     return jnp.asarray(x, jnp.float32).astype(dtype)
 
 
-# Shapes: M <= 16 takes the fused (in-kernel quantization) path, larger M the two-kernel path.
+# Shapes: M <= 16 is the decode regime (skinny tiles), larger M the tiled GEMM.
 # None of M, N, K is a multiple of a block; small explicit configs force several grid steps and
 # K chunks plus a masked K tail in interpret mode.
 CASES = [
@@ -138,6 +138,27 @@ def test_quantized_linear_equals_reference(tier, rng, xshape, n, cfg, dtype):
     assert (flat[0] == 0).all()
     if flat.shape[0] > 2:
         assert np.isnan(flat[2]).all()
+
+
+@pytest.mark.parametrize("xshape,n,cfg", CASES[:3], ids=[f"{c[0]}x{c[1]}" for c in CASES[:3]])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fused_quantization_kernel(tier, rng, xshape, n, cfg, dtype):
+    """The one-launch path (activation quantized inside the GEMM kernel) equals the reference too."""
+    k = xshape[-1]
+    _, qw = make_layer(rng, n, k)
+    x = make_x(rng, xshape, dtype, specials=True).reshape(-1, k)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    act = jnp.float32(0.05)
+    interp = tier == "interpret"
+    f = lambda x, c, s, b, act: (
+        L.linear_kernel(x, c, s, b, out_dtype=dtype, config=cfg, interpret=interp, fuse=True),
+        L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
+    g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
+                                 L.linear_reference(x, c, s, None, act, out_dtype=dtype))
+    got = jax.jit(f)(x, qw.codes, qw.scale, b, act)
+    want = jax.jit(g)(x, qw.codes, qw.scale, b, act)
+    assert_close_ulp(got[0], want[0], f"fused dynamic+bias [{tier}]", tol_for(tier))
+    assert_close_ulp(got[1], want[1], f"fused static [{tier}]", 0)
 
 
 def test_reference_is_the_documented_pipeline(rng):
@@ -242,7 +263,8 @@ def test_check_grads_on_vjp(rng):
     # and the surrogate the VJP is the derivative of: x -> x @ W_hat^T + b is differentiable
     w_hat = qw.codes.astype(jnp.float32) * qw.scale[:, None]
     gx, gb = vjp(dy)
-    check_grads(lambda x, b: x @ w_hat.T + b, (x, b), order=1, modes=("rev",), eps=1e-2)
+    check_grads(lambda x, b: jnp.dot(x, w_hat.T, precision="highest") + b, (x, b), order=1, modes=("rev",),
+                eps=1e-2)
     sx, sb = jax.vjp(lambda x, b: jnp.dot(x, w_hat.T, precision="highest") + b, x, b)[1](dy)
     np.testing.assert_allclose(gx, sx, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(gb, sb, rtol=1e-6, atol=1e-6)
@@ -280,11 +302,15 @@ def cuda_kernels(f, *args):
 def test_lowers_for_cuda(rng, dtype):
     _, qw = make_layer(rng, 300, 200)
     b = jnp.zeros((300,), jnp.bfloat16)
-    small = jnp.ones((2, 3, 200), dtype)  # M = 6: fused
-    big = jnp.ones((5, 40, 200), dtype)   # M = 200: quantize kernel + GEMM
+    small = jnp.ones((2, 3, 200), dtype)  # M = 6 (decode tiles)
+    big = jnp.ones((5, 40, 200), dtype)   # M = 200
     act = jnp.float32(0.1)
-    assert cuda_kernels(lambda x: quantized_linear(x, qw, b), small) == ["jaxquant_int8_matmul_dynamic"]
-    assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), small) == ["jaxquant_int8_matmul_static"]
+    for x in (small, big):
+        assert cuda_kernels(lambda x: quantized_linear(x, qw, b), x) == ["jaxquant_dynamic_quantize",
+                                                                         "jaxquant_int8_matmul_int8"]
+    fused = lambda x, act: (L.linear_kernel(x, qw.codes, qw.scale, b, out_dtype=dtype, fuse=True),
+                            L.linear_kernel(x, qw.codes, qw.scale, None, act, out_dtype=dtype, fuse=True))
+    assert cuda_kernels(fused, small[0], act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, b), big) == ["jaxquant_dynamic_quantize",
                                                                        "jaxquant_int8_matmul_int8"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), big) == ["jaxquant_quantize",

@@ -34,7 +34,7 @@ from jaxquant.bench import harness
 from jaxquant.bench.harness import Context, rotations, timeit
 from jaxquant.pallas import int8_matmul as mm_k
 from jaxquant.primitives import linear as L
-from jaxquant.weights import quantize_weight
+from jaxquant.weights import QuantizedWeight, quantize_weight
 
 
 def _target(m):
@@ -57,20 +57,28 @@ def _make_set(i, m, n, k):
     return x, qw, w
 
 
-def _fns(auto):
-    def ours(x, qw, w):
+def _fns(auto, n, k):
+    """jitted (ours, plain jnp W8A8, XLA bf16), each taking only the arrays it reads."""
+    def qw_of(codes, scale):
+        return QuantizedWeight(codes, scale, None, bits=8, group_size=None, symmetric=True, shape=(n, k))
+
+    def ours(x, codes, scale):
         with jq.implementation(auto):
-            return L.quantized_linear(x, qw)
+            return L.quantized_linear(x, qw_of(codes, scale))
 
-    def plain(x, qw, w):
+    def plain(x, codes, scale):
         with jq.implementation("reference"):
-            return L.quantized_linear(x, qw)
+            return L.quantized_linear(x, qw_of(codes, scale))
 
-    def bf16(x, qw, w):
+    def bf16(x, w):
         return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
                                    ).astype(jnp.bfloat16)
 
-    return jax.jit(ours), jax.jit(plain), jax.jit(bf16)
+    def chain(f):
+        """Every rotated weight set applied in one jitted call: per-layer GPU time without dispatch gaps."""
+        return jax.jit(lambda x, *ws: functools.reduce(jnp.add, [f(x, *w) for w in ws]))
+
+    return jax.jit(ours), jax.jit(plain), jax.jit(bf16), chain(ours), chain(bf16)
 
 
 def _qwix_fn():
@@ -102,15 +110,17 @@ def run(ctx: Context) -> list[dict]:
     else:
         cases = [(m, n, k) for (n, k) in shapes.LINEAR_NK for m in shapes.TOKENS_M]
         cases += [(m, n, k) for (n, k) in shapes.RAGGED_NK for m in shapes.RAGGED_M]
-    ours, plain, bf16 = _fns(auto)
     qwix_make = _qwix_fn()
     for m, n, k in cases:
         ctx.say(f"quantized_linear {m}x{n}x{k}")
+        ours, plain, bf16, ours_chain, bf16_chain = _fns(auto, n, k)
         per_set = m * k * 2 + n * k * 3  # x bf16, codes int8, w bf16
         sets = rotations(functools.partial(_make_set, m=m, n=n, k=k), per_set)
-        t = timeit(ours, sets, repeats=ctx.repeats)
-        tb = timeit(bf16, sets, repeats=ctx.repeats)
-        tj = timeit(plain, sets, repeats=ctx.repeats)
+        q_sets = [(x, qw.codes, qw.scale) for x, qw, _ in sets]
+        b_sets = [(x, w) for x, _, w in sets]
+        t = timeit(ours, q_sets, repeats=ctx.repeats)
+        tb = timeit(bf16, b_sets, repeats=ctx.repeats)
+        tj = timeit(plain, q_sets, repeats=ctx.repeats)
         flops = 2.0 * m * n * k
         vb, vj = tb / t, tj / t
         want_b, want_j, desc = _target(m)
@@ -118,6 +128,12 @@ def run(ctx: Context) -> list[dict]:
                    ms=t * 1e3, bf16_ms=tb * 1e3, jnp_ms=tj * 1e3, tops=flops / t / 1e12, vs_bf16=vb, vs_jnp=vj,
                    config=str(mm_k.heuristics(m, n, k, device_kind=ctx.device)), target=desc,
                    met=bool(vb >= want_b and (want_j is None or vj >= want_j)))
+        if m <= 512 and len(sets) > 1:
+            x0 = sets[0][0]
+            tc = timeit(ours_chain, [(x0,) + tuple((c, s_) for _, c, s_ in q_sets)], repeats=ctx.repeats)
+            tbc = timeit(bf16_chain, [(x0,) + tuple((w,) for _, w in b_sets)], repeats=ctx.repeats)
+            row.update(chain_layers=len(sets), chain_ms=tc * 1e3 / len(sets), bf16_chain_ms=tbc * 1e3 / len(sets),
+                       vs_bf16_chain=tbc / tc)
         if m >= 2048 and ctx.platform != "cpu":
             x, qw, _ = sets[0]
             q, s = L.quantize_activation_reference(x)
@@ -146,13 +162,16 @@ def run(ctx: Context) -> list[dict]:
 # Tile sweep (for the tuned table).
 # ------------------------------------------------------------------------------------------
 
-_BIG = [mm_k.Config(128, 256, 128, 8, 8, 3), mm_k.Config(128, 256, 128, 8, 8, 4), mm_k.Config(256, 128, 128, 8, 8, 3),
-        mm_k.Config(256, 128, 128, 8, 8, 4), mm_k.Config(128, 128, 128, 8, 4, 4), mm_k.Config(128, 128, 128, 8, 8, 4),
-        mm_k.Config(128, 256, 64, 8, 8, 4), mm_k.Config(128, 128, 256, 8, 8, 3), mm_k.Config(64, 256, 128, 8, 4, 4),
-        mm_k.Config(128, 256, 128, 16, 8, 3)]
-_SMALL = [mm_k.Config(16, bn, bk, 1, w, st) for bn, bk, w, st in
-          [(16, 256, 4, 4), (16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (32, 512, 4, 5),
-           (64, 256, 4, 4), (64, 512, 4, 4), (32, 1024, 4, 3), (16, 1024, 4, 3), (64, 128, 4, 6)]]
+_BIG = [mm_k.Config(*c) for c in [
+    (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 4), (128, 256, 128, 16, 8, 3), (128, 128, 128, 8, 4, 3),
+    (128, 256, 128, 8, 8, 2), (256, 128, 128, 16, 8, 4), (128, 256, 256, 8, 8, 2), (256, 128, 64, 8, 8, 5),
+    (128, 256, 64, 8, 8, 5), (256, 128, 128, 4, 8, 3)]]
+_MID = [mm_k.Config(*c) for c in [
+    (128, 32, 128, 1, 4, 4), (128, 64, 128, 1, 4, 4), (128, 32, 256, 1, 4, 3), (64, 64, 128, 8, 4, 4),
+    (64, 32, 256, 8, 4, 3), (128, 64, 128, 8, 8, 3), (128, 128, 128, 8, 8, 3), (64, 128, 128, 8, 4, 4)]]
+_SMALL = [mm_k.Config(*c) for c in [
+    (16, 16, 512, 1, 4, 4), (16, 32, 256, 1, 4, 4), (16, 32, 512, 1, 4, 5), (16, 64, 256, 1, 4, 4),
+    (16, 64, 512, 1, 4, 4), (16, 128, 256, 1, 4, 4), (16, 32, 1024, 1, 4, 3)]]
 
 
 def sweep(ctx: Context) -> list[dict]:
@@ -169,27 +188,22 @@ def sweep(ctx: Context) -> list[dict]:
                          tops=2.0 * m * n * k / t / 1e12))
         ctx.say(_fmt_row(rows[-1]))
 
-    for m, n, k in [(8192, 8192, 8192), (2048, 4096, 4096)]:
-        x, qw, _ = _make_set(0, m, n, k)
-        q, s = L.quantize_activation_reference(x)
-        for cfg in _BIG:
-            ctx.say(f"sweep gemm {cfg}")
-            f = jax.jit(lambda a, b, s, ws, cfg=cfg: L.int8_matmul(a, b, s[:, 0], ws, out_dtype=jnp.bfloat16,
-                                                                  config=cfg))
-            time_cfg("gemm", m, n, k, cfg, f, [(q, qw.codes, s, qw.scale)])
-    for m, n, k in [(16, 8192, 8192), (16, 4096, 4096), (1, 4096, 14336)]:
-        sets = rotations(functools.partial(_make_set, m=m, n=n, k=k), n * k * 3)
-        for cfg in _SMALL:
-            ctx.say(f"sweep decode {cfg}")
-            fused = jax.jit(lambda x, qw, w, cfg=cfg: L.linear_kernel(x, qw.codes, qw.scale, out_dtype=jnp.bfloat16,
-                                                                       config=cfg))
-            time_cfg("decode fused", m, n, k, cfg, fused, sets)
-
-            def unfused(x, qw, w, cfg=cfg):
-                q, s = L._quantize_rows_kernel(x, None, False)
-                return mm_k.int8_matmul(q, qw.codes, a_scale=s, w_scale=qw.scale[None], a_mode="int8",
-                                        out_dtype=jnp.bfloat16, config=cfg)
-            time_cfg("decode unfused", m, n, k, cfg, jax.jit(unfused), sets)
+    m, n, k = 8192, 8192, 8192
+    x, qw, _ = _make_set(0, m, n, k)
+    q, s = L.quantize_activation_reference(x)
+    for cfg in _BIG:
+        f = jax.jit(lambda a, b, s, ws, cfg=cfg: L.int8_matmul(a, b, s[:, 0], ws, out_dtype=jnp.bfloat16, config=cfg))
+        time_cfg("gemm", m, n, k, cfg, f, [(q, qw.codes, s, qw.scale)])
+    del x, qw, q, s
+    shapes_ = [(m_, n_, k_, _MID) for m_ in (128, 512) for (n_, k_) in [(4096, 4096), (4096, 14336), (8192, 8192)]]
+    shapes_ += [(m_, n_, k_, _SMALL) for (m_, n_, k_) in [(16, 8192, 8192), (1, 4096, 14336), (16, 14336, 4096),
+                                                          (16, 4096, 4096)]]
+    for m, n, k, cfgs in shapes_:
+        sets = rotations(functools.partial(_make_set, m=m, n=n, k=k), n * k * 3 + m * k * 2)
+        sets = [(x, qw.codes, qw.scale) for x, qw, _ in sets]
+        for cfg in cfgs:
+            f = jax.jit(lambda x, c, s, cfg=cfg: L.linear_kernel(x, c, s, out_dtype=jnp.bfloat16, config=cfg))
+            time_cfg("linear", m, n, k, cfg, f, sets)
         del sets
     return rows
 
@@ -197,8 +211,8 @@ def sweep(ctx: Context) -> list[dict]:
 def _fmt_row(r) -> str:
     if "error" in r:
         return f"= {r['op']:16s} {str(r['shape']):20s} {r['config']}  ERROR {r['error'][:160]}"
-    extra = "".join(f" {key}={r[key]:.2f}" for key in ("vs_bf16", "vs_jnp", "bf16_ms", "jnp_ms", "gemm_tops",
-                                                       "xla_int8_tops") if key in r)
+    extra = "".join(f" {key}={r[key]:.2f}" for key in ("vs_bf16", "vs_jnp", "bf16_ms", "jnp_ms", "vs_bf16_chain",
+                                                       "chain_ms", "gemm_tops", "xla_int8_tops") if key in r)
     met = "" if "met" not in r else (" met" if r["met"] else " MISSED")
     cfg = str(r.get("config", "")).replace("Config", "").replace("block_", "").replace("num_", "")
     return f"= {r['op']:16s} {str(r['shape']):20s} {r['ms']:.4f} ms {r['tops']:.0f} TOP/s{extra}{met} {cfg}"

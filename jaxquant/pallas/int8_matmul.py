@@ -95,8 +95,12 @@ _H200 = (
 TUNED = {"NVIDIA H200": _H200, "NVIDIA H100 80GB HBM3": _H200}
 _DEFAULT_DEVICE = "NVIDIA H200"
 # Largest M for which quantizing the activation inside the GEMM (a_mode "dynamic"/"static") beats
-# a separate quantization launch, per device (measured; see heuristics' docstring).
-_FUSED_MAX_M = {"NVIDIA H200": 16}
+# a separate quantization launch, per device. Measured on the H200 (benchmarks/results/linear/
+# sweep1-h200.json): never — every N-tile program re-quantizes the whole [16, K] activation tile
+# (masked rows included), which costs more ALU time than the extra ~3 us launch it saves
+# (e.g. 1x4096x14336: fused 97 us vs quantize kernel + GEMM 26 us). The fused modes stay available
+# (``a_mode``, and ``linear_kernel(..., fuse=True)``) for devices where it pays.
+_FUSED_MAX_M = {"NVIDIA H200": 0}
 _NUM_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132}
 
 

@@ -29,11 +29,12 @@ in x's dtype with a float32 accumulator (float32 x: ``precision=HIGHEST``). The 
 ``dy``, so it can itself be differentiated (``jax.test_util.check_grads`` on it passes).
 
 Lowering: CPU -> the plain-jnp reference (``linear_reference``); CUDA -> Pallas
-(``jaxquant.pallas.int8_matmul``): for ``M <= fused_quantize_max_m()`` (decode) one kernel
-quantizes the activation tiles itself and runs the GEMM; for larger M the fused per-token
-quantization kernel (``jaxquant.pallas.dynamic``; static scale: ``jaxquant.pallas.affine``) writes
-int8 codes + scales and the GEMM kernel applies the epilogue in registers — the int32 ``[M, N]``
-accumulator never reaches device memory. Batching (``vmap``) folds batch dimensions of x into M
+(``jaxquant.pallas.int8_matmul``): the fused per-token quantization kernel
+(``jaxquant.pallas.dynamic``; static scale: ``jaxquant.pallas.affine``) writes int8 codes + scales,
+then the GEMM kernel applies the epilogue in registers — the int32 ``[M, N]`` accumulator never
+reaches device memory. For ``M <= fused_quantize_max_m(device)`` one kernel would quantize the
+activation tiles itself (one launch); on the H200 that measured slower at every M, so it is off
+there (``linear_kernel(..., fuse=True)`` forces it). Batching (``vmap``) folds batch dimensions of x into M
 (one launch); a batched weight falls back to ``lax.map`` over the batch.
 """
 
@@ -155,12 +156,18 @@ def _quantize_rows_kernel(x2, act_scale, interpret):
 
 
 def linear_kernel(x2, codes, w_scale, bias=None, act_scale=None, *, out_dtype, config=None, interpret=False,
-                  device_kind=None):
-    """``quantized_linear`` on ``x2 [M, K]`` with the Pallas kernels (see the module docstring)."""
+                  device_kind=None, fuse=None):
+    """``quantized_linear`` on ``x2 [M, K]`` with the Pallas kernels (see the module docstring).
+
+    ``fuse``: quantize the activation inside the GEMM kernel (one launch) instead of a separate
+    quantization kernel; default: ``M <= fused_quantize_max_m(device)`` (measured per device).
+    """
     m, k = x2.shape
     n = codes.shape[0]
     dk = device_kind if device_kind is not None else (None if interpret else _device_kind())
-    if m <= mm_k.fused_quantize_max_m(dk) and m * k <= mm_k.MAX_ELEMENTS:
+    if fuse is None:
+        fuse = m <= mm_k.fused_quantize_max_m(dk)
+    if fuse and m * k <= mm_k.MAX_ELEMENTS:
         mode = "dynamic" if act_scale is None else "static"
         a_s = None if act_scale is None else jnp.reshape(act_scale, (1, 1)).astype(jnp.float32)
         return _split_n(lambda w, ws, b: mm_k.int8_matmul(x2, w, a_scale=a_s, w_scale=ws, bias=b, a_mode=mode,
