@@ -70,9 +70,12 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    fma: bool = False  # CUDA-core GEMV path (block_m rows unrolled) instead of tensor-core dots
 
     def __post_init__(self):
-        _pow2("block_m", self.block_m, 16)
+        _pow2("block_m", self.block_m, 1 if self.fma else 16)
+        if self.fma and self.block_m > 8:
+            raise ValueError(f"weight_only Config.block_m: expected <= 8 with fma=True, got {self.block_m}")
         _pow2("block_n", self.block_n, 16)
         _pow2("block_k", self.block_k, 16)
         _pow2("num_warps", self.num_warps)
@@ -84,7 +87,7 @@ class Config:
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/s{self.split_k}/w{self.num_warps}"
-                f"/st{self.num_stages}")
+                f"/st{self.num_stages}{'/fma' if self.fma else ''}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,11 +98,18 @@ _TUNED_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tuned", 
 
 # Used when the tuned file is missing; same format as the file's "table".
 _DEFAULT_TABLE = [
-    {"m_max": 16, "bits": 4, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 4}},
-    {"m_max": 16, "bits": 8, "config": {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}},
-    {"m_max": 64, "bits": 0, "config": {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}},
-    {"m_max": 256, "bits": 0, "config": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}},
-    {"m_max": 1 << 62, "bits": 0, "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4}},
+    {"m_max": 1, "bits": 0, "config": {"block_m": 1, "block_n": 32, "block_k": 512, "num_warps": 4,
+                                       "num_stages": 4, "fma": True, "programs": 512}},
+    {"m_max": 16, "bits": 4, "config": {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4,
+                                        "num_stages": 4, "programs": 1024}},
+    {"m_max": 16, "bits": 8, "config": {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4,
+                                        "num_stages": 4, "programs": 512}},
+    {"m_max": 64, "bits": 0, "config": {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4,
+                                        "num_stages": 4}},
+    {"m_max": 256, "bits": 0, "config": {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4,
+                                         "num_stages": 4}},
+    {"m_max": 1 << 62, "bits": 0, "config": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4,
+                                             "num_stages": 4}},
 ]
 
 
@@ -132,7 +142,8 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     """
     row = next(r for r in _table() if m <= r["m_max"] and r["bits"] in (0, bits))
     c = dict(row["config"])
-    bm = max(16, min(c["block_m"], next_pow2(m)))
+    fma = bool(c.get("fma", False))
+    bm = min(c["block_m"], next_pow2(m)) if fma else max(16, min(c["block_m"], next_pow2(m)))
     bn = max(16, min(c["block_n"], next_pow2(n)))
     bk = fit_block_k(c["block_k"], k, group_size)
     steps = pl.cdiv(k, bk)
@@ -141,7 +152,7 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     target = c.get("programs", 2 * num_sms)
     if k % bk == 0 and tiles < target:
         split = choose_split(steps, bk, group_size, min(pl.cdiv(target, tiles), c.get("max_split", 16)))
-    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"])
+    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"], fma)
 
 
 def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
@@ -165,32 +176,42 @@ def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _unpack(b, bits, symmetric):
-    """int8 bytes ``[BN, BK/2]`` -> int8 codes ``[BN, BK]`` (low nibble = even k)."""
+def _unpack_parts(b, bits, symmetric):
+    """int8 bytes ``[BN, W]`` -> the code parts: ``[q]`` (bits=8) or ``[low nibbles, high nibbles]``.
+
+    The low nibble of byte j is k = 2j, the high nibble k = 2j + 1: they contract against x's even
+    and odd columns (de-interleaved outside the kernel), so no in-register interleave is needed.
+    """
     if bits == 8:
-        return b
+        return [b]
     if symmetric:
         lo = jnp.right_shift(jnp.left_shift(b, jnp.int8(4)), jnp.int8(4))
         hi = jnp.right_shift(b, jnp.int8(4))
     else:
         lo = b & jnp.int8(0xF)
         hi = jnp.right_shift(b, jnp.int8(4)) & jnp.int8(0xF)
-    return jnp.stack([lo, hi], axis=-1).reshape(b.shape[0], 2 * b.shape[1])
+    return [lo, hi]
 
 
-def _kernel(x_ref, w_ref, s_ref, *refs, bm, bn, bk, unit, steps, m_total, n_total, k_total, k_span, bits,
-            group, symmetric, has_zp, has_bias, cdt, split, out_dtype):
-    z_ref = refs[0] if has_zp else None
-    b_ref = refs[int(has_zp)] if has_bias else None
-    o_ref = refs[-1]
-    pn, pm, ps = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
+            has_bias, cdt, out_dtype, fma):
+    x_refs = refs[:n_x]
+    w_ref, s_ref = refs[n_x], refs[n_x + 1]
+    rest = refs[n_x + 2:]
+    z_ref = rest[0] if has_zp else None
+    b_ref = rest[int(has_zp)] if has_bias else None
+    o_ref = rest[-1]
+    pn, pm = pl.program_id(0), pl.program_id(1)
     wdiv = 2 if bits == 4 else 1
+    uw = unit // wdiv  # bytes of codes per row per unit = width of each x part
     mask_m = m_total % bm != 0
     mask_n = n_total % bn != 0
     mask_k = k_total % bk != 0  # only with split == 1 (per-channel weights)
 
-    rmask = ((pm * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total) if mask_m else None
-    nmask_col = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)) < n_total) if mask_n else None
+    rows = pm * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    rmask = (rows < m_total) if mask_m else None
+    ncol = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
+    nmask_col = (ncol < n_total) if mask_n else None
     nmask_row = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total) if mask_n else None
     nmask_1d = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)) < n_total) if mask_n else None
 
@@ -205,59 +226,101 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bm, bn, bk, unit, steps, m_total, n_tota
         return pltriton.load(ref, mask=mask, other=other)
 
     dot_prec = jax.lax.Precision.HIGHEST if cdt == np.dtype(np.float32) else None
+    # per-channel zero point, loaded once
+    zc = load(z_ref, nmask_1d, 0)[:, None] if (group is None and has_zp) else None
 
-    def partial_dot(k0):
-        """float32 ``[BM, BN]`` = x[:, k0:k0+unit] . (q - z)[:, k0:k0+unit]^T, and the group index."""
-        kmask_x = kmask_w = None
-        if mask_k:
-            kmask_x = (k0 + jax.lax.broadcasted_iota(jnp.int32, (1, unit), 1)) < k_total
-            kmask_w = (k0 // wdiv + jax.lax.broadcasted_iota(jnp.int32, (1, unit // wdiv), 1)) < k_total // wdiv
-        xt = load(x_ref.at[:, pl.ds(k0, unit)], both(rmask, kmask_x), 0).astype(cdt)
-        wb = load(w_ref.at[:, pl.ds(k0 // wdiv, unit // wdiv)], both(nmask_col, kmask_w), 0)
-        q = _unpack(wb, bits, symmetric)
-        if group is not None:
-            gi = k0 // group
-            if has_zp:
-                z = load(z_ref.at[:, pl.ds(gi, 1)], nmask_col, 0)  # [BN, 1]
-                w = q.astype(jnp.float32) - z.astype(jnp.float32)
-                w = w.astype(cdt)
-            else:
-                w = q.astype(cdt)
+    def kmask(k0):
+        if not mask_k:
+            return None
+        return (k0 // wdiv + jax.lax.broadcasted_iota(jnp.int32, (1, uw), 1)) < k_total // wdiv
+
+    def weights(k0, dt):
+        """The unit's weight parts ``(q - z)`` in ``dt``, each ``[BN, uw]``."""
+        km = kmask(k0)
+        wb = load(w_ref.at[:, pl.ds(k0 // wdiv, uw)], both(nmask_col, km), 0)
+        parts = _unpack_parts(wb, bits, symmetric)
+        if has_zp:
+            z = load(z_ref.at[:, pl.ds(k0 // group, 1)], nmask_col, 0) if group is not None else zc
+            zf = z.astype(jnp.float32)
+            return [(q.astype(jnp.float32) - zf).astype(dt) for q in parts]
+        return [q.astype(dt) for q in parts]
+
+    def group_scale(k0):
+        return load(s_ref.at[:, pl.ds(k0 // group, 1)], nmask_col, 0)  # [BN, 1]
+
+    if not fma:
+        # tensor-core path: acc [BM, BN] += x_part . w_part^T
+        def body(t, acc):
+            for u in range(bk // unit):
+                k0 = t * bk + u * unit
+                km = kmask(k0)
+                ws = weights(k0, cdt)
+                part = None
+                for xr, w in zip(x_refs, ws):
+                    xt = load(xr.at[:, pl.ds(k0 // wdiv, uw)], both(rmask, km), 0).astype(cdt)
+                    d = jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())), precision=dot_prec,
+                                            preferred_element_type=jnp.float32)
+                    part = d if part is None else part + d
+                if group is not None:
+                    part = part * jnp.reshape(group_scale(k0), (1, bn))
+                acc = acc + part
+            return acc
+
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+        if group is None:
+            acc = acc * load(s_ref, nmask_1d, 0)[None, :]
+        if has_bias:
+            acc = acc + load(b_ref, nmask_1d, 0).astype(jnp.float32)[None, :]
+        out = acc.astype(out_dtype)
+        omask = both(rmask, nmask_row)
+        if omask is None:
+            o_ref[...] = out
         else:
-            w = q.astype(cdt)
-            if has_zp:
-                w = (q.astype(jnp.float32) - zc.astype(jnp.float32)).astype(cdt)
-        acc = jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())), precision=dot_prec,
-                                  preferred_element_type=jnp.float32)
-        return acc
+            pltriton.store(o_ref, out, mask=omask)
+        return
 
-    zc = None
-    if group is None and has_zp:
-        zc = load(z_ref, nmask_1d, 0)[:, None]  # [BN, 1]
+    # CUDA-core (GEMV) path for a few rows: products in float32 and a row reduction, everything in
+    # the weights' [BN, *] layout; each row r of x is a broadcast [1, uw] load.
+    def row_mask(r):
+        return (pm * bm + r < m_total) if mask_m else None
 
-    def body(t, acc):
-        base = t * bk
+    def body(t, accs):
+        accs = list(accs)
         for u in range(bk // unit):
-            k0 = base + u * unit
-            part = partial_dot(k0)
-            if group is not None:
-                s = load(s_ref.at[:, pl.ds(k0 // group, 1)], nmask_col, 0)  # [BN, 1]
-                part = part * jnp.reshape(s, (1, bn))
-            acc = acc + part
-        return acc
+            k0 = t * bk + u * unit
+            km = kmask(k0)
+            ws = weights(k0, jnp.float32)
+            sc = group_scale(k0) if group is not None else None
+            for r in range(bm):
+                rm = row_mask(r)
+                p = None
+                for xr, w in zip(x_refs, ws):
+                    m = km if rm is None else (rm if km is None else km & rm)
+                    if m is not None and m.ndim == 0:
+                        m = jnp.broadcast_to(m, (1, uw))
+                    xt = load(xr.at[pl.ds(r, 1), pl.ds(k0 // wdiv, uw)], m, 0).astype(jnp.float32)
+                    d = jnp.sum(w * xt, axis=1, keepdims=True)  # [BN, 1]
+                    p = d if p is None else p + d
+                accs[r] = accs[r] + (p * sc if sc is not None else p)
+        return tuple(accs)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
-    if group is None:
-        s = load(s_ref, nmask_1d, 0)
-        acc = acc * s[None, :]
-    if has_bias:
-        acc = acc + load(b_ref, nmask_1d, 0).astype(jnp.float32)[None, :]
-    out = acc.astype(out_dtype)
-    omask = both(rmask, nmask_row)
-    if omask is None:
-        o_ref[...] = out
-    else:
-        pltriton.store(o_ref, out, mask=omask)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, 1), jnp.float32) for _ in range(bm)))
+    s_pc = load(s_ref, nmask_1d, 0) if group is None else None
+    bias = load(b_ref, nmask_1d, 0).astype(jnp.float32) if has_bias else None
+    for r in range(bm):
+        a = jnp.reshape(accs[r], (bn,))
+        if s_pc is not None:
+            a = a * s_pc
+        if bias is not None:
+            a = a + bias
+        out = a.astype(out_dtype)[None, :]
+        rm = row_mask(r)
+        m = nmask_row if rm is None else (jnp.broadcast_to(rm, (1, bn)) if nmask_row is None else nmask_row & rm)
+        ref = o_ref.at[pl.ds(r, 1), :]
+        if m is None:
+            ref[...] = out
+        else:
+            pltriton.store(ref, out, mask=m)
 
 
 def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
@@ -277,15 +340,14 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
             y = y + bias.astype(jnp.float32)[None, :]
         return y.astype(out_dtype)
     cfg = config or heuristics(m, n, k, bits, group_size)
-    bm = max(16, min(cfg.block_m, next_pow2(m)))
+    bm = min(cfg.block_m, next_pow2(m)) if cfg.fma else max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = fit_block_k(cfg.block_k, k, group_size)
     if group_size is not None and not (bk % group_size == 0 or group_size % bk == 0):
         raise ValueError(f"weight_only: block_k={bk} must be a multiple or divisor of group_size={group_size}")
     total_steps = pl.cdiv(k, bk)
-    split = cfg.split_k
     # split K only into equal runs of whole steps (and whole groups)
-    split = 1 if k % bk else choose_split(total_steps, bk, group_size, split)
+    split = 1 if k % bk else choose_split(total_steps, bk, group_size, cfg.split_k)
     steps = total_steps // split
     k_span = steps * bk
     unit = bk if group_size is None else min(bk, group_size)
@@ -293,13 +355,14 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     has_zp = zero_point is not None
     has_bias = bias is not None and split == 1
     cdt = np.dtype(x.dtype)
+    # int4: x's even / odd columns meet the low / high nibbles (a cheap XLA copy of x, no
+    # interleave of the codes in registers)
+    xs = [x] if bits == 8 else [x[:, 0::2], x[:, 1::2]]
 
     grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), split)
-    in_specs = [
-        pl.BlockSpec((bm, k_span), lambda i, j, s: (j, s)),
-        pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)),
-    ]
-    operands = [x, codes]
+    in_specs = [pl.BlockSpec((bm, k_span // wdiv), lambda i, j, s: (j, s)) for _ in xs]
+    in_specs.append(pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)))
+    operands = xs + [codes]
     if group_size is not None:
         pspec = pl.BlockSpec((bn, k_span // group_size), lambda i, j, s: (i, s))
     else:
@@ -321,9 +384,9 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i))
         kdt = np.dtype(np.float32)
     kernel = functools.partial(
-        _kernel, bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k, k_span=k_span,
+        _kernel, n_x=len(xs), bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
-        split=split, out_dtype=kdt)
+        out_dtype=kdt, fma=cfg.fma)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
