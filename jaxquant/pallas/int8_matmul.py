@@ -30,7 +30,7 @@ chunks (the tail chunk masked). Programs run in a 1-d grid with the usual "group
 (``group_m`` row blocks sweep the N tiles together) so the A and W tiles they share stay in L2.
 Ragged M / N edges are masked on loads and stores (never padded); the masks are compiled in only
 where the shape needs them. Decode shapes (M <= 16) use skinny ``block_m = 16`` tiles with a
-small ``block_n`` so that the weight stream is spread over all multiprocessors.
+``block_n = 64`` and long ``block_k`` chunks (the weight stream is the whole cost there).
 
 Limits: Pallas Triton addresses an array with 32-bit element offsets unless it is larger than
 2**32 bytes, so each operand and the output must have fewer than 2**31 elements
@@ -83,14 +83,19 @@ class Config:
 
 
 # Tuned tables, per device kind (``jax.devices()[0].device_kind``); measured with
-# ``python -m jaxquant.bench.linear --sweep`` (benchmarks/results/). Each entry is
-# ``(max_m, config)``: the first entry whose ``max_m >= M`` is used. A device missing from the
-# table uses the H200's (same Hopper multiprocessor; the H100 has less bandwidth, not less math).
+# ``python -m jaxquant.bench.linear --sweep`` (benchmarks/results/linear/sweep{1,2}-h200.json).
+# Each entry is ``(max_m, config)``: the first entry whose ``max_m >= M`` is used. A device missing
+# from the table uses the H200's (same Hopper multiprocessor). Findings on the H200 (jax 0.11.2):
+# * M > 1024: 128x128x128, 4 warps, 3 stages: 1281 TOP/s at 8192^3, against 1095 for 128x256x128
+#   (8 warps) and 939 for the same tile with 4 stages — the pipeline depth matters most;
+# * M in (256, 1024]: 64x128x128 (4 warps, 4 stages) was fastest on all three sweep shapes;
+# * decode (M <= 16): 16x64x512; narrower N tiles (more programs) were slower (16-row weight
+#   tiles load badly), e.g. 1x4096x14336: bn=64 33 us, bn=16 62 us.
 _H200 = (
-    (16, Config(16, 64, 256, group_m=1, num_warps=4, num_stages=4)),
-    (64, Config(64, 64, 256, group_m=1, num_warps=4, num_stages=4)),
-    (256, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
-    (1 << 62, Config(128, 256, 128, group_m=8, num_warps=8, num_stages=3)),
+    (16, Config(16, 64, 512, group_m=1, num_warps=4, num_stages=4)),
+    (256, Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4)),
+    (1024, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
+    (1 << 62, Config(128, 128, 128, group_m=8, num_warps=4, num_stages=3)),
 )
 TUNED = {"NVIDIA H200": _H200, "NVIDIA H100 80GB HBM3": _H200}
 _DEFAULT_DEVICE = "NVIDIA H200"
@@ -113,9 +118,8 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     """Pure function: the tile for an ``[M, K] x [N, K]^T`` problem on ``device_kind``.
 
     Starts from the device's tuned table (by M), then shrinks blocks that are far larger than
-    the problem (so tiny problems do not pay for empty tiles) and, for skinny (decode) problems,
-    narrows ``block_n`` until there are about two programs per multiprocessor: at small M the
-    kernel streams the weights and needs every SM to pull its share of the bandwidth.
+    the problem (so tiny problems do not pay for empty tiles) and, for non-decode problems with
+    few tiles, shrinks the tile until there are at least half as many programs as multiprocessors.
     """
     table = TUNED.get(device_kind or _DEFAULT_DEVICE, TUNED[_DEFAULT_DEVICE])
     cfg = next(c for max_m, c in table if m <= max_m)
@@ -123,22 +127,18 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(16, min(cfg.block_k, next_pow2(k)))
     sms = _NUM_SMS.get(device_kind or _DEFAULT_DEVICE, 132)
-    if bm <= 16:  # skinny: spread the weight stream, ~2 programs per SM
-        while bn > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < 2 * sms:
+    # Fill at least half a wave of programs, shrinking the larger side first (not below 64 x 32).
+    # Skinny (decode) tiles are not narrowed: measured slower (see the table's notes).
+    while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms // 2:
+        if bn >= bm and bn > 64:
             bn //= 2
-    else:  # fill at least one wave, shrinking the larger side first (down to 64)
-        while pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms:
-            if bn >= bm and bn > 64:
-                bn //= 2
-            elif bm > 64:
-                bm //= 2
-            elif bn > 32:
-                bn //= 2
-            else:
-                break
+        elif bm > 64:
+            bm //= 2
+        elif bn > 32:
+            bn //= 2
+        else:
+            break
     warps = cfg.num_warps
-    if bm * bn < 128 * 128:
-        warps = min(warps, 4)
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
 
 
