@@ -76,7 +76,7 @@ def _make(op):
             use = impl
             if use == "auto":
                 use = "pallas" if platform == "cuda" else "reference"
-            f64 = any(np.dtype(a.dtype) == np.float64 for a in ctx.avals_in + ctx.avals_out)
+            f64 = any(np.dtype(a.dtype) == np.float64 for a in (*ctx.avals_in, *ctx.avals_out))
             if f64 and use == "pallas":
                 if impl == "auto":  # float64 is not bit-exact in the Triton kernel yet: XLA, documented
                     use = "reference"
