@@ -91,6 +91,8 @@ class Config:
 # * M in (256, 1024]: 64x128x128 (4 warps, 4 stages) was fastest on all three sweep shapes;
 # * decode (M <= 16): 16x64x512; narrower N tiles (more programs) were slower (16-row weight
 #   tiles load badly), e.g. 1x4096x14336: bn=64 33 us, bn=16 62 us.
+# Known weak spot (bench3-h200-final.json): M ~ 128 with K or N = 14336 runs at 0.72x bf16 with
+# 64x64x128; 64x32x256 measured 0.0427 ms vs 0.0485 ms there — a split-K or long-K entry is next.
 _H200 = (
     (16, Config(16, 64, 512, group_m=1, num_warps=4, num_stages=4)),
     (256, Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4)),
