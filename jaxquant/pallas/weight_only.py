@@ -28,7 +28,16 @@ With ``split_k > 1`` the kernel writes float32 partials ``[split_k, M, N]`` that
 reduction sums (then bias and the cast fuse into it); with ``split_k == 1`` bias and the cast are
 fused in the kernel. Decode (small M) takes ``BM = 16`` (the smallest tensor-core tile; rows past
 M are masked) and enough ``N / BN * split_k`` programs to stream weights on every SM; prefill
-takes 128-row tiles. Ragged M and N (and K, per channel) are masked, never padded.
+takes 64/128-row tiles. Ragged M and N (and K, per channel) are masked, never padded.
+
+int4 without an in-register interleave: the low nibbles hold the even k and the high nibbles the
+odd k, so the wrapper passes x's even and odd columns (``x[:, 0::2]``, ``x[:, 1::2]``: a copy of
+x, small next to the weights at decode, ~3% of the time at M = 8192) and each unit is two dots,
+``x_even . lo^T + x_odd . hi^T``.
+
+``Config(fma=True)``: a CUDA-core GEMV path for M <= 8 (no tensor cores: ``block_m`` rows
+unrolled, float32 products reduced along K in the weights' layout). It is tested (interpret
+mode, CUDA lowering) but not yet timed on a GPU, so the tuned table does not select it.
 
 Configs come from ``heuristics(M, N, K, bits, group_size)``: a pure function of the shapes over
 the tuned table ``jaxquant/tuned/weight_only.json`` (measured on an H200; see ``bench/weight_only``).
@@ -98,16 +107,8 @@ _TUNED_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tuned", 
 
 # Used when the tuned file is missing; same format as the file's "table".
 _DEFAULT_TABLE = [
-    {"m_max": 1, "bits": 0, "config": {"block_m": 1, "block_n": 32, "block_k": 512, "num_warps": 4,
-                                       "num_stages": 4, "fma": True, "programs": 512}},
-    {"m_max": 16, "bits": 4, "config": {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4,
+    {"m_max": 16, "bits": 0, "config": {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4,
                                         "num_stages": 4, "programs": 1024}},
-    {"m_max": 16, "bits": 8, "config": {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4,
-                                        "num_stages": 4, "programs": 512}},
-    {"m_max": 64, "bits": 0, "config": {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4,
-                                        "num_stages": 4}},
-    {"m_max": 256, "bits": 0, "config": {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4,
-                                         "num_stages": 4}},
     {"m_max": 1 << 62, "bits": 0, "config": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4,
                                              "num_stages": 4}},
 ]
