@@ -139,8 +139,19 @@ def _sweep(ctx: Context) -> list[dict]:
             gbps = 2 * nbytes(x) / t / 1e9
             rows.append(dict(section="sweep", op="fake_quantize", granularity=gname, config=str(cfg), ms=t * 1e3,
                              gbps=gbps, copy_frac=gbps / ctx.copy_gbps))
-    for br, bc, w in [(1, 8192, 4), (1, 8192, 8), (1, 8192, 16), (2, 8192, 8), (2, 8192, 16), (4, 8192, 16),
-                      (1, 4096, 8), (2, 4096, 8), (4, 4096, 8)]:
+    dy = jax.random.normal(jax.random.PRNGKey(2), shape, jnp.bfloat16)
+    for gname, g in [("per-channel", jq.PerChannel(-1)), ("per-token", jq.PerToken())]:
+        s = jnp.full(G.param_shape(g, shape), 0.02, jnp.float32)
+        for br, bc, w in [(1, 8192, 8), (1, 8192, 16), (2, 4096, 8), (4, 2048, 8), (8, 1024, 8), (16, 1024, 8),
+                          (32, 512, 8), (2, 8192, 16), (1, 4096, 4), (2, 2048, 4)]:
+            cfg = affine_k.Config(br, bc, w)
+            f = jax.jit(lambda dy, x, s: jq.fake_quantize_backward(dy, x, s, granularity=g, qmin=-128, qmax=127,
+                                                                   config=cfg))
+            t = timeit(f, [(dy, x, s)], repeats=ctx.repeats)
+            gbps = 3 * nbytes(x) / t / 1e9
+            rows.append(dict(section="sweep", op="fake_quantize_backward", granularity=gname, config=str(cfg),
+                             ms=t * 1e3, gbps=gbps, copy_frac=gbps / ctx.copy_gbps))
+    for br, bc, w in [(1, 8192, 4), (1, 8192, 8), (2, 8192, 8), (1, 4096, 8)]:
         cfg = dynamic_k.Config(br, bc, w)
         f = jax.jit(lambda x: jq.dynamic_quantize(x, config=cfg))
         try:
@@ -151,4 +162,14 @@ def _sweep(ctx: Context) -> list[dict]:
         gbps = (nbytes(x) * 1.5 + shape[0] * 4) / t / 1e9
         rows.append(dict(section="sweep", op="dynamic_quantize", granularity="per-token", config=str(cfg),
                          ms=t * 1e3, gbps=gbps, copy_frac=gbps / ctx.copy_gbps))
+    shape2 = shapes.ACTIVATIONS[1]
+    x2 = jax.random.normal(jax.random.PRNGKey(3), shape2, jnp.float32).astype(jnp.bfloat16)
+    for br, bc, w in [(1, 16384, 8), (1, 16384, 16), (1, 16384, 32), (1, 8192, 8), (1, 4096, 8), (1, 2048, 4),
+                      (2, 2048, 8)]:
+        cfg = dynamic_k.Config(br, bc, w)
+        f = jax.jit(lambda x: jq.dynamic_quantize(x, config=cfg))
+        t = timeit(f, [(x2,)], repeats=ctx.repeats)
+        gbps = (nbytes(x2) * 1.5 + shape2[0] * 4) / t / 1e9
+        rows.append(dict(section="sweep", op="dynamic_quantize", granularity="per-token", shape=list(shape2),
+                         config=str(cfg), ms=t * 1e3, gbps=gbps, copy_frac=gbps / ctx.copy_gbps))
     return rows
