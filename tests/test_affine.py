@@ -110,6 +110,10 @@ def test_float64_when_enabled(rng):
         assert want[0].dtype == jnp.float64
         for a, b in zip(got, want):
             assert_same_bits(a, b, "float64")
+        # dequantize really uses the float64 scale (not a float32 copy of it)
+        q = jnp.asarray(rng.integers(-128, 128, (9, 40)), jnp.int8)
+        xd = jq.dequantize(q, s, granularity=jq.PerChannel(0), dtype=jnp.float64)
+        np.testing.assert_array_equal(np.asarray(xd), np.asarray(q, np.float64) * np.asarray(s)[:, None])
 
 
 def test_zero_size_and_scalar():

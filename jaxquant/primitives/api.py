@@ -46,9 +46,11 @@ def _check_config(config, cls, name="config"):
     return config
 
 
-def _prep(x, scale, zp, spec: _Spec):
-    """Broadcast form of x and the parameters (scale as float32/float64, zp as int32)."""
-    ct = ref.compute_dtype(x.dtype)
+def _prep(x, scale, zp, spec: _Spec, ct=None):
+    """Broadcast form of x and the parameters (scale as float32/float64, zp as int32).
+
+    ``ct``: the compute dtype; by default x's (for dequantize: the output dtype's)."""
+    ct = ref.compute_dtype(x.dtype) if ct is None else ct
     xb, sb = gran.to_broadcast_form(x, scale.astype(ct), spec.granularity)
     zb = None
     if zp is not None:
@@ -63,7 +65,7 @@ def _bind(op, mains, x_shape, scale, zp, spec: _Spec, *, out_dtype):
 
 
 def _fwd_op(op, x, scale, zp, spec, out_dtype):
-    xb, sb, zb = _prep(x, scale, zp, spec)
+    xb, sb, zb = _prep(x, scale, zp, spec, ref.compute_dtype(out_dtype) if op == "dequantize" else None)
     return _bind(op, [xb], x.shape, sb, zb, spec, out_dtype=out_dtype)
 
 
@@ -122,7 +124,7 @@ def _dequantize_fn(spec: _Spec):
         # d/dscale of (q - zp) * scale is (q - zp): summed over the elements sharing a scale.
         q, scale, zp = res
         ct = ref.compute_dtype(dy.dtype)
-        qb, sb, zb = _prep(q, scale, zp, spec)
+        qb, sb, zb = _prep(q, scale, zp, spec, ct)
         qf = qb.astype(ct) - (zb.astype(ct) if zb is not None else 0)
         prod = jnp.reshape(dy, qb.shape).astype(ct) * qf
         axes = tuple(i for i, (a, b) in enumerate(zip(qb.shape, sb.shape)) if b == 1 and a != 1)
