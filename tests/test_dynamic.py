@@ -138,4 +138,5 @@ def test_gpu_more_than_2_31_elements():
     assert bool((q2 == q).all())
     xd = jax.jit(lambda q, s: jq.dequantize(q, s, granularity=jq.PerToken(), dtype=jnp.bfloat16))(q, s)
     err = jnp.abs(xd.astype(jnp.float32) - x.astype(jnp.float32))
-    assert float(jnp.max(err / s[:, None])) <= 0.5 + 2**-7  # within half a step (bf16 rounding)
+    # half a step of quantization error plus the bf16 rounding of x_hat (<= 127 steps * 2**-9)
+    assert float(jnp.max(err / s[:, None])) <= 0.5 + 127 * 2**-9 * 1.01

@@ -33,10 +33,11 @@ def _torch_fq(x, scale, zp, axis, qmin, qmax):
     return y.detach().numpy(), xt.grad.numpy(), dy.numpy()
 
 
-@pytest.mark.parametrize("impl", ["reference", "interpret"])
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("qmin,qmax", RANGES)
 @pytest.mark.parametrize("shape,axis", [((37, 96), None), ((64, 33), 0), ((5, 7, 24), 1), ((19, 40), 1)])
-def test_fake_quantize_equals_torch(rng, impl, shape, axis, qmin, qmax):
+def test_fake_quantize_equals_torch(rng, tier, impl, shape, axis, qmin, qmax):
+    impl = tier if impl == "kernel" else impl
     if axis is None:
         pshape, g = (), jq.PerTensor()
         scale = np.float32(2.0 ** rng.integers(-5, 0)) if rng.integers(0, 2) else np.float32(rng.uniform(0.01, 0.1))

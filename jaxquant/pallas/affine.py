@@ -126,7 +126,7 @@ def _kernel(*refs, op, has_zp, n_main, qmin, qmax, ct, out_dtype, shape3, block,
         out = plus_zero(mains[0].astype(ct) - z, fast) * s
     else:
         xs = mains[-1].astype(ct)
-        inv = recip(s)
+        inv = recip(s, fast)
         v = rne(xs * inv, fast) + z
         if op == "quantize":
             out = to_code(v, qmin, qmax, fast)

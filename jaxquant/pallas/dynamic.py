@@ -127,13 +127,13 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
     if int_amax:
         t = bits_to_float(acc[0]) * jnp.asarray(np.asarray(1 / qmax, ct), ct)
         scale = jnp.where(t < tiny, tiny, t)  # NaN stays NaN
-        inv = recip(scale)
+        inv = recip(scale, fast)
         zp = jnp.zeros_like(scale)
     elif symmetric:
         nan = acc[0] > zero
         t = acc[1] * jnp.asarray(np.asarray(1 / qmax, ct), ct)
         scale = jnp.where(nan, nan_v, jnp.where(t < tiny, tiny, t))
-        inv = recip(scale)
+        inv = recip(scale, fast)
         zp = jnp.zeros_like(scale)
     else:
         nan = acc[0] > zero
@@ -141,7 +141,7 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
         hi = jnp.where(acc[2] < zero, zero, acc[2])
         t = (hi - lo) * jnp.asarray(np.asarray(1 / (qmax - qmin), ct), ct)
         scale = jnp.where(nan, nan_v, jnp.where(t < tiny, tiny, t))
-        inv = recip(scale)
+        inv = recip(scale, fast)
         zp = to_code(jnp.asarray(qmin, ct) - rne(lo * inv, fast), qmin, qmax, fast)
 
     def codes(x):
