@@ -154,7 +154,7 @@ def _grid_ij(pid, nm, nn, group_m):
     return first + r % size, r // size
 
 
-def _kernel(*refs, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, blocks, nmn, group_m,
+def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, blocks, nmn, group_m,
             out_dtype):
     it = iter(refs)
     a_ref = next(it)
@@ -228,10 +228,10 @@ def _kernel(*refs, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, 
         nan, amax = k_loop(stats, (zero, zero))
         t = amax * jnp.asarray(np.float32(1 / QMAX), f32)
         a_scale = jnp.where(nan > 0, jnp.asarray(np.nan, f32), jnp.where(t < TINY, jnp.asarray(TINY, f32), t))
-        inv = recip(a_scale)
+        inv = recip(a_scale, fast)
     elif a_mode == "static":
         a_scale = as_ref[...].astype(f32)
-        inv = recip(a_scale)
+        inv = recip(a_scale, fast)
     elif has_a_scale:
         a_scale = load_scalar_or_rows(as_ref)
 
@@ -239,7 +239,7 @@ def _kernel(*refs, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, 
         a = load_tile(a_ref, k, rmask, masked_k)
         if a_mode == "int8":
             return a
-        return to_code(rne(a.astype(f32) * inv), QMIN, QMAX).astype(jnp.int8)
+        return to_code(rne(a.astype(f32) * inv, fast), QMIN, QMAX, fast).astype(jnp.int8)
 
     def mm(k, acc, masked_k):
         a = a_codes(k, masked_k)
@@ -346,7 +346,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     kernel = functools.partial(
         _kernel, a_mode=a_mode, has_a_scale=has_a_scale, a_per_row=a_per_row, has_w_scale=w_scale is not None,
         has_bias=bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn), group_m=group_m,
-        out_dtype=out_dtype)
+        out_dtype=out_dtype, fast=not interpret)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
