@@ -1,0 +1,240 @@
+"""Conversion to serving models: linear layers holding ``QuantizedWeight`` s, calling
+``jaxquant.quantized_linear`` (W8A8) or ``jaxquant.weight_only_linear`` (W8A16 / W4A16).
+
+* ``QuantizedLinear(in, out, *, config, rngs)`` — the serving layer. Usable as MiniLM's
+  ``linear_factory`` (``functools.partial(QuantizedLinear, config=W8A8)``): its
+  ``load_dense_weights(weight[out, in], bias)`` quantizes at load (``config.calibration`` picks
+  the scales: absmax = ``jaxquant.quantize_weight``). State: ``codes`` (int8 ``[out, in]``, or
+  ``[out, in // 2]`` packed int4), ``w_scale``, ``w_zero_point`` (asymmetric), ``bias``,
+  ``act_scale`` (static activations) — ordinary arrays, so the model state is a plain pytree.
+* ``convert(model, config)`` — replaces, in place, every ``nnx.Linear`` (quantized with ``config``)
+  and every ``QATLinear`` (with its own config, learned scales and calibrated activation scale)
+  by a ``QuantizedLinear``; returns the model.
+* ``save_checkpoint`` / ``restore_checkpoint`` (orbax when installed, else ``.npz``) and
+  ``linear_weight_bytes``.
+
+Equivalence with QAT (the bound ``tests/test_convert.py`` checks). The QAT layer computes
+``y_qat = fl(x_hat @ W_hat^T) + b`` with ``x_hat = q_x * s_x`` and ``W_hat = q_w * s_w`` (float32
+products of the same integer codes: the serving layer holds exactly the codes and scales the QAT
+layer simulated). Weight-only serving computes ``fl(x @ W_hat^T)`` with the same ``W_hat``: only
+the summation order of the matmul differs. W8A8 serving computes the integer dot exactly and
+scales once: ``y = (f32(sum_k q_x q_w) * s_x) * s_w + b``. Both are within the float32 error of a
+length-K dot product::
+
+    |y_serving - y_qat| <= (K + 2) * u * sum_k |x_hat_k| |W_hat_nk| + u * |y| (+ u |b|),   u = 2**-24
+
+(each of the K products and K-1 additions of the QAT dot rounds once; the serving epilogue
+rounds twice).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pathlib
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant import weights as W
+from jaxquant.flax import calibrate as C
+from jaxquant.flax.config import QuantConfig
+from jaxquant.flax.qat import QATLinear, QuantStat
+
+__all__ = ["QuantizedLinear", "quantize_weight_with", "convert", "linear_weight_bytes", "save_checkpoint",
+           "restore_checkpoint", "serving_factory"]
+
+
+def quantize_weight_with(w, scale, zero_point, config: QuantConfig) -> W.QuantizedWeight:
+    """``QuantizedWeight`` of ``w [N, K]`` with given parameters (``scale`` ``[N]`` or ``[N, K // g]``;
+    ``zero_point`` int32 or None). With absmax parameters this is ``jaxquant.quantize_weight``."""
+    qmin, qmax = config.weight_range
+    gran = jq.PerChannel(0) if config.group_size is None else jq.PerGroup(config.group_size)
+    zp = None if config.weight_symmetric else jnp.asarray(zero_point, jnp.int32)
+    scale = jnp.asarray(scale, jnp.float32)
+    codes = jq.quantize(jnp.asarray(w, jnp.float32), scale, zp, granularity=gran, qmin=qmin, qmax=qmax,
+                        dtype=jnp.int8)
+    if config.weight_bits == 4:
+        codes = W.pack_int4(codes)
+    qw = W.QuantizedWeight(codes, scale, zp, bits=config.weight_bits, group_size=config.group_size,
+                           symmetric=config.weight_symmetric, shape=w.shape)
+    return W.check_quantized_weight("qweight", qw)
+
+
+class QuantizedLinear(nnx.Module):
+    """Serving linear layer (module docstring): ``y = x @ W^T + b`` with a quantized ``W [out, in]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, config: QuantConfig, use_bias: bool = True,
+                 rngs: nnx.Rngs | None = None, **_ignored):
+        del rngs
+        if config.serving_kind == "fake":
+            raise ValueError(f"QuantizedLinear: no integer kernel serves {config} (W8A8 needs 8-bit symmetric "
+                             "per-channel weights; weight-only serving needs activations=None)")
+        config.check_features(in_features)
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        n, k = out_features, in_features
+        ck = k // 2 if config.weight_bits == 4 else k
+        pshape = (n,) if config.group_size is None else (n, k // config.group_size)
+        self.codes = nnx.Variable(jnp.zeros((n, ck), jnp.int8))
+        self.w_scale = nnx.Variable(jnp.ones(pshape, jnp.float32))
+        self.w_zero_point = None if config.weight_symmetric else nnx.Variable(jnp.zeros(pshape, jnp.int32))
+        self.bias = nnx.Variable(jnp.zeros((n,), jnp.float32)) if use_bias else None
+        self.act_scale = QuantStat(jnp.ones((), jnp.float32)) if config.activations == "static" else None
+
+    # -- loading ------------------------------------------------------------------------------
+    def set_qweight(self, qw: W.QuantizedWeight, bias=None):
+        W.check_quantized_weight("qweight", qw, k=self.in_features)
+        self.codes.value = qw.codes
+        self.w_scale.value = qw.scale
+        if self.w_zero_point is not None:
+            self.w_zero_point.value = qw.zero_point
+        if self.bias is not None and bias is not None:
+            self.bias.value = jnp.asarray(bias, jnp.float32)
+
+    def load_dense_weights(self, weight, bias):
+        """Quantize a torch-layout float ``weight [out, in]`` at load (MiniLM's ``linear_factory`` hook)."""
+        w = jnp.asarray(np.asarray(weight, np.float32))
+        if w.shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight: expected shape {(self.out_features, self.in_features)}, got {w.shape}")
+        c = self.config
+        s, z = C.weight_qparams(w, bits=c.weight_bits, group_size=c.group_size, symmetric=c.weight_symmetric,
+                                method=c.calibration, percentile=c.percentile)
+        self.set_qweight(quantize_weight_with(w, s, z, c), bias)
+
+    # -- forward ------------------------------------------------------------------------------
+    @property
+    def qweight(self) -> W.QuantizedWeight:
+        c = self.config
+        return W.QuantizedWeight(self.codes[...], self.w_scale[...],
+                                 None if self.w_zero_point is None else self.w_zero_point[...],
+                                 bits=c.weight_bits, group_size=c.group_size, symmetric=c.weight_symmetric,
+                                 shape=(self.out_features, self.in_features))
+
+    def __call__(self, x):
+        bias = None if self.bias is None else self.bias[...]
+        if self.config.serving_kind == "w8a8":
+            act = self.act_scale[...] if self.act_scale is not None else None
+            return jq.quantized_linear(x, self.qweight, bias, act_scale=act)
+        return jq.weight_only_linear(x, self.qweight, bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + (0 if self.bias is None else int(self.bias.value.nbytes))
+
+
+def serving_factory(config: QuantConfig):
+    """``linear_factory`` for models built layer by layer (e.g. ``load_minilm(linear_factory=...)``)."""
+    return functools.partial(QuantizedLinear, config=config)
+
+
+def _from_layer(layer, config):
+    if isinstance(layer, QATLinear):
+        c = layer.config
+        w = layer.weight()
+        s, z = layer.weight_qparams()
+        new = QuantizedLinear(layer.in_features, layer.out_features, config=c, use_bias=layer.bias is not None)
+        new.set_qweight(quantize_weight_with(w, s, z, c), None if layer.bias is None else layer.bias[...])
+        if c.activations == "static":
+            new.act_scale.value = layer.act_scale[...]
+        return new
+    kernel = layer.kernel[...]
+    k, n = kernel.shape
+    new = QuantizedLinear(k, n, config=config, use_bias=layer.bias is not None)
+    new.load_dense_weights(np.asarray(kernel, np.float32).T,
+                           None if layer.bias is None else np.asarray(layer.bias[...], np.float32))
+    return new
+
+
+def convert(model: nnx.Module, config: QuantConfig | None = None) -> nnx.Module:
+    """Replace (in place) the model's ``nnx.Linear`` layers (quantized with ``config``; skipped when
+    it is None) and ``QATLinear`` layers (their own config and scales) by ``QuantizedLinear``."""
+    targets = []
+    for path, node in nnx.iter_graph(model):
+        if not path:
+            continue
+        if isinstance(node, QATLinear) or (isinstance(node, nnx.Linear) and config is not None):
+            targets.append((path, node))
+    for path, node in targets:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        new = _from_layer(node, config)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return model
+
+
+def linear_weight_bytes(model: nnx.Module) -> int:
+    """Bytes of the linear layers' weights + biases (codes + scales + zero points when quantized)."""
+    total = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedLinear):
+            total += node.nbytes
+        elif isinstance(node, (nnx.Linear, QATLinear)):
+            total += int(node.kernel.value.nbytes) + (0 if node.bias is None else int(node.bias.value.nbytes))
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: the nnx state is a pytree of plain arrays
+# ------------------------------------------------------------------------------------------
+def _have_orbax():
+    try:
+        import orbax.checkpoint  # noqa: F401
+        return True
+    except Exception:  # pragma: no cover
+        return False
+
+
+def save_checkpoint(path, model: nnx.Module, *, backend: str | None = None) -> str:
+    """Save ``nnx.state(model)``. ``backend``: ``"orbax"`` (default when installed) or ``"numpy"``
+    (one ``.npz`` keyed by the state paths). Returns the backend used."""
+    backend = backend or ("orbax" if _have_orbax() else "numpy")
+    state = nnx.state(model)
+    path = pathlib.Path(path).absolute()
+    if backend == "orbax":
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path, state)
+        return backend
+    if backend != "numpy":
+        raise ValueError(f"backend: expected 'orbax' or 'numpy', got {backend!r}")
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+    return backend
+
+
+def restore_checkpoint(path, model: nnx.Module, *, backend: str | None = None) -> nnx.Module:
+    """Restore the state saved by ``save_checkpoint`` into ``model`` (same structure), in place."""
+    backend = backend or ("orbax" if _have_orbax() else "numpy")
+    state = nnx.state(model)
+    path = pathlib.Path(path).absolute()
+    if backend == "orbax":
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(path, abstract)
+        nnx.update(model, restored)
+        return model
+    pure = nnx.to_pure_dict(state)
+    p = path if str(path).endswith(".npz") else pathlib.Path(str(path) + ".npz")
+    with np.load(p) as data:
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+        new = []
+        for k, v in leaves:
+            a = data[jax.tree_util.keystr(k)]
+            if a.shape != tuple(v.shape) or a.dtype != np.dtype(v.dtype):
+                raise ValueError(f"checkpoint {p}: {jax.tree_util.keystr(k)} is {a.dtype}{list(a.shape)}, the model "
+                                 f"expects {np.dtype(v.dtype)}{list(v.shape)}")
+            new.append(jnp.asarray(a))
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
+    nnx.update(model, state)
+    return model
