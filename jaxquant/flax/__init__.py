@@ -1,9 +1,30 @@
-"""Flax (``flax.nnx``) side of jaxquant: layers, QAT and conversion to serving params.
+"""Flax side of jaxquant: QAT layers, learnable scales (LSQ), calibration, conversion to serving layers.
 
-``jaxquant.flax.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
-dense projections all come from one ``linear_factory`` so quantized layers can be swapped in.
+* ``QuantConfig`` (+ presets ``W8A8``, ``W8A16``, ``W4A16``, ``W4A8``) — ``jaxquant.flax.config``.
+* QAT — ``jaxquant.flax.qat``: ``qat_dot_general(config)`` for ``nnx.Linear(dot_general=...)`` /
+  ``nn.Dense(dot_general=...)``, explicit ``QATLinear`` (nnx) and ``QATDense`` (linen).
+* LSQ — ``jaxquant.flax.lsq``: ``fake_quantize_learnable`` (torch's learnable fake-quant gradients,
+  Pallas backward ``jaxquant_lsq_backward``).
+* Calibration — ``jaxquant.flax.calibrate``: ``weight_qparams`` (absmax / percentile / MSE clip
+  search), ``calibrate_activations`` (static activation scales).
+* Serving — ``jaxquant.flax.convert``: ``QuantizedLinear`` (``quantized_linear`` / ``weight_only_linear``),
+  ``convert``, ``serving_factory``, ``save_checkpoint`` / ``restore_checkpoint``, ``linear_weight_bytes``.
+* ``jaxquant.flax.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
+  dense projections all come from one ``linear_factory`` so quantized layers can be swapped in.
 """
 
+from jaxquant.flax.calibrate import calibrate_activations, qparams_from_range, weight_qparams
+from jaxquant.flax.config import W4A8, W4A16, W8A8, W8A16, QuantConfig
+from jaxquant.flax.convert import (
+    QuantizedLinear,
+    convert,
+    linear_weight_bytes,
+    quantize_weight_with,
+    restore_checkpoint,
+    save_checkpoint,
+    serving_factory,
+)
+from jaxquant.flax.lsq import fake_quantize_learnable
 from jaxquant.flax.minilm import (
     MiniLM,
     MiniLMConfig,
@@ -12,12 +33,23 @@ from jaxquant.flax.minilm import (
     load_bert_weights,
     load_minilm,
 )
+from jaxquant.flax.qat import (
+    QATDense,
+    QATDotGeneral,
+    QATLinear,
+    QuantStat,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    qat_dot_general,
+)
 
 __all__ = [
-    "MiniLM",
-    "MiniLMConfig",
-    "dense_layers",
-    "embed",
-    "load_bert_weights",
-    "load_minilm",
+    "QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8",
+    "qat_dot_general", "QATDotGeneral", "QATLinear", "QATDense", "QuantStat",
+    "fake_quantize_weight", "fake_quantize_activation",
+    "fake_quantize_learnable",
+    "weight_qparams", "qparams_from_range", "calibrate_activations",
+    "QuantizedLinear", "convert", "serving_factory", "quantize_weight_with", "linear_weight_bytes",
+    "save_checkpoint", "restore_checkpoint",
+    "MiniLM", "MiniLMConfig", "dense_layers", "embed", "load_bert_weights", "load_minilm",
 ]
