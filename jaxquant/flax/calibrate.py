@@ -117,7 +117,7 @@ def calibrate_activations(model, run, batches):
 
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, QATLinear) and m.config.activations == "static"]
     for m in layers:
-        m.act_amax.value = jnp.zeros((), jnp.float32)
+        m.act_amax.set_value(jnp.zeros((), jnp.float32))
         m.observing = True
     try:
         for b in batches:
@@ -126,5 +126,5 @@ def calibrate_activations(model, run, batches):
         for m in layers:
             m.observing = False
     for m in layers:
-        m.act_scale.value = jnp.maximum(m.act_amax.value * np.float32(1.0 / 127), _TINY)
+        m.act_scale.set_value(jnp.maximum(m.act_amax.get_value() * np.float32(1.0 / 127), _TINY))
     return len(layers)

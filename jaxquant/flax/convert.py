@@ -88,12 +88,12 @@ class QuantizedLinear(nnx.Module):
     # -- loading ------------------------------------------------------------------------------
     def set_qweight(self, qw: W.QuantizedWeight, bias=None):
         W.check_quantized_weight("qweight", qw, k=self.in_features)
-        self.codes.value = qw.codes
-        self.w_scale.value = qw.scale
+        self.codes.set_value(qw.codes)
+        self.w_scale.set_value(qw.scale)
         if self.w_zero_point is not None:
-            self.w_zero_point.value = qw.zero_point
+            self.w_zero_point.set_value(qw.zero_point)
         if self.bias is not None and bias is not None:
-            self.bias.value = jnp.asarray(bias, jnp.float32)
+            self.bias.set_value(jnp.asarray(bias, jnp.float32))
 
     def load_dense_weights(self, weight, bias):
         """Quantize a torch-layout float ``weight [out, in]`` at load (MiniLM's ``linear_factory`` hook)."""
@@ -123,7 +123,7 @@ class QuantizedLinear(nnx.Module):
 
     @property
     def nbytes(self) -> int:
-        return self.qweight.nbytes + (0 if self.bias is None else int(self.bias.value.nbytes))
+        return self.qweight.nbytes + (0 if self.bias is None else int(self.bias.get_value().nbytes))
 
 
 def serving_factory(config: QuantConfig):
@@ -139,7 +139,7 @@ def _from_layer(layer, config):
         new = QuantizedLinear(layer.in_features, layer.out_features, config=c, use_bias=layer.bias is not None)
         new.set_qweight(quantize_weight_with(w, s, z, c), None if layer.bias is None else layer.bias[...])
         if c.activations == "static":
-            new.act_scale.value = layer.act_scale[...]
+            new.act_scale.set_value(layer.act_scale[...])
         return new
     kernel = layer.kernel[...]
     k, n = kernel.shape
@@ -177,7 +177,7 @@ def linear_weight_bytes(model: nnx.Module) -> int:
         if isinstance(node, QuantizedLinear):
             total += node.nbytes
         elif isinstance(node, (nnx.Linear, QATLinear)):
-            total += int(node.kernel.value.nbytes) + (0 if node.bias is None else int(node.bias.value.nbytes))
+            total += int(node.kernel.get_value().nbytes) + (0 if node.bias is None else int(node.bias.get_value().nbytes))
     return total
 
 

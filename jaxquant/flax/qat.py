@@ -186,18 +186,18 @@ class QATLinear(nnx.Module):
         c = self.config
         s, z = C.weight_qparams(self.weight(), bits=c.weight_bits, group_size=c.group_size,
                                 symmetric=c.weight_symmetric, method=method or c.calibration, percentile=c.percentile)
-        self.w_scale.value = s
+        self.w_scale.set_value(s)
         if self.w_zero_point is not None:
-            self.w_zero_point.value = z.astype(jnp.float32)
+            self.w_zero_point.set_value(z.astype(jnp.float32))
 
     def load_dense_weights(self, weight, bias):
         """Load a torch-layout ``weight [out, in]`` and ``bias [out]`` (MiniLM's ``linear_factory`` hook)."""
         weight = np.asarray(weight, np.float32)
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight: expected shape {(self.out_features, self.in_features)}, got {weight.shape}")
-        self.kernel.value = jnp.asarray(weight.T, self.kernel.value.dtype)
+        self.kernel.set_value(jnp.asarray(weight.T, self.kernel.get_value().dtype))
         if self.bias is not None:
-            self.bias.value = jnp.asarray(bias, self.bias.value.dtype)
+            self.bias.set_value(jnp.asarray(bias, self.bias.get_value().dtype))
         self.reset_weight_qparams()
 
     def weight_qparams(self):
@@ -222,12 +222,12 @@ class QATLinear(nnx.Module):
         return fake_quantize_weight(self.weight(), c)
 
     def __call__(self, x):
-        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.value.dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.get_value().dtype)
         x = x.astype(dtype)
         bias = None if self.bias is None else self.bias[...]
         if self.observing:
             amax = jnp.max(jnp.abs(lax.stop_gradient(x))).astype(jnp.float32)
-            self.act_amax.value = jnp.maximum(self.act_amax.value, amax)
+            self.act_amax.set_value(jnp.maximum(self.act_amax.get_value(), amax))
             return _linear(x, self.weight(), bias)
         act_scale = self.act_scale[...] if self.config.activations == "static" else None
         x_hat = fake_quantize_activation(x, self.config, act_scale)
