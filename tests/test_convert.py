@@ -1,0 +1,127 @@
+"""Conversion to serving layers: equivalence with QAT (stated bound), MiniLM factory hook, checkpoints, bytes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant.flax import (W4A16, W8A8, W8A16, QATLinear, QuantConfig, QuantizedLinear, calibrate_activations,
+                           convert, linear_weight_bytes, restore_checkpoint, save_checkpoint, serving_factory)
+from tests.conftest import assert_same_bits
+
+U = 2.0**-24
+
+
+def _model(cfg, k=64, hidden=32, n=16, seed=0):
+    return nnx.Sequential(QATLinear(k, hidden, config=cfg, rngs=nnx.Rngs(seed)),
+                          QATLinear(hidden, n, config=cfg, rngs=nnx.Rngs(seed + 1)))
+
+
+def _check_bound(layer_qat, layer_srv, x):
+    """|y_srv - y_qat| <= (K + 2) u sum_k |x_hat_k||W_hat_nk| + u |y_qat| + u |b| (convert's docstring)."""
+    c = layer_qat.config
+    from jaxquant.flax.qat import fake_quantize_activation
+    x_hat = fake_quantize_activation(x, c, layer_qat.act_scale[...] if c.activations == "static" else None)
+    w_hat = layer_qat.quantized_weight()
+    k = x.shape[-1]
+    y_qat = np.asarray(layer_qat(x), np.float64)
+    y_srv = np.asarray(layer_srv(x), np.float64)
+    mag = np.abs(np.asarray(x_hat, np.float64)) @ np.abs(np.asarray(w_hat, np.float64)).T
+    b = np.abs(np.asarray(layer_qat.bias[...], np.float64))
+    bound = (k + 2) * U * mag + U * np.abs(y_qat) + U * b
+    excess = np.abs(y_srv - y_qat) - bound
+    assert (excess <= 0).all(), f"max excess {excess.max()} (max diff {np.abs(y_srv - y_qat).max()})"
+    return np.abs(y_srv - y_qat).max()
+
+
+CONFIGS = {
+    "w8a8": W8A8,
+    "w8a8-static": QuantConfig(weight_bits=8, activations="static"),
+    "w8a16": W8A16,
+    "w4a16-g32": dataclasses.replace(W4A16, group_size=32),
+    "w4a16-g16-asym": dataclasses.replace(W4A16, group_size=16, weight_symmetric=False),
+    "w4a16-g32-lsq": dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True),
+    "w8a8-lsq": dataclasses.replace(W8A8, learnable_scales=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_serving_equals_qat_within_bound(rng, name):
+    cfg = CONFIGS[name]
+    model = _model(cfg)
+    for layer in model.layers:
+        layer.bias.set_value(jnp.asarray(rng.standard_normal(layer.out_features) * 0.1, jnp.float32))
+    x = jnp.asarray(rng.standard_normal((5, 7, 64)), jnp.float32)
+    if cfg.activations == "static":
+        calibrate_activations(model, lambda m, b: m(b), [x])
+    if cfg.learnable_scales:  # move the scales off their absmax init, as training would
+        for layer in model.layers:
+            layer.w_scale.set_value(layer.w_scale[...] * 0.9)
+    qat_layers = [nnx.clone(l) for l in model.layers]
+    hidden = model.layers[0](x)
+    convert(model)
+    assert all(isinstance(l, QuantizedLinear) for l in model.layers)
+    # the serving weights are exactly the QAT layer's fake-quantized weights
+    for q, s in zip(qat_layers, model.layers):
+        assert_same_bits(s.qweight.dequantize(), q.quantized_weight(), "W_hat")
+    _check_bound(qat_layers[0], model.layers[0], x)
+    _check_bound(qat_layers[1], model.layers[1], hidden)
+    # under jit, grad (straight-through / dequantized weight) and vmap
+    y = jax.jit(lambda x: model(x))(x)
+    np.testing.assert_allclose(jax.vmap(lambda xi: model(xi))(x), y, rtol=1e-5, atol=1e-5)
+    gx = jax.grad(lambda x: jnp.sum(model(x)))(x)
+    assert gx.shape == x.shape and np.isfinite(np.asarray(gx)).all()
+
+
+def test_convert_float_model_and_factory(rng):
+    lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    model = nnx.Sequential(lin)
+    w = np.asarray(lin.kernel[...]).T
+    b = np.asarray(lin.bias[...])
+    convert(model, W8A8)
+    qw = jq.quantize_weight(jnp.asarray(w), bits=8)
+    assert_same_bits(model.layers[0].codes[...], qw.codes, "codes")
+    assert_same_bits(model.layers[0].w_scale[...], qw.scale, "scale")
+    # the MiniLM linear_factory path: construct, then load_dense_weights quantizes at load
+    layer = serving_factory(W4A16)(256, 32, rngs=nnx.Rngs(0))
+    w2 = rng.standard_normal((32, 256)).astype(np.float32)
+    layer.load_dense_weights(w2, np.zeros(32, np.float32))
+    qw2 = jq.quantize_weight(jnp.asarray(w2), bits=4, group_size=128)
+    assert_same_bits(layer.codes[...], qw2.codes, "int4 codes")
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    np.testing.assert_allclose(layer(x), x @ np.asarray(qw2.dequantize()).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no integer kernel"):
+        QuantizedLinear(64, 8, config=QuantConfig(weight_bits=4, activations="dynamic"))
+
+
+def test_weight_bytes():
+    model = nnx.Sequential(nnx.Linear(256, 128, rngs=nnx.Rngs(0)))
+    assert linear_weight_bytes(model) == 256 * 128 * 4 + 128 * 4
+    convert(model, W4A16)
+    # int4 codes: 0.5 byte per weight; one float32 scale per group of 128; float32 bias
+    assert linear_weight_bytes(model) == 128 * 128 + 128 * 2 * 4 + 128 * 4
+    m8 = convert(nnx.Sequential(nnx.Linear(256, 128, rngs=nnx.Rngs(0))), W8A8)
+    assert linear_weight_bytes(m8) == 128 * 256 + 128 * 4 + 128 * 4
+
+
+@pytest.mark.parametrize("backend", ["numpy", "orbax"])
+def test_checkpoint_round_trip(rng, tmp_path, backend):
+    if backend == "orbax":
+        pytest.importorskip("orbax.checkpoint")
+    cfg = dataclasses.replace(W4A16, group_size=32, weight_symmetric=False)
+    model = _model(cfg)
+    convert(model)
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    y = model(x)
+    used = save_checkpoint(tmp_path / "ckpt", model, backend=backend)
+    assert used == backend
+    fresh = convert(_model(cfg, seed=7))
+    assert not np.array_equal(np.asarray(fresh(x)), np.asarray(y))
+    restore_checkpoint(tmp_path / "ckpt", fresh, backend=backend)
+    assert_same_bits(fresh(x), y, "restored forward")
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(fresh)), jax.tree_util.tree_leaves(nnx.state(model))):
+        assert_same_bits(a, b, "leaf")
