@@ -1,0 +1,113 @@
+"""QAT on sklearn's bundled digits: float MLP vs post-training quantization vs quantization-aware training.
+
+A small MLP 64 -> 32 -> 32 -> 10 (int4 per-channel hurts a narrow net; at width 256 PTQ already
+matches float) is trained in float32 for 60 epochs; then
+  * PTQ: the float weights quantized to int4 (per output channel, symmetric absmax) with int8
+    dynamic per-token activations (``W4A8``, simulated with ``jaxquant.fake_quantize``);
+  * QAT: the same quantizers in the training loop (``QATLinear``, straight-through gradients),
+    fine-tuned for the last 30 of the 60 epochs (from the 30-epoch float model).
+Prints the three test accuracies. Runs in well under a minute on a CPU.
+
+    python examples/qat_digits.py
+"""
+
+import os
+import time
+
+if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from jaxquant.flax import W4A8, QATLinear, QuantConfig
+
+HIDDEN = int(os.environ.get("HIDDEN", 32))
+
+
+class MLP(nnx.Module):
+    def __init__(self, linear, *, rngs):
+        self.l1 = linear(64, HIDDEN, rngs=rngs)
+        self.l2 = linear(HIDDEN, HIDDEN, rngs=rngs)
+        self.l3 = linear(HIDDEN, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.l1(x))
+        x = jax.nn.relu(self.l2(x))
+        return self.l3(x)
+
+
+def qat_factory(config):
+    return lambda i, o, *, rngs: QATLinear(i, o, config=config, rngs=rngs)
+
+
+def train(model, x, y, *, epochs, lr, seed=0, batch=64):
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, xb, yb):
+        def loss(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+        l, g = nnx.value_and_grad(loss)(model)
+        opt.update(model, g)
+        return l
+
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    for _ in range(epochs):
+        perm = rng.permutation(n)
+        for i in range(0, n - batch + 1, batch):
+            idx = perm[i:i + batch]
+            step(model, opt, x[idx], y[idx])
+    return model
+
+
+def accuracy(model, x, y):
+    return float(np.mean(np.asarray(jnp.argmax(nnx.jit(lambda m, x: m(x))(model, x), -1)) == y)) * 100
+
+
+def copy_weights(src, dst):
+    for a, b in ((src.l1, dst.l1), (src.l2, dst.l2), (src.l3, dst.l3)):
+        b.kernel.set_value(a.kernel[...])
+        b.bias.set_value(a.bias[...])
+
+
+def main():
+    t0 = time.perf_counter()
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int32)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    xtr, xte = jnp.asarray(xtr), jnp.asarray(xte)
+
+    cfg = W4A8  # int4 per-channel symmetric weights, int8 dynamic per-token activations
+    fmodel = train(MLP(nnx.Linear, rngs=nnx.Rngs(0)), xtr, ytr, epochs=30, lr=1e-3)
+    # QAT fine-tunes the 30-epoch float model for 30 more epochs; the float baseline (and PTQ,
+    # which quantizes it) gets the same 30 extra epochs in float: equal training budgets.
+    qat = MLP(qat_factory(cfg), rngs=nnx.Rngs(0))
+    copy_weights(fmodel, qat)
+    train(qat, xtr, ytr, epochs=30, lr=1e-3, seed=1)
+    acc_qat = accuracy(qat, xte, yte)
+
+    train(fmodel, xtr, ytr, epochs=30, lr=1e-3, seed=1)
+    acc_f = accuracy(fmodel, xte, yte)
+    ptq = MLP(qat_factory(cfg), rngs=nnx.Rngs(0))
+    copy_weights(fmodel, ptq)
+    acc_ptq = accuracy(ptq, xte, yte)
+
+    print(f"digits test accuracy ({len(yte)} images, MLP 64-{HIDDEN}-{HIDDEN}-10)")
+    print(f"  float32                         {acc_f:6.2f} %")
+    print(f"  PTQ  int4 weights / int8 acts   {acc_ptq:6.2f} %")
+    print(f"  QAT  int4 weights / int8 acts   {acc_qat:6.2f} %")
+    ok = acc_qat >= acc_f - 1.0 and acc_qat > acc_ptq
+    print(f"target (QAT within 1 point of float and above PTQ): {'met' if ok else 'MISSED'}; "
+          f"{time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
