@@ -27,6 +27,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+	$(PY) examples/minilm_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

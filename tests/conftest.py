@@ -61,9 +61,9 @@ def run_impl(impl, fn, *args):
     def fresh(*a):
         return fn(*a)
 
-    if impl == "reference":
-        # The contract is with the reference on the CPU backend (XLA:GPU's float32 division is not
-        # correctly rounded); on a CPU-only machine this is a no-op.
+    if impl in ("reference", "interpret"):
+        # The contract is with the reference on the CPU backend, and interpret mode is the CPU tier
+        # (XLA:GPU's float32 division is not correctly rounded); a no-op on a CPU-only machine.
         args = jax.device_put(args, jax.devices("cpu")[0])
     with jq.implementation(impl):
         return jax.jit(fresh)(*args)

@@ -88,7 +88,10 @@ def _epilogue(acc, a_scale, w_scale, bias, out_dtype):
 
 def int8_matmul_reference(a2, w, a_scale2=None, w_scale=None, bias=None, *, out_dtype):
     """``a2 [M, K]`` int8, ``w [N, K]`` int8, ``a_scale2 [M, 1]`` / ``[1, 1]`` -> ``[M, N]``."""
-    acc = jax.lax.dot_general(a2, w, _DN, preferred_element_type=jnp.int32)
+    # int32 operands: exact by construction on every backend. (XLA:CPU's int8 x int8 -> int32 dot
+    # in jax 0.11.2 returned twice the true accumulator on the GPU machine's CPU backend, while
+    # XLA:GPU, this kernel and numpy agreed; int32 operands avoid that path.)
+    acc = jax.lax.dot_general(a2.astype(jnp.int32), w.astype(jnp.int32), _DN, preferred_element_type=jnp.int32)
     return _epilogue(acc, a_scale2, w_scale, bias, out_dtype)
 
 
