@@ -71,7 +71,7 @@ def make_x(rng, shape, dtype, *, specials=False):
 CASES = [
     ((1, 40), 24, None),
     ((5, 70), 40, mm_k.Config(16, 16, 32)),
-    ((2, 3, 50), 33, mm_k.Config(16, 32, 16)),
+    ((2, 3, 50), 33, mm_k.Config(16, 32, 32)),
     ((37, 96), 50, mm_k.Config(16, 32, 64)),
     ((70, 130), 20, None),
 ]

@@ -58,9 +58,16 @@ MAX_ELEMENTS = 2**31 - 1
 A_MODES = ("int8", "dynamic", "static")
 
 
+# The int8 tensor-core instruction contracts K in steps of 32. With K tiles of 16, Triton's int8
+# dot returned exactly twice the true sum on an H200 (jax 0.11.2, Triton 3.6; scripts/diag_int8.py),
+# so K tiles are at least 32 (a K below 32 is masked, as any ragged K tail).
+MIN_BLOCK_K = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Tile of one program and its launch parameters (block sizes are powers of two >= 16)."""
+    """Tile of one program and its launch parameters (powers of two; block_m, block_n >= 16,
+    block_k >= 32)."""
 
     block_m: int
     block_n: int
@@ -72,8 +79,9 @@ class Config:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"int8_matmul Config.{name}: expected a power of two >= 16, got {v!r}")
+            lo = MIN_BLOCK_K if name == "block_k" else 16
+            if not isinstance(v, int) or v < lo or v & (v - 1):
+                raise ValueError(f"int8_matmul Config.{name}: expected a power of two >= {lo}, got {v!r}")
         for name in ("group_m", "num_warps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
@@ -127,7 +135,7 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     cfg = next(c for max_m, c in table if m <= max_m)
     bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
-    bk = max(16, min(cfg.block_k, next_pow2(k)))
+    bk = max(MIN_BLOCK_K, min(cfg.block_k, next_pow2(k)))
     sms = _NUM_SMS.get(device_kind or _DEFAULT_DEVICE, 132)
     # Fill at least half a wave of programs, shrinking the larger side first (not below 64 x 32).
     # Skinny (decode) tiles are not narrowed: measured slower (see the table's notes).
@@ -312,7 +320,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     cfg = config or heuristics(m, n, k, device_kind=device_kind)
     bm = min(cfg.block_m, max(16, next_pow2(m)))
     bn = min(cfg.block_n, max(16, next_pow2(n)))
-    bk = min(cfg.block_k, max(16, next_pow2(k)))
+    bk = min(cfg.block_k, max(MIN_BLOCK_K, next_pow2(k)))
     nm, nn = pl.cdiv(m, bm), pl.cdiv(n, bn)
     nk = pl.cdiv(k, bk)
     group_m = max(1, min(cfg.group_m, nm))
