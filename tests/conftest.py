@@ -21,6 +21,10 @@ import jax.numpy as jnp
 import jaxquant as jq
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+if HAS_GPU:
+    # XLA:GPU runs float32 matmuls in TF32 by default; the float references in the tests (layers,
+    # MiniLM, conversion bounds) are float32 math, as on the CPU.
+    jax.config.update("jax_default_matmul_precision", "highest")
 # On a GPU the real kernels are the tier (interpret mode is CI's, on the CPU).
 TIERS = ["pallas"] if HAS_GPU else ["interpret"]
 

@@ -94,3 +94,12 @@ def recip(a, fast: bool = False):
             args=[a], constraints="=d,d" if f64 else "=f,f", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])[0]
     return jnp.asarray(1, a.dtype) / a
+
+
+def mul_rn(a, b, fast: bool = False):
+    """``a * b`` (float32) that the compiler never fuses into an FMA: PTX ``mul.rn`` on the GPU."""
+    if fast:
+        return pltriton.elementwise_inline_asm(
+            "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])[0]
+    return a * b

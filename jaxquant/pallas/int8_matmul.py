@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import mul_rn, next_pow2, recip, rne, to_code
 
 __all__ = ["Config", "heuristics", "fused_quantize_max_m", "int8_matmul", "MAX_ELEMENTS", "TUNED"]
 
@@ -260,11 +260,14 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
         out = acc.astype(out_dtype)
     else:
         y = acc.astype(f32)
+        # mul_rn: on the GPU a PTX mul.rn, which is never contracted into an FMA with the bias add
+        # (Triton contracts (acc*s)*ws + b otherwise, which differs from the reference by more than
+        # an ulp under cancellation); the epilogue is then bit-exact with the reference.
         if a_scale is not None:
-            y = y * a_scale
+            y = mul_rn(y, jnp.broadcast_to(a_scale, y.shape), fast)
         if has_w_scale:
             ws = ws_ref[...] if cmask is None else pltriton.load(ws_ref, mask=cmask, other=1)
-            y = y * ws.astype(f32)
+            y = mul_rn(y, jnp.broadcast_to(ws.astype(f32), y.shape), fast)
         if has_bias:
             b = b_ref[...] if cmask is None else pltriton.load(b_ref, mask=cmask, other=0)
             y = y + b.astype(f32)
