@@ -65,20 +65,20 @@ class Config:
 
 # Tiles tuned on an H200 (jax 0.11.2) with `python -m jaxquant.bench --sweep`; results in
 # benchmarks/results/. On [65536, 8192] bf16 every tile of 2048-8192 elements with rows of >= 1024
-# columns was within 3% (0.55 ms, 93% of copy) for per-token and per-tensor; per-channel (params
-# along columns) was best with whole 8192-column rows (0.539 ms); narrow views (a per-group row of
-# 128) were best at 16 x 128 tiles with 8 warps (0.523 ms vs 0.608 at 8 x 128).
+# columns was within 3% (0.53-0.55 ms, ~95% of copy) for per-token, per-group and per-tensor
+# fake-quantize; quantize (int8 out) needs the 8192-element tiles (0.389 ms vs 0.458 at 16 x 128).
+# Parameters along columns (per-channel on the last axis) cost one correctly rounded reciprocal
+# (rcp.rn, a multi-instruction sequence) per column of a tile, so those tiles take 16 rows to
+# amortise it (a 1 x 8192 tile ran at 0.772 ms, 66% of copy).
 _TARGET_ELEMS = 8192
-_NARROW_COLS = 256
-_NARROW_TARGET_ELEMS = 2048
+_COLUMN_PARAM_COLS = 512
 
 
 def heuristics(shape3, param_full, *, target_elems: int = _TARGET_ELEMS) -> Config:
     """Pure function: the tile for a ``[B, R, C]`` view and its parameter pattern."""
     _, r, c = shape3
-    bc = min(next_pow2(c), target_elems)
-    if bc <= _NARROW_COLS:
-        target_elems = _NARROW_TARGET_ELEMS
+    _, _, pc_full = param_full
+    bc = min(next_pow2(c), _COLUMN_PARAM_COLS if pc_full else target_elems)
     br = min(next_pow2(r), max(1, target_elems // bc))
     elems = br * bc
     num_warps = 8 if elems >= 2048 else 4 if elems >= 1024 else 2 if elems >= 256 else 1

@@ -82,6 +82,9 @@ def _epilogue(acc, a_scale, w_scale, bias, out_dtype):
     if w_scale is not None:
         y = y * jnp.reshape(w_scale, (1, -1)).astype(jnp.float32)
     if bias is not None:
+        # The product is rounded to float32 before the bias add (two roundings, as the kernel's
+        # mul.rn + add); the barrier stops XLA:CPU from contracting them into one FMA.
+        y = jax.lax.optimization_barrier(y)
         y = y + jnp.reshape(bias, (1, -1)).astype(jnp.float32)
     return y.astype(out_dtype)
 
