@@ -13,7 +13,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 } 2>&1 | tee "$OUT/device.txt"
 rc=0
 if [ -z "$SKIP_TESTS" ]; then
-  python3 -m pytest -q -p no:cacheprovider -x tests/ "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+  python3 -m pytest -q -p no:cacheprovider --maxfail=25 "${@:-tests/}" 2>&1 | tee "$OUT/tests.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
 if [ -z "$SKIP_BENCH" ]; then
