@@ -53,6 +53,16 @@ def code_dtype(name: str, dtype) -> np.dtype:
     return dt
 
 
+def _ordered_ints(qmin, qmax):
+    for n, v in (("qmin", qmin), ("qmax", qmax)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{n}: expected a Python int, got {v!r}")
+    qmin, qmax = int(qmin), int(qmax)
+    if qmin > qmax:
+        raise ValueError(f"qmin/qmax: expected qmin <= qmax, got qmin={qmin}, qmax={qmax}")
+    return qmin, qmax
+
+
 def code_range(dtype: np.dtype, qmin, qmax, *, dtype_name: str = "dtype"):
     """Validate (qmin, qmax) against the code dtype; fill defaults for integer containers."""
     if dtype in INT_CODE_DTYPES:
@@ -66,12 +76,7 @@ def code_range(dtype: np.dtype, qmin, qmax, *, dtype_name: str = "dtype"):
                 f"qmin/qmax: required when {dtype_name} is a float dtype ({dtype.name}); got qmin={qmin!r}, "
                 f"qmax={qmax!r}")
         lo, hi = -_FLOAT_EXACT[dtype], _FLOAT_EXACT[dtype]
-    for n, v in (("qmin", qmin), ("qmax", qmax)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{n}: expected a Python int, got {v!r}")
-    qmin, qmax = int(qmin), int(qmax)
-    if qmin > qmax:
-        raise ValueError(f"qmin/qmax: expected qmin <= qmax, got qmin={qmin}, qmax={qmax}")
+    qmin, qmax = _ordered_ints(qmin, qmax)
     if qmin < lo or qmax > hi:
         raise ValueError(
             f"qmin/qmax: the range [{qmin}, {qmax}] does not fit {dtype_name}={dtype.name} "
@@ -81,12 +86,7 @@ def code_range(dtype: np.dtype, qmin, qmax, *, dtype_name: str = "dtype"):
 
 def free_range(qmin, qmax):
     """(qmin, qmax) for ops with no code dtype (fake_quantize, quantize_backward): any ints."""
-    for n, v in (("qmin", qmin), ("qmax", qmax)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{n}: expected a Python int, got {v!r}")
-    qmin, qmax = int(qmin), int(qmax)
-    if qmin > qmax:
-        raise ValueError(f"qmin/qmax: expected qmin <= qmax, got qmin={qmin}, qmax={qmax}")
+    qmin, qmax = _ordered_ints(qmin, qmax)
     if max(abs(qmin), abs(qmax)) > 2**24:
         raise ValueError(f"qmin/qmax: expected |qmin|, |qmax| <= 2**24 (exact in float32), got [{qmin}, {qmax}]")
     return qmin, qmax

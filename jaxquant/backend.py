@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-__all__ = ["IMPLEMENTATIONS", "implementation", "current_implementation"]
+import numpy as np
+
+__all__ = ["IMPLEMENTATIONS", "implementation", "current_implementation", "resolve"]
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 _current = contextvars.ContextVar("jaxquant_implementation", default="auto")
@@ -40,3 +42,25 @@ def implementation(name: str):
         yield name
     finally:
         _current.reset(token)
+
+
+def resolve(impl: str, platform: str, avals=()) -> str:
+    """What a primitive lowers to: ``"pallas"``, ``"interpret"`` or ``"reference"``.
+
+    ``impl`` is the primitive's param, ``platform`` the lowering platform, ``avals`` the abstract
+    values in and out (float64 data goes to XLA under ``"auto"``, see the module docstring).
+    """
+    use = impl
+    if use == "auto":
+        use = "pallas" if platform == "cuda" else "reference"
+    if use == "pallas" and any(np.dtype(a.dtype) == np.float64 for a in avals):
+        if impl != "auto":
+            raise NotImplementedError(
+                "jaxquant: the Pallas Triton kernels take float16/bfloat16/float32; float64 runs with "
+                "implementation 'auto' (XLA on the GPU) or 'reference'")
+        use = "reference"
+    if use == "pallas" and platform != "cuda":
+        raise NotImplementedError(
+            f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}; use "
+            "'auto', 'reference' or 'interpret'")
+    return use

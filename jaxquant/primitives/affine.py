@@ -20,6 +20,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from jaxquant import granularity as gran
+from jaxquant import backend
 from jaxquant import reference as ref
 from jaxquant.pallas import affine as kernels
 
@@ -73,21 +74,7 @@ def _make(op):
 
     def lowering(platform):
         def rule(ctx, *args, qmin, qmax, out_dtype, has_zp, config, impl):
-            use = impl
-            if use == "auto":
-                use = "pallas" if platform == "cuda" else "reference"
-            f64 = any(np.dtype(a.dtype) == np.float64 for a in (*ctx.avals_in, *ctx.avals_out))
-            if f64 and use == "pallas":
-                if impl == "auto":  # float64 is not bit-exact in the Triton kernel yet: XLA, documented
-                    use = "reference"
-                else:
-                    raise NotImplementedError(
-                        "jaxquant: the Pallas Triton kernels take float16/bfloat16/float32; float64 runs with "
-                        "implementation 'auto' (XLA on the GPU) or 'reference'")
-            if use == "pallas" and platform != "cuda":
-                raise NotImplementedError(
-                    f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}; use "
-                    "'auto', 'reference' or 'interpret'")
+            use = backend.resolve(impl, platform, (*ctx.avals_in, *ctx.avals_out))
 
             def fn(*a):
                 mains, scale, zp = _split(op, a, has_zp)

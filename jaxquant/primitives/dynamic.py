@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
+from jaxquant import backend
 from jaxquant import reference as ref
 from jaxquant.pallas import dynamic as kernels
 
@@ -35,20 +36,7 @@ def _abstract_eval(x, *, qmin, qmax, symmetric, out_dtype, config, impl):
 
 def _lowering(platform):
     def rule(ctx, x, *, qmin, qmax, symmetric, out_dtype, config, impl):
-        use = impl
-        if use == "auto":
-            use = "pallas" if platform == "cuda" else "reference"
-        f64 = any(np.dtype(a.dtype) == np.float64 for a in (*ctx.avals_in, *ctx.avals_out))
-        if f64 and use == "pallas":
-            if impl == "auto":  # float64 is not bit-exact in the Triton kernel yet: XLA, documented
-                use = "reference"
-            else:
-                raise NotImplementedError(
-                    "jaxquant: the Pallas Triton kernels take float16/bfloat16/float32; float64 runs with "
-                    "implementation 'auto' (XLA on the GPU) or 'reference'")
-        if use == "pallas" and platform != "cuda":
-            raise NotImplementedError(
-                f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}")
+        use = backend.resolve(impl, platform, (*ctx.avals_in, *ctx.avals_out))
 
         def fn(x):
             if use == "reference":
