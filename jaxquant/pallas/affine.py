@@ -34,12 +34,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import next_pow2, plus_zero, recip, rne, to_code
+from jaxquant.pallas.common import check_positive, check_pow2, next_pow2, plus_zero, recip, rne, to_code
 
 __all__ = ["OPS", "Config", "heuristics", "affine"]
 
 OPS = ("quantize", "dequantize", "fake_quantize", "fake_quantize_backward", "quantize_backward")
-_BACKWARD = ("fake_quantize_backward", "quantize_backward")
 
 # Largest element offset a 32-bit signed Triton offset can hold.
 _MAX_I32_OFFSET = 2**31 - 1
@@ -56,11 +55,8 @@ class Config:
 
     def __post_init__(self):
         for name in ("block_rows", "block_cols", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"affine Config.{name}: expected a power of two >= 1, got {v!r}")
-        if self.num_stages < 1:
-            raise ValueError(f"affine Config.num_stages: expected >= 1, got {self.num_stages!r}")
+            check_pow2("affine", name, getattr(self, name))
+        check_positive("affine", "num_stages", self.num_stages)
 
 
 # Tiles tuned on an H200 (jax 0.11.2) with `python -m jaxquant.bench --sweep`; results in
@@ -135,7 +131,7 @@ def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape
     mains = [load(ref, mask, 0) for ref in main_refs]
 
     if op == "dequantize":
-        out = plus_zero(mains[0].astype(ct) - z, fast) * s
+        out = plus_zero(mains[0].astype(ct) - z) * s
     else:
         xs = mains[-1].astype(ct)
         inv = load(inv_ref, pmask, 1).astype(ct) if has_inv else recip(s, fast)
@@ -143,7 +139,7 @@ def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape
         if op == "quantize":
             out = to_code(v, qmin, qmax, fast)
         elif op == "fake_quantize":
-            out = plus_zero(to_code(v, qmin, qmax, fast) - z, fast) * s
+            out = plus_zero(to_code(v, qmin, qmax, fast) - z) * s
         else:
             m = (v >= qmin) & (v <= qmax)
             dy = mains[0].astype(ct)

@@ -29,14 +29,30 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def check_pow2(family: str, name: str, v, lo: int = 1) -> None:
+    """Config validation shared by the kernel families: ``v`` is a power of two >= ``lo``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
+        raise ValueError(f"{family} Config.{name}: expected a power of two >= {lo}, got {v!r}")
+
+
+def check_positive(family: str, name: str, v) -> None:
+    """Config validation shared by the kernel families: ``v`` is an int >= 1."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{family} Config.{name}: expected an int >= 1, got {v!r}")
+
+
+def _ptx_unary(f32_asm: str, f64_asm: str, v):
+    """One PTX instruction applied elementwise (float32 or float64 operand and result)."""
+    f64 = v.dtype == jnp.float64
+    return pltriton.elementwise_inline_asm(
+        f64_asm if f64 else f32_asm, args=[v], constraints="=d,d" if f64 else "=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])[0]
+
+
 def rne(v, fast: bool = False):
     """Round half to even, for float32/float64 arrays inside kernels."""
     if fast:
-        f64 = v.dtype == jnp.float64
-        return pltriton.elementwise_inline_asm(
-            "cvt.rni.f64.f64 $0, $1;" if f64 else "cvt.rni.f32.f32 $0, $1;",
-            args=[v], constraints="=d,d" if f64 else "=f,f", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])[0]
+        return _ptx_unary("cvt.rni.f32.f32 $0, $1;", "cvt.rni.f64.f64 $0, $1;", v)
     f = jnp.floor(v)
     d = v - f
     half = jnp.asarray(0.5, v.dtype)
@@ -52,17 +68,16 @@ def to_code(v, qmin: int, qmax: int, fast: bool = False):
     lo = jnp.asarray(qmin, v.dtype)
     hi = jnp.asarray(qmax, v.dtype)
     if fast:  # maxNum / minNum (see the module docstring)
-        return plus_zero(jnp.minimum(jnp.maximum(v, lo), hi), fast=True)
+        return plus_zero(jnp.minimum(jnp.maximum(v, lo), hi))
     c = jnp.where(v < lo, lo, jnp.where(v > hi, hi, plus_zero(v)))
     return jnp.where(v != v, lo, c)
 
 
-def plus_zero(v, fast: bool = False):
+def plus_zero(v):
     """-0.0 -> +0.0 (integer-valued floats; see jaxquant.reference.plus_zero).
 
-    A select on both paths: ``v + 0.0`` was measured to keep -0.0 in a Triton kernel on the H200
+    A select on every path: ``v + 0.0`` was measured to keep -0.0 in a Triton kernel on the H200
     (the compiler folded it), so the sign is fixed with a compare instead."""
-    del fast
     return jnp.where(v == 0, jnp.zeros((), v.dtype), v)
 
 
@@ -88,11 +103,7 @@ def recip(a, fast: bool = False):
     H200, jax 0.11.2: 16 of 64 float32 reciprocals off by an ulp, which flips codes near .5
     ties), so the fast path uses PTX ``rcp.rn`` (IEEE round-to-nearest reciprocal)."""
     if fast:
-        f64 = a.dtype == jnp.float64
-        return pltriton.elementwise_inline_asm(
-            "rcp.rn.f64 $0, $1;" if f64 else "rcp.rn.f32 $0, $1;",
-            args=[a], constraints="=d,d" if f64 else "=f,f", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])[0]
+        return _ptx_unary("rcp.rn.f32 $0, $1;", "rcp.rn.f64 $0, $1;", a)
     return jnp.asarray(1, a.dtype) / a
 
 

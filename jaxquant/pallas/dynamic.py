@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import abs_max_bits, bits_to_float, next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import abs_max_bits, bits_to_float, check_positive, check_pow2, next_pow2, recip, rne, to_code
 
 __all__ = ["Config", "heuristics", "dynamic_quantize_rows"]
 
@@ -47,9 +47,8 @@ class Config:
 
     def __post_init__(self):
         for name in ("block_rows", "block_cols", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"dynamic Config.{name}: expected a power of two >= 1, got {v!r}")
+            check_pow2("dynamic", name, getattr(self, name))
+        check_positive("dynamic", "num_stages", self.num_stages)
 
 
 # Tuned on an H200 (benchmarks/results/): whole rows up to 16384 columns stay in registers.

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import mul_rn, next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2, recip, rne, to_code
 
 __all__ = ["Config", "heuristics", "fused_quantize_max_m", "int8_matmul", "MAX_ELEMENTS", "TUNED"]
 
@@ -77,17 +77,12 @@ class Config:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            lo = MIN_BLOCK_K if name == "block_k" else 16
-            if not isinstance(v, int) or v < lo or v & (v - 1):
-                raise ValueError(f"int8_matmul Config.{name}: expected a power of two >= {lo}, got {v!r}")
-        for name in ("group_m", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"int8_matmul Config.{name}: expected a power of two >= 1, got {v!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"int8_matmul Config.num_stages: expected an int >= 1, got {self.num_stages!r}")
+        check_pow2("int8_matmul", "block_m", self.block_m, 16)
+        check_pow2("int8_matmul", "block_n", self.block_n, 16)
+        check_pow2("int8_matmul", "block_k", self.block_k, MIN_BLOCK_K)
+        check_pow2("int8_matmul", "group_m", self.group_m)
+        check_pow2("int8_matmul", "num_warps", self.num_warps)
+        check_positive("int8_matmul", "num_stages", self.num_stages)
 
 
 # Tuned tables, per device kind (``jax.devices()[0].device_kind``); measured with

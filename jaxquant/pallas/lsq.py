@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import next_pow2, plus_zero, recip, rne
+from jaxquant.pallas.common import check_positive, check_pow2, next_pow2, plus_zero, recip, rne
 
 __all__ = ["Config", "heuristics", "lsq_backward"]
 
@@ -39,11 +39,8 @@ class Config:
 
     def __post_init__(self):
         for name in ("block_rows", "block_cols", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"lsq Config.{name}: expected a power of two >= 1, got {v!r}")
-        if self.num_stages < 1:
-            raise ValueError(f"lsq Config.num_stages: expected >= 1, got {self.num_stages!r}")
+            check_pow2("lsq", name, getattr(self, name))
+        check_positive("lsq", "num_stages", self.num_stages)
 
 
 # Two inputs and up to three outputs per element: a smaller tile than the affine family's 8192
@@ -106,7 +103,7 @@ def _kernel(*refs, has_zp, qmin, qmax, gf, ct, dx_dtype, shape3, block, masks, p
     below = v < qmin
     above = v > qmax
     dx = jnp.where(m, dy, dy * zero)
-    xfq = plus_zero(v - z, fast) * s
+    xfq = plus_zero(v - z) * s
     ds_in = ((dy * (xfq - x)) * inv) * g
     ds_lo = (dy * (jnp.asarray(qmin, ct) - z)) * g
     ds_hi = (dy * (jnp.asarray(qmax, ct) - z)) * g

@@ -57,16 +57,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import next_pow2
+from jaxquant.pallas.common import check_positive, check_pow2, next_pow2
 
 __all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "weight_only_matmul", "NUM_SMS"]
 
 NUM_SMS = 132  # H100 / H200 SXM
-
-
-def _pow2(name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
-        raise ValueError(f"weight_only Config.{name}: expected a power of two >= {lo}, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +77,14 @@ class Config:
     fma: bool = False  # CUDA-core GEMV path (block_m rows unrolled) instead of tensor-core dots
 
     def __post_init__(self):
-        _pow2("block_m", self.block_m, 1 if self.fma else 16)
+        check_pow2("weight_only", "block_m", self.block_m, 1 if self.fma else 16)
         if self.fma and self.block_m > 8:
             raise ValueError(f"weight_only Config.block_m: expected <= 8 with fma=True, got {self.block_m}")
-        _pow2("block_n", self.block_n, 16)
-        _pow2("block_k", self.block_k, 16)
-        _pow2("num_warps", self.num_warps)
-        if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 1:
-            raise ValueError(f"weight_only Config.split_k: expected an int >= 1, got {self.split_k!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"weight_only Config.num_stages: expected an int >= 1, got {self.num_stages!r}")
+        check_pow2("weight_only", "block_n", self.block_n, 16)
+        check_pow2("weight_only", "block_k", self.block_k, 16)
+        check_pow2("weight_only", "num_warps", self.num_warps)
+        check_positive("weight_only", "split_k", self.split_k)
+        check_positive("weight_only", "num_stages", self.num_stages)
 
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
