@@ -39,7 +39,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 import jaxquant as jq
 from jaxquant import _validation as V
@@ -48,6 +48,7 @@ from jaxquant import granularity as gran
 from jaxquant import reference as ref
 from jaxquant import reference_lsq as rl
 from jaxquant.pallas import lsq as kernels
+from jaxquant.primitives._register import register
 
 __all__ = ["fake_quantize_learnable", "lsq_backward", "lsq_backward_p", "round_zero_point"]
 
@@ -92,17 +93,7 @@ def _kernel_path(dy, x, scale, zp, qmin, qmax, grad_factor, config, interpret):
 
 def _lowering(platform):
     def rule(ctx, *args, qmin, qmax, grad_factor, config, impl):
-        use = impl
-        if use == "auto":
-            use = "pallas" if platform == "cuda" else "reference"
-        f64 = any(np.dtype(a.dtype) == np.float64 for a in ctx.avals_in)
-        if f64 and use == "pallas":
-            if impl != "auto":
-                raise NotImplementedError("jaxquant: the LSQ Pallas kernel takes float16/bfloat16/float32; float64 "
-                                          "runs with implementation 'auto' or 'reference'")
-            use = "reference"
-        if use == "pallas" and platform != "cuda":
-            raise NotImplementedError(f"jaxquant: implementation 'pallas' lowers only for CUDA, not {platform!r}")
+        use = backend.resolve(impl, platform, ctx.avals_in)
 
         def fn(dy, x, scale, *zp):
             z = zp[0] if zp else None
@@ -125,16 +116,7 @@ def _batch(args, dims, **params):
     return lsq_backward_p.bind(*new, **params), [0] * (3 if len(args) == 4 else 2)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(**params):
-    return jax.jit(lambda *a: lsq_backward_p.bind(*a, **params))
-
-
-lsq_backward_p.def_impl(lambda *a, **p: _jitted(**p)(*a))
-lsq_backward_p.def_abstract_eval(_abstract)
-mlir.register_lowering(lsq_backward_p, _lowering("cpu"), platform="cpu")
-mlir.register_lowering(lsq_backward_p, _lowering("cuda"), platform="cuda")
-batching.primitive_batchers[lsq_backward_p] = _batch
+register(lsq_backward_p, abstract_eval=_abstract, lowering=_lowering, batch=_batch)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,18 +11,18 @@ still one kernel launch with no extra grid axis.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 from jaxquant import granularity as gran
 from jaxquant import backend
 from jaxquant import reference as ref
 from jaxquant.pallas import affine as kernels
+from jaxquant.primitives._register import register
 
 __all__ = ["quantize_p", "dequantize_p", "fake_quantize_p", "fake_quantize_backward_p", "quantize_backward_p", "bind"]
 
@@ -99,19 +99,7 @@ def _make(op):
             new.append(a)
         return p.bind(*new, **params), 0
 
-    @functools.lru_cache(maxsize=None)
-    def _jitted(**params):
-        return jax.jit(lambda *a: p.bind(*a, **params))
-
-    def impl_rule(*args, **params):
-        return _jitted(**params)(*args)
-
-    p.def_impl(impl_rule)
-    p.def_abstract_eval(abstract_eval)
-    mlir.register_lowering(p, lowering("cpu"), platform="cpu")
-    mlir.register_lowering(p, lowering("cuda"), platform="cuda")
-    batching.primitive_batchers[p] = batch_rule
-    return p
+    return register(p, abstract_eval=abstract_eval, lowering=lowering, batch=batch_rule)
 
 
 quantize_p = _make("quantize")

@@ -8,18 +8,18 @@ float64 x), ``zero_point [..., 1]`` (int32). Each row of the last axis gets its 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 from jaxquant import backend
 from jaxquant import reference as ref
 from jaxquant.pallas import dynamic as kernels
+from jaxquant.primitives._register import register
 
 __all__ = ["dynamic_quantize_p", "bind"]
 
@@ -59,16 +59,7 @@ def _batch(args, dims, **params):
     return dynamic_quantize_p.bind(x, **params), (0, 0, 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(**params):
-    return jax.jit(lambda x: dynamic_quantize_p.bind(x, **params))
-
-
-dynamic_quantize_p.def_impl(lambda x, **params: _jitted(**params)(x))
-dynamic_quantize_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(dynamic_quantize_p, _lowering("cpu"), platform="cpu")
-mlir.register_lowering(dynamic_quantize_p, _lowering("cuda"), platform="cuda")
-batching.primitive_batchers[dynamic_quantize_p] = _batch
+register(dynamic_quantize_p, abstract_eval=_abstract_eval, lowering=_lowering, batch=_batch)
 
 
 def bind(x, *, qmin, qmax, symmetric, out_dtype, config=None, impl="auto"):

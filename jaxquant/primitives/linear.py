@@ -48,7 +48,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 from jaxquant import _validation as V
 from jaxquant import backend
@@ -58,6 +58,7 @@ from jaxquant.pallas import affine as affine_k
 from jaxquant.pallas import dynamic as dynamic_k
 from jaxquant.pallas import int8_matmul as mm_k
 from jaxquant.pallas.int8_matmul import Config
+from jaxquant.primitives._register import register
 
 __all__ = ["quantized_linear", "int8_matmul", "linear_reference", "int8_matmul_reference",
            "quantized_linear_p", "int8_matmul_p", "Config"]
@@ -214,24 +215,6 @@ def int8_matmul_kernel(a2, w, a_scale2=None, w_scale=None, bias=None, *, out_dty
 # ------------------------------------------------------------------------------------------
 
 
-def _use(impl, platform):
-    use = impl
-    if use == "auto":
-        use = "pallas" if platform == "cuda" else "reference"
-    if use == "pallas" and platform != "cuda":
-        raise NotImplementedError(
-            f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}; use 'auto', "
-            "'reference' or 'interpret'")
-    return use
-
-
-def _impl_rule(p):
-    @functools.lru_cache(maxsize=None)
-    def jitted(**params):
-        return jax.jit(lambda *a: p.bind(*a, **params))
-    return lambda *args, **params: jitted(**params)(*args)
-
-
 def _map_fallback(p, args, dims, params):
     """vmap of a primitive whose weight-like operands are batched: ``lax.map`` over the batch."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
@@ -267,7 +250,7 @@ def _ql_abstract(*avals, has_bias, static, out_dtype, config, impl):
 
 def _ql_lowering(platform):
     def rule(ctx, *args, has_bias, static, out_dtype, config, impl):
-        use = _use(impl, platform)
+        use = backend.resolve(impl, platform)
 
         def fn(*a):
             x, codes, w_scale, bias, act_scale = _ql_split(a, has_bias, static)
@@ -291,11 +274,7 @@ def _ql_batch(args, dims, **params):
     return _map_fallback(quantized_linear_p, args, dims, params)
 
 
-quantized_linear_p.def_impl(_impl_rule(quantized_linear_p))
-quantized_linear_p.def_abstract_eval(_ql_abstract)
-mlir.register_lowering(quantized_linear_p, _ql_lowering("cpu"), platform="cpu")
-mlir.register_lowering(quantized_linear_p, _ql_lowering("cuda"), platform="cuda")
-batching.primitive_batchers[quantized_linear_p] = _ql_batch
+register(quantized_linear_p, abstract_eval=_ql_abstract, lowering=_ql_lowering, batch=_ql_batch)
 
 
 # --- jaxquant_int8_matmul: (a [..., K] int8, w [N, K] int8, [a_scale [..., 1] or [1]*ndim], [w_scale [N]], [bias [N]])
@@ -318,7 +297,7 @@ def _mm_abstract(*avals, has_a_scale, has_w_scale, has_bias, out_dtype, config, 
 
 def _mm_lowering(platform):
     def rule(ctx, *args, has_a_scale, has_w_scale, has_bias, out_dtype, config, impl):
-        use = _use(impl, platform)
+        use = backend.resolve(impl, platform)
 
         def fn(*a_):
             a, w, a_scale, w_scale, bias = _mm_split(a_, has_a_scale, has_w_scale, has_bias)
@@ -356,11 +335,7 @@ def _mm_batch(args, dims, *, has_a_scale, has_w_scale, has_bias, **params):
     return int8_matmul_p.bind(*new, **flags), 0
 
 
-int8_matmul_p.def_impl(_impl_rule(int8_matmul_p))
-int8_matmul_p.def_abstract_eval(_mm_abstract)
-mlir.register_lowering(int8_matmul_p, _mm_lowering("cpu"), platform="cpu")
-mlir.register_lowering(int8_matmul_p, _mm_lowering("cuda"), platform="cuda")
-batching.primitive_batchers[int8_matmul_p] = _mm_batch
+register(int8_matmul_p, abstract_eval=_mm_abstract, lowering=_mm_lowering, batch=_mm_batch)
 
 
 # ------------------------------------------------------------------------------------------

@@ -31,11 +31,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
 from jaxquant import backend
 from jaxquant import weights as W
 from jaxquant.pallas import weight_only as kernels
+from jaxquant.primitives._register import register
 
 __all__ = ["weight_only_linear", "weight_only_linear_p", "reference_weight_only_linear"]
 
@@ -69,13 +70,7 @@ def _abstract_eval(x, codes, scale, *rest, bits, group_size, symmetric, k, has_z
 
 def _lowering(platform):
     def rule(ctx, *args, bits, group_size, symmetric, k, has_zp, has_bias, config, impl):
-        use = impl
-        if use == "auto":
-            use = "pallas" if platform == "cuda" else "reference"
-        if use == "pallas" and platform != "cuda":
-            raise NotImplementedError(
-                f"jaxquant: implementation 'pallas' lowers only for CUDA, not for {platform!r}; use 'auto', "
-                "'reference' or 'interpret'")
+        use = backend.resolve(impl, platform)
 
         def fn(*a):
             x, codes, scale, zp, bias = _split(a, has_zp, has_bias)
@@ -104,16 +99,7 @@ def _batch(args, dims, **params):
     return jax.lax.map(lambda t: weight_only_linear_p.bind(*t, **params), tuple(moved)), 0
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(**params):
-    return jax.jit(lambda *a: weight_only_linear_p.bind(*a, **params))
-
-
-weight_only_linear_p.def_impl(lambda *a, **params: _jitted(**params)(*a))
-weight_only_linear_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(weight_only_linear_p, _lowering("cpu"), platform="cpu")
-mlir.register_lowering(weight_only_linear_p, _lowering("cuda"), platform="cuda")
-batching.primitive_batchers[weight_only_linear_p] = _batch
+register(weight_only_linear_p, abstract_eval=_abstract_eval, lowering=_lowering, batch=_batch)
 
 
 @dataclasses.dataclass(frozen=True)
