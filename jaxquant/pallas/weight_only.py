@@ -74,12 +74,10 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    fma: bool = False  # CUDA-core GEMV path (block_m rows unrolled) instead of tensor-core dots
+    fast_dequant: bool = True  # int4 with bf16/f16 x on a GPU: the PTX nibble conversion (else shifts)
 
     def __post_init__(self):
-        check_pow2("weight_only", "block_m", self.block_m, 1 if self.fma else 16)
-        if self.fma and self.block_m > 8:
-            raise ValueError(f"weight_only Config.block_m: expected <= 8 with fma=True, got {self.block_m}")
+        check_pow2("weight_only", "block_m", self.block_m, 16)
         check_pow2("weight_only", "block_n", self.block_n, 16)
         check_pow2("weight_only", "block_k", self.block_k, 16)
         check_pow2("weight_only", "num_warps", self.num_warps)
@@ -89,7 +87,7 @@ class Config:
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/s{self.split_k}/w{self.num_warps}"
-                f"/st{self.num_stages}{'/fma' if self.fma else ''}")
+                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,8 +134,7 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     """
     row = next(r for r in _table() if m <= r["m_max"] and r["bits"] in (0, bits))
     c = dict(row["config"])
-    fma = bool(c.get("fma", False))
-    bm = min(c["block_m"], next_pow2(m)) if fma else max(16, min(c["block_m"], next_pow2(m)))
+    bm = max(16, min(c["block_m"], next_pow2(m)))
     bn = max(16, min(c["block_n"], next_pow2(n)))
     bk = fit_block_k(c["block_k"], k, group_size)
     steps = pl.cdiv(k, bk)
@@ -146,7 +143,7 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     target = c.get("programs", 2 * num_sms)
     if k % bk == 0 and tiles < target:
         split = choose_split(steps, bk, group_size, min(pl.cdiv(target, tiles), c.get("max_split", 16)))
-    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"], fma)
+    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"])
 
 
 def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
@@ -171,10 +168,10 @@ def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
 
 
 def _unpack_parts(b, bits, symmetric):
-    """int8 bytes ``[BN, W]`` -> the code parts: ``[q]`` (bits=8) or ``[low nibbles, high nibbles]``.
+    """int8 bytes ``[BN, W]`` -> the code parts: ``[q]`` (bits=8) or ``[low nibbles, high nibbles]`` (int8).
 
     The low nibble of byte j is k = 2j, the high nibble k = 2j + 1: they contract against x's even
-    and odd columns (de-interleaved outside the kernel), so no in-register interleave is needed.
+    and odd columns (strided loads), so no in-register interleave is needed.
     """
     if bits == 8:
         return [b]
@@ -187,8 +184,80 @@ def _unpack_parts(b, bits, symmetric):
     return [lo, hi]
 
 
+def _half_bits(v: float, dt) -> int:
+    """The 16-bit pattern of ``v`` in ``dt`` (bfloat16 / float16), as an int."""
+    return int(np.asarray(v, dtype=dt).view(np.uint16))
+
+
+def _int4_ptx(b, off, *, symmetric: bool, dt):
+    """int4 bytes -> (low, high) nibble values ``q - z`` in ``dt`` (bfloat16/float16), exact, in PTX.
+
+    Per 32-bit register of 4 bytes (8 weights), 12 integer/half2 instructions instead of ~5 an
+    element (two asm blocks, one per nibble): ``prmt`` spreads bytes b0, b1 (b2, b3) into the two 16-bit halves; ``lop3`` computes
+    ``(t & 0x000F000F) ^ MAGIC`` which is the half-precision number ``B + u`` with
+    ``B = 128`` (bfloat16, 7 mantissa bits) or ``1024`` (float16, 10) and ``u`` the nibble
+    (XOR 8 turns a two's-complement nibble v into u = v + 8); the high nibbles are the same after a
+    4-bit shift; one ``fma.rn`` ``(B + u) * 1 - (B + z)`` per pair gives ``u - z`` exactly
+    (``z = 8`` symmetric; |u - z| <= 15, ``B + z`` <= 143 / 1039 are exact in ``dt``).
+    ``off`` is ``-(B + z)`` in ``dt`` broadcast to ``b``'s shape (None: symmetric, a constant).
+    """
+    bf = np.dtype(dt) == np.dtype(jnp.bfloat16)
+    base = 128 if bf else 1024
+    magic = _half_bits(base, dt) | (8 if symmetric else 0)
+    one = _half_bits(1.0, dt)
+    op = "fma.rn.bf16x2" if bf else "fma.rn.f16x2"
+    if off is None:
+        neg = _half_bits(-(base + 8), dt)
+        offs = f"mov.b32 o0, {neg | neg << 16:#010x}; mov.b32 o1, o0;"
+        args = [b]
+    else:
+        offs = "mov.b32 o0, $3; mov.b32 o1, $4;"
+        args = [b, off]
+    cons = "=r,=r,r" + (",r,r" if off is not None else "")
+    out = jax.ShapeDtypeStruct(b.shape, dt)
+    parts = []
+    # one asm per nibble (Pallas lowers single-result inline asm only): $0, $1 = the 4 results as
+    # two half2 registers, $2 = the 4 bytes, $3, $4 = the offsets as two half2 registers
+    for shift in ("", "shr.u32 t0, t0, 4; shr.u32 t1, t1, 4;"):
+        asm = "\n".join([
+            "{",
+            ".reg .b32 t0, t1, one, o0, o1, mk, mg, zr;",
+            f"mov.b32 one, {one | one << 16:#010x};",
+            f"mov.b32 mg, {magic | magic << 16:#010x};",
+            "mov.b32 mk, 0x000f000f;",
+            "mov.b32 zr, 0;",
+            offs,
+            "prmt.b32 t0, $2, zr, 0x4140;",
+            "prmt.b32 t1, $2, zr, 0x4342;",
+            shift,
+            "lop3.b32 t0, t0, mk, mg, 0x6a;",
+            "lop3.b32 t1, t1, mk, mg, 0x6a;",
+            f"{op} $0, t0, one, o0;",
+            f"{op} $1, t1, one, o1;",
+            "}",
+        ])
+        parts.append(pltriton.elementwise_inline_asm(asm, args=args, constraints=cons, pack=4,
+                                                     result_shape_dtypes=[out])[0])
+    return parts
+
+
+def _dequant(wb, z, *, bits, symmetric, dt, fast):
+    """Code bytes ``[BN, W]`` (and the zero point ``[BN, 1]`` int32 or None) -> the parts ``q - z`` in ``dt``."""
+    if fast and bits == 4 and np.dtype(dt) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+        off = None
+        if z is not None:
+            base = 128 if np.dtype(dt) == np.dtype(jnp.bfloat16) else 1024
+            off = jnp.broadcast_to((-(z + base)).astype(jnp.float32).astype(dt), wb.shape)
+        return _int4_ptx(wb, off, symmetric=symmetric and z is None, dt=dt)
+    parts = _unpack_parts(wb, bits, symmetric)
+    if z is not None:
+        zf = z.astype(jnp.float32)
+        return [(q.astype(jnp.float32) - zf).astype(dt) for q in parts]
+    return [q.astype(dt) for q in parts]
+
+
 def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
-            has_bias, cdt, out_dtype, fma):
+            has_bias, cdt, out_dtype, fast):
     x_refs = refs[:n_x]
     w_ref, s_ref = refs[n_x], refs[n_x + 1]
     rest = refs[n_x + 2:]
@@ -197,16 +266,14 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
     o_ref = rest[-1]
     pn, pm = pl.program_id(0), pl.program_id(1)
     wdiv = 2 if bits == 4 else 1
-    uw = unit // wdiv  # bytes of codes per row per unit = width of each x part
+    uw = unit // wdiv  # code bytes per row per unit = width of each x part
+    sw = bk // wdiv  # code bytes per row per step
     mask_m = m_total % bm != 0
     mask_n = n_total % bn != 0
     mask_k = k_total % bk != 0  # only with split == 1 (per-channel weights)
 
-    rows = pm * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    rmask = (rows < m_total) if mask_m else None
-    ncol = pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
-    nmask_col = (ncol < n_total) if mask_n else None
-    nmask_row = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total) if mask_n else None
+    rmask = ((pm * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total) if mask_m else None
+    nmask_col = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)) < n_total) if mask_n else None
     nmask_1d = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)) < n_total) if mask_n else None
 
     def both(a, b):
@@ -219,102 +286,51 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
             return ref[...]
         return pltriton.load(ref, mask=mask, other=other)
 
+    def col(ref, g):  # column g of a per-(row, group) operand: [BN, 1]
+        return load(ref.at[:, pl.ds(g, 1)], nmask_col, 0)
+
     dot_prec = jax.lax.Precision.HIGHEST if cdt == np.dtype(np.float32) else None
-    # per-channel zero point, loaded once
     zc = load(z_ref, nmask_1d, 0)[:, None] if (group is None and has_zp) else None
 
-    def kmask(k0):
-        if not mask_k:
-            return None
-        return (k0 // wdiv + jax.lax.broadcasted_iota(jnp.int32, (1, uw), 1)) < k_total // wdiv
-
-    def weights(k0, dt):
-        """The unit's weight parts ``(q - z)`` in ``dt``, each ``[BN, uw]``."""
-        km = kmask(k0)
-        wb = load(w_ref.at[:, pl.ds(k0 // wdiv, uw)], both(nmask_col, km), 0)
-        parts = _unpack_parts(wb, bits, symmetric)
-        if has_zp:
-            z = load(z_ref.at[:, pl.ds(k0 // group, 1)], nmask_col, 0) if group is not None else zc
-            zf = z.astype(jnp.float32)
-            return [(q.astype(jnp.float32) - zf).astype(dt) for q in parts]
-        return [q.astype(dt) for q in parts]
-
-    def group_scale(k0):
-        return load(s_ref.at[:, pl.ds(k0 // group, 1)], nmask_col, 0)  # [BN, 1]
-
-    if not fma:
-        # tensor-core path: acc [BM, BN] += x_part . w_part^T
-        def body(t, acc):
-            for u in range(bk // unit):
-                k0 = t * bk + u * unit
-                km = kmask(k0)
-                ws = weights(k0, cdt)
-                part = None
-                for xr, w in zip(x_refs, ws):
-                    xt = load(xr.at[:, pl.ds(k0 // wdiv, uw)], both(rmask, km), 0).astype(cdt)
-                    d = jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())), precision=dot_prec,
-                                            preferred_element_type=jnp.float32)
-                    part = d if part is None else part + d
-                if group is not None:
-                    part = part * jnp.reshape(group_scale(k0), (1, bn))
-                acc = acc + part
-            return acc
-
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
-        if group is None:
-            acc = acc * load(s_ref, nmask_1d, 0)[None, :]
-        if has_bias:
-            acc = acc + load(b_ref, nmask_1d, 0).astype(jnp.float32)[None, :]
-        out = acc.astype(out_dtype)
-        omask = both(rmask, nmask_row)
-        if omask is None:
-            o_ref[...] = out
-        else:
-            pltriton.store(o_ref, out, mask=omask)
-        return
-
-    # CUDA-core (GEMV) path for a few rows: products in float32 and a row reduction, everything in
-    # the weights' [BN, *] layout; each row r of x is a broadcast [1, uw] load.
-    def row_mask(r):
-        return (pm * bm + r < m_total) if mask_m else None
-
-    def body(t, accs):
-        accs = list(accs)
+    # acc[n, m] += (q - z)[n, k] . x[m, k]: the dequantized weights are the left (register) operand
+    # of the tensor-core dot (wgmma takes it from registers); x's tile is the right (shared) one.
+    # Offsets are built from products of Python ints so that Triton sees their divisibility and
+    # vectorises the loads (a traced floor division hides it: byte-wide loads, no pipelining).
+    def body(t, acc):
+        base = pl.multiple_of(t * sw, sw)
         for u in range(bk // unit):
-            k0 = t * bk + u * unit
-            km = kmask(k0)
-            ws = weights(k0, jnp.float32)
-            sc = group_scale(k0) if group is not None else None
-            for r in range(bm):
-                rm = row_mask(r)
-                p = None
-                for xr, w in zip(x_refs, ws):
-                    m = km if rm is None else (rm if km is None else km & rm)
-                    if m is not None and m.ndim == 0:
-                        m = jnp.broadcast_to(m, (1, uw))
-                    xt = load(xr.at[pl.ds(r, 1), pl.ds(k0 // wdiv, uw)], m, 0).astype(jnp.float32)
-                    d = jnp.sum(w * xt, axis=1, keepdims=True)  # [BN, 1]
-                    p = d if p is None else p + d
-                accs[r] = accs[r] + (p * sc if sc is not None else p)
-        return tuple(accs)
+            off = base + u * uw
+            km = None
+            if mask_k:
+                km = (off + jax.lax.broadcasted_iota(jnp.int32, (1, uw), 1)) < k_total // wdiv
+            wb = load(w_ref.at[:, pl.ds(off, uw)], both(nmask_col, km), 0)
+            if group is not None:
+                g = t * (bk // group) + u if bk >= group else t // (group // bk)
+            z = (col(z_ref, g) if group is not None else zc) if has_zp else None
+            ws = _dequant(wb, z, bits=bits, symmetric=symmetric, dt=cdt, fast=fast)
+            part = None
+            for xr, w in zip(x_refs, ws):
+                xt = load(xr.at[:, pl.ds(off, uw)], both(rmask, km), 0).astype(cdt)
+                d = jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())), precision=dot_prec,
+                                        preferred_element_type=jnp.float32)
+                part = d if part is None else part + d
+            if group is not None:
+                part = part * col(s_ref, g)
+            acc = acc + part
+        return acc
 
-    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, 1), jnp.float32) for _ in range(bm)))
-    s_pc = load(s_ref, nmask_1d, 0) if group is None else None
-    bias = load(b_ref, nmask_1d, 0).astype(jnp.float32) if has_bias else None
-    for r in range(bm):
-        a = jnp.reshape(accs[r], (bn,))
-        if s_pc is not None:
-            a = a * s_pc
-        if bias is not None:
-            a = a + bias
-        out = a.astype(out_dtype)[None, :]
-        rm = row_mask(r)
-        m = nmask_row if rm is None else (jnp.broadcast_to(rm, (1, bn)) if nmask_row is None else nmask_row & rm)
-        ref = o_ref.at[pl.ds(r, 1), :]
-        if m is None:
-            ref[...] = out
-        else:
-            pltriton.store(ref, out, mask=m)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm), jnp.float32))
+    if group is None:
+        acc = acc * load(s_ref, nmask_1d, 0)[:, None]
+    if has_bias:
+        acc = acc + load(b_ref, nmask_1d, 0).astype(jnp.float32)[:, None]
+    out = acc.T.astype(out_dtype)
+    nmask_row = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total) if mask_n else None
+    omask = both(rmask, nmask_row)
+    if omask is None:
+        o_ref[...] = out
+    else:
+        pltriton.store(o_ref, out, mask=omask)
 
 
 def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
@@ -334,9 +350,11 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
             y = y + bias.astype(jnp.float32)[None, :]
         return y.astype(out_dtype)
     cfg = config or heuristics(m, n, k, bits, group_size)
-    bm = min(cfg.block_m, next_pow2(m)) if cfg.fma else max(16, min(cfg.block_m, next_pow2(m)))
+    bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = fit_block_k(cfg.block_k, k, group_size)
+    if bits == 4:
+        bk = max(bk, 32)  # each nibble half of a unit is a >= 16-wide dot
     if group_size is not None and not (bk % group_size == 0 or group_size % bk == 0):
         raise ValueError(f"weight_only: block_k={bk} must be a multiple or divisor of group_size={group_size}")
     total_steps = pl.cdiv(k, bk)
@@ -349,11 +367,11 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     has_zp = zero_point is not None
     has_bias = bias is not None and split == 1
     cdt = np.dtype(x.dtype)
-    # int4: x's even / odd columns meet the low / high nibbles (a cheap XLA copy of x, no
-    # interleave of the codes in registers)
-    xs = [x] if bits == 8 else [x[:, 0::2], x[:, 1::2]]
 
     grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), split)
+    # int4: x's even / odd columns meet the low / high nibbles (a cheap XLA copy of x, small next
+    # to the weights; no interleave of the codes in registers, contiguous loads of x)
+    xs = [x] if bits == 8 else [x[:, 0::2], x[:, 1::2]]
     in_specs = [pl.BlockSpec((bm, k_span // wdiv), lambda i, j, s: (j, s)) for _ in xs]
     in_specs.append(pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)))
     operands = xs + [codes]
@@ -380,7 +398,7 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     kernel = functools.partial(
         _kernel, n_x=len(xs), bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
-        out_dtype=kdt, fma=cfg.fma)
+        out_dtype=kdt, fast=cfg.fast_dequant and not interpret)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
