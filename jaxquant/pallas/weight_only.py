@@ -74,10 +74,13 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    fast_dequant: bool = True  # int4 with bf16/f16 x on a GPU: the PTX nibble conversion (else shifts)
+    fast_dequant: bool = True  # int4 on a GPU: the PTX nibble conversion (else shifts and converts)
+    gemv: bool = False  # CUDA-core path for a few rows (block_m <= 8, unrolled) instead of tensor-core dots
 
     def __post_init__(self):
-        check_pow2("weight_only", "block_m", self.block_m, 16)
+        check_pow2("weight_only", "block_m", self.block_m, 1 if self.gemv else 16)
+        if self.gemv and self.block_m > 8:
+            raise ValueError(f"weight_only Config.block_m: expected <= 8 with gemv=True, got {self.block_m}")
         check_pow2("weight_only", "block_n", self.block_n, 16)
         check_pow2("weight_only", "block_k", self.block_k, 16)
         check_pow2("weight_only", "num_warps", self.num_warps)
@@ -87,7 +90,7 @@ class Config:
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/s{self.split_k}/w{self.num_warps}"
-                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}")
+                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}{'/gemv' if self.gemv else ''}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,7 +137,8 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     """
     row = next(r for r in _table() if m <= r["m_max"] and r["bits"] in (0, bits))
     c = dict(row["config"])
-    bm = max(16, min(c["block_m"], next_pow2(m)))
+    gemv = bool(c.get("gemv", False))
+    bm = min(c["block_m"], next_pow2(m)) if gemv else max(16, min(c["block_m"], next_pow2(m)))
     bn = max(16, min(c["block_n"], next_pow2(n)))
     bk = fit_block_k(c["block_k"], k, group_size)
     steps = pl.cdiv(k, bk)
@@ -143,7 +147,7 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     target = c.get("programs", 2 * num_sms)
     if k % bk == 0 and tiles < target:
         split = choose_split(steps, bk, group_size, min(pl.cdiv(target, tiles), c.get("max_split", 16)))
-    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"])
+    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"], gemv=gemv)
 
 
 def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
@@ -241,8 +245,35 @@ def _int4_ptx(b, off, *, symmetric: bool, dt):
     return parts
 
 
+_F32_MAGIC = 1 << 23  # float32 2**23: its ulp is 1, so bits 0x4B000000 | u are the number 2**23 + u
+
+
+def _int4_f32_ptx(b, *, symmetric: bool):
+    """int4 bytes -> (low, high) nibbles as float32 ``2**23 + u`` (exact; subtract ``2**23 + z`` for q - z).
+
+    ``bfe.u32`` extracts each nibble of the 4-byte register, ``xor`` with ``0x4B000000`` (``| 8`` for
+    two's-complement nibbles, which maps v to u = v + 8) makes the float32 ``2**23 + u``: two
+    integer instructions an element instead of shifts and a quarter-rate integer-to-float convert.
+    """
+    mg = 0x4B000000 | (8 if symmetric else 0)
+    out = jax.ShapeDtypeStruct(b.shape, jnp.float32)
+    parts = []
+    for first in (0, 4):
+        lines = ["{", ".reg .b32 t<4>;"]
+        lines += [f"bfe.u32 t{i}, $4, {first + 8 * i}, 4;" for i in range(4)]
+        lines += [f"xor.b32 t{i}, t{i}, {mg:#010x};" for i in range(4)]
+        lines += [f"mov.b32 ${i}, t{i};" for i in range(4)]
+        lines.append("}")
+        parts.append(pltriton.elementwise_inline_asm("\n".join(lines), args=[b], constraints="=f,=f,=f,=f,r",
+                                                     pack=4, result_shape_dtypes=[out])[0])
+    return parts
+
+
 def _dequant(wb, z, *, bits, symmetric, dt, fast):
     """Code bytes ``[BN, W]`` (and the zero point ``[BN, 1]`` int32 or None) -> the parts ``q - z`` in ``dt``."""
+    if fast and bits == 4 and np.dtype(dt) == np.dtype(jnp.float32):
+        off = jnp.float32(_F32_MAGIC + 8) if z is None else z.astype(jnp.float32) + jnp.float32(_F32_MAGIC)
+        return [p - off for p in _int4_f32_ptx(wb, symmetric=symmetric and z is None)]
     if fast and bits == 4 and np.dtype(dt) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
         off = None
         if z is not None:
@@ -257,7 +288,7 @@ def _dequant(wb, z, *, bits, symmetric, dt, fast):
 
 
 def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
-            has_bias, cdt, out_dtype, fast):
+            has_bias, cdt, out_dtype, fast, gemv):
     x_refs = refs[:n_x]
     w_ref, s_ref = refs[n_x], refs[n_x + 1]
     rest = refs[n_x + 2:]
@@ -291,6 +322,14 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
 
     dot_prec = jax.lax.Precision.HIGHEST if cdt == np.dtype(np.float32) else None
     zc = load(z_ref, nmask_1d, 0)[:, None] if (group is None and has_zp) else None
+
+    if gemv:
+        _gemv_body(x_refs, w_ref, s_ref, z_ref, b_ref, o_ref, zc=zc, col=col, load=load, both=both, rmask_row=None,
+                   nmask_col=nmask_col, nmask_1d=nmask_1d, pm=pm, pn=pn, bm=bm, bn=bn, bk=bk, unit=unit, uw=uw, sw=sw,
+                   steps=steps, m_total=m_total, n_total=n_total, k_total=k_total, wdiv=wdiv, mask_k=mask_k,
+                   mask_m=mask_m, mask_n=mask_n, bits=bits, group=group, symmetric=symmetric, has_zp=has_zp,
+                   has_bias=has_bias, out_dtype=out_dtype, fast=fast)
+        return
 
     # acc[n, m] += (q - z)[n, k] . x[m, k]: the dequantized weights are the left (register) operand
     # of the tensor-core dot (wgmma takes it from registers); x's tile is the right (shared) one.
@@ -333,6 +372,61 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
         pltriton.store(o_ref, out, mask=omask)
 
 
+def _gemv_body(x_refs, w_ref, s_ref, z_ref, b_ref, o_ref, *, zc, col, load, both, rmask_row, nmask_col, nmask_1d,
+               pm, pn, bm, bn, bk, unit, uw, sw, steps, m_total, n_total, k_total, wdiv, mask_k, mask_m, mask_n,
+               bits, group, symmetric, has_zp, has_bias, out_dtype, fast):
+    """CUDA-core path (``Config(gemv=True)``) for ``block_m <= 8`` rows: float32 ``q - z`` times x's row,
+    reduced along K per unit (mostly inside each thread: it holds a contiguous run of K), the
+    group's scale applied to the unit's partial sum; the same math as the tensor-core path."""
+    def row_mask(r):
+        return (pm * bm + r < m_total) if mask_m else None
+
+    def body(t, accs):
+        accs = list(accs)
+        base = pl.multiple_of(t * sw, sw)
+        for u in range(bk // unit):
+            off = base + u * uw
+            km = None
+            if mask_k:
+                km = (off + jax.lax.broadcasted_iota(jnp.int32, (1, uw), 1)) < k_total // wdiv
+            wb = load(w_ref.at[:, pl.ds(off, uw)], both(nmask_col, km), 0)
+            g = None
+            if group is not None:
+                g = t * (bk // group) + u if bk >= group else t // (group // bk)
+            z = (col(z_ref, g) if group is not None else zc) if has_zp else None
+            ws = _dequant(wb, z, bits=bits, symmetric=symmetric, dt=jnp.float32, fast=fast)
+            sc = col(s_ref, g) if group is not None else None
+            for r in range(bm):
+                rm = row_mask(r)
+                p = None
+                for xr, w in zip(x_refs, ws):
+                    m = km if rm is None else (jnp.broadcast_to(rm, (1, uw)) if km is None else km & rm)
+                    xt = load(xr.at[pl.ds(r, 1), pl.ds(off, uw)], m, 0).astype(jnp.float32)
+                    d = jnp.sum(w * xt, axis=1, keepdims=True)  # [BN, 1]
+                    p = d if p is None else p + d
+                accs[r] = accs[r] + (p * sc if sc is not None else p)
+        return tuple(accs)
+
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, 1), jnp.float32) for _ in range(bm)))
+    s_pc = load(s_ref, nmask_1d, 0) if group is None else None
+    bias = load(b_ref, nmask_1d, 0).astype(jnp.float32) if has_bias else None
+    nmask_row = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total) if mask_n else None
+    for r in range(bm):
+        a = jnp.reshape(accs[r], (bn,))
+        if s_pc is not None:
+            a = a * s_pc
+        if bias is not None:
+            a = a + bias
+        out = a.astype(out_dtype)[None, :]
+        rm = row_mask(r)
+        m = nmask_row if rm is None else (jnp.broadcast_to(rm, (1, bn)) if nmask_row is None else nmask_row & rm)
+        ref = o_ref.at[pl.ds(r, 1), :]
+        if m is None:
+            ref[...] = out
+        else:
+            pltriton.store(ref, out, mask=m)
+
+
 def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
                        symmetric: bool, k: int, config: Config | None = None, interpret: bool = False):
     """``x [M, K] @ dequant(codes, scale, zero_point)^T + bias`` in x's dtype (see the module doc).
@@ -350,10 +444,10 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
             y = y + bias.astype(jnp.float32)[None, :]
         return y.astype(out_dtype)
     cfg = config or heuristics(m, n, k, bits, group_size)
-    bm = max(16, min(cfg.block_m, next_pow2(m)))
+    bm = min(cfg.block_m, next_pow2(m)) if cfg.gemv else max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = fit_block_k(cfg.block_k, k, group_size)
-    if bits == 4:
+    if bits == 4 and not cfg.gemv:
         bk = max(bk, 32)  # each nibble half of a unit is a >= 16-wide dot
     if group_size is not None and not (bk % group_size == 0 or group_size % bk == 0):
         raise ValueError(f"weight_only: block_k={bk} must be a multiple or divisor of group_size={group_size}")
@@ -398,7 +492,8 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     kernel = functools.partial(
         _kernel, n_x=len(xs), bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
-        out_dtype=kdt, fast=cfg.fast_dequant and not interpret)
+        out_dtype=kdt, fast=cfg.fast_dequant and not interpret,
+        gemv=cfg.gemv)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
