@@ -40,11 +40,6 @@ CASES = [
     ((2, 2, 3), 16, 128, 8, None, False, jnp.float32, False, K.Config(16, 16, 32, 4)),
     ((3,), 40, 256, 4, 64, False, jnp.bfloat16, True, K.Config(16, 16, 128, 2, fast_dequant=False)),
     ((1,), 33, 200, 4, None, True, jnp.float16, False, K.Config(16, 32, 128, 1)),
-    ((3,), 40, 256, 4, 64, False, jnp.bfloat16, True, K.Config(2, 16, 128, 2, gemv=True)),
-    ((1,), 33, 200, 4, None, True, jnp.float32, False, K.Config(1, 32, 128, 1, gemv=True)),
-    ((5,), 24, 256, 8, None, False, jnp.float16, True, K.Config(4, 16, 64, 2, gemv=True)),
-    ((2,), 16, 512, 8, 128, True, jnp.bfloat16, False, K.Config(1, 16, 256, 2, gemv=True)),
-    ((1,), 64, 512, 4, 128, True, jnp.bfloat16, False, K.Config(1, 32, 256, 1, gemv=True)),
     ((5,), 24, 256, 8, None, False, jnp.float16, True, K.Config(16, 16, 64, 2)),
     ((2,), 16, 512, 8, 128, True, jnp.bfloat16, False, K.Config(16, 16, 256, 2)),
 ]
@@ -224,9 +219,6 @@ def test_lowers_for_cuda(m, n, k, bits, group, sym, dtype, bias):
     (K.Config(16, 32, 256, 8), 4, 64, False),
     (K.Config(128, 128, 128, 1, 8, 3), 4, 128, False),
     (K.Config(64, 64, 256, 1, fast_dequant=False), 4, 128, True),
-    (K.Config(1, 32, 512, 4, gemv=True), 4, 128, True),
-    (K.Config(4, 64, 256, 2, gemv=True), 4, None, False),
-    (K.Config(2, 32, 256, 1, gemv=True), 8, None, True),
 ])
 def test_lowers_for_cuda_configs(cfg, bits, group, sym):
     n, k = 1000, 4096

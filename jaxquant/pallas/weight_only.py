@@ -6,8 +6,10 @@ high nibble) or ``[N, K]`` (bits=8), ``scale`` float32 ``[N, K // g]`` or ``[N]`
 channel), optional int32 ``zero_point`` of the same shape, optional float ``bias [N]``.
 
 Math. The weight is never materialised in memory: each program streams its ``[BN, BK]`` tile of
-codes, unpacks the nibbles with shifts in registers and contracts it on K against ``x``'s tile
-(``lax.dot_general`` on the ``[N, K]`` layout, float32 accumulation)::
+codes, converts them to ``q - z`` in registers and contracts it on K against ``x``'s tile
+(float32 accumulation); the converted weights are the LEFT operand, ``acc[n, m] += (q - z)[n, :]
+. x[m, :]``, so on Hopper the wgmma takes them straight from registers (only x's tile and the
+raw codes go through shared memory), and the output tile is transposed once at the end::
 
     group-wise:   y[m, n] = sum_groups  s[n, grp] * sum_{k in grp} x[m, k] * (q[n, k] - z[n, grp])
     per-channel:  y[m, n] = s[n] * sum_k x[m, k] * (q[n, k] - z[n])
@@ -33,11 +35,23 @@ takes 64/128-row tiles. Ragged M and N (and K, per channel) are masked, never pa
 int4 without an in-register interleave: the low nibbles hold the even k and the high nibbles the
 odd k, so the wrapper passes x's even and odd columns (``x[:, 0::2]``, ``x[:, 1::2]``: a copy of
 x, small next to the weights at decode, ~3% of the time at M = 8192) and each unit is two dots,
-``x_even . lo^T + x_odd . hi^T``.
+``lo . x_even^T + hi . x_odd^T``.
 
-``Config(fma=True)``: a CUDA-core GEMV path for M <= 8 (no tensor cores: ``block_m`` rows
-unrolled, float32 products reduced along K in the weights' layout). It is tested (interpret
-mode, CUDA lowering) but not yet timed on a GPU, so the tuned table does not select it.
+Nibble conversion (``Config.fast_dequant``, GPU only; interpret mode and ``fast_dequant=False``
+use shifts and converts, same values): PTX inline assembly on 4 code bytes at a time, ~1.75
+instructions a weight: ``prmt``/``lop3`` build the half-precision number ``B + u`` (bfloat16
+``B = 128`` / float16 ``B = 1024``) and one ``fma.rn`` half2 subtracts ``B + z`` exactly; for
+float32 x, ``bfe``/``xor`` build the float32 ``2**23 + u`` (``_int4_ptx``, ``_int4_f32_ptx``).
+
+Offsets of every load are products of Python ints with the loop index (``pl.multiple_of``): a
+traced floor division in an offset hid its divisibility from Triton, which then issued byte-wide,
+unpipelined loads (measured on an H200: 2.5x slower at decode, 2.7x at M = 2048).
+
+Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/weight_only/``): W4A16 g128
+decode (M <= 16) runs at 1.1-1.5x XLA's bf16 matmul (~1 TB/s of weights; target 3x), prefill at
+0.45x (M = 2048; target 0.9x). Nsight Compute on the decode tile: 74 KB of shared memory per
+program (x's 16-row tile is staged per stage and is larger than the codes), 6 warps an SM in
+theory, 23% of DRAM bandwidth: occupancy-bound, not bandwidth-bound.
 
 Configs come from ``heuristics(M, N, K, bits, group_size)``: a pure function of the shapes over
 the tuned table ``jaxquant/tuned/weight_only.json`` (measured on an H200; see ``bench/weight_only``).
@@ -48,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 
 import numpy as np
@@ -75,12 +88,9 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     fast_dequant: bool = True  # int4 on a GPU: the PTX nibble conversion (else shifts and converts)
-    gemv: bool = False  # CUDA-core path for a few rows (block_m <= 8, unrolled) instead of tensor-core dots
 
     def __post_init__(self):
-        check_pow2("weight_only", "block_m", self.block_m, 1 if self.gemv else 16)
-        if self.gemv and self.block_m > 8:
-            raise ValueError(f"weight_only Config.block_m: expected <= 8 with gemv=True, got {self.block_m}")
+        check_pow2("weight_only", "block_m", self.block_m, 16)
         check_pow2("weight_only", "block_n", self.block_n, 16)
         check_pow2("weight_only", "block_k", self.block_k, 16)
         check_pow2("weight_only", "num_warps", self.num_warps)
@@ -90,7 +100,7 @@ class Config:
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/s{self.split_k}/w{self.num_warps}"
-                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}{'/gemv' if self.gemv else ''}")
+                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,10 +111,10 @@ _TUNED_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tuned", 
 
 # Used when the tuned file is missing; same format as the file's "table".
 _DEFAULT_TABLE = [
-    {"m_max": 16, "bits": 0, "config": {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 4,
-                                        "num_stages": 4, "programs": 1024}},
+    {"m_max": 16, "bits": 0, "config": {"block_m": 16, "block_n": 32, "block_k": 512, "num_warps": 2,
+                                        "num_stages": 4, "programs": 256, "max_split": 2}},
     {"m_max": 1 << 62, "bits": 0, "config": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4,
-                                             "num_stages": 4}},
+                                             "num_stages": 3}},
 ]
 
 
@@ -137,8 +147,7 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     """
     row = next(r for r in _table() if m <= r["m_max"] and r["bits"] in (0, bits))
     c = dict(row["config"])
-    gemv = bool(c.get("gemv", False))
-    bm = min(c["block_m"], next_pow2(m)) if gemv else max(16, min(c["block_m"], next_pow2(m)))
+    bm = max(16, min(c["block_m"], next_pow2(m)))
     bn = max(16, min(c["block_n"], next_pow2(n)))
     bk = fit_block_k(c["block_k"], k, group_size)
     steps = pl.cdiv(k, bk)
@@ -147,7 +156,7 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None, *, num
     target = c.get("programs", 2 * num_sms)
     if k % bk == 0 and tiles < target:
         split = choose_split(steps, bk, group_size, min(pl.cdiv(target, tiles), c.get("max_split", 16)))
-    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"], gemv=gemv)
+    return Config(bm, bn, bk, split, c["num_warps"], c["num_stages"])
 
 
 def fit_block_k(bk: int, k: int, group_size: int | None) -> int:
@@ -288,7 +297,7 @@ def _dequant(wb, z, *, bits, symmetric, dt, fast):
 
 
 def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
-            has_bias, cdt, out_dtype, fast, gemv):
+            has_bias, cdt, out_dtype, fast):
     x_refs = refs[:n_x]
     w_ref, s_ref = refs[n_x], refs[n_x + 1]
     rest = refs[n_x + 2:]
@@ -322,14 +331,6 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
 
     dot_prec = jax.lax.Precision.HIGHEST if cdt == np.dtype(np.float32) else None
     zc = load(z_ref, nmask_1d, 0)[:, None] if (group is None and has_zp) else None
-
-    if gemv:
-        _gemv_body(x_refs, w_ref, s_ref, z_ref, b_ref, o_ref, zc=zc, col=col, load=load, both=both, rmask_row=None,
-                   nmask_col=nmask_col, nmask_1d=nmask_1d, pm=pm, pn=pn, bm=bm, bn=bn, bk=bk, unit=unit, uw=uw, sw=sw,
-                   steps=steps, m_total=m_total, n_total=n_total, k_total=k_total, wdiv=wdiv, mask_k=mask_k,
-                   mask_m=mask_m, mask_n=mask_n, bits=bits, group=group, symmetric=symmetric, has_zp=has_zp,
-                   has_bias=has_bias, out_dtype=out_dtype, fast=fast)
-        return
 
     # acc[n, m] += (q - z)[n, k] . x[m, k]: the dequantized weights are the left (register) operand
     # of the tensor-core dot (wgmma takes it from registers); x's tile is the right (shared) one.
@@ -372,61 +373,6 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
         pltriton.store(o_ref, out, mask=omask)
 
 
-def _gemv_body(x_refs, w_ref, s_ref, z_ref, b_ref, o_ref, *, zc, col, load, both, rmask_row, nmask_col, nmask_1d,
-               pm, pn, bm, bn, bk, unit, uw, sw, steps, m_total, n_total, k_total, wdiv, mask_k, mask_m, mask_n,
-               bits, group, symmetric, has_zp, has_bias, out_dtype, fast):
-    """CUDA-core path (``Config(gemv=True)``) for ``block_m <= 8`` rows: float32 ``q - z`` times x's row,
-    reduced along K per unit (mostly inside each thread: it holds a contiguous run of K), the
-    group's scale applied to the unit's partial sum; the same math as the tensor-core path."""
-    def row_mask(r):
-        return (pm * bm + r < m_total) if mask_m else None
-
-    def body(t, accs):
-        accs = list(accs)
-        base = pl.multiple_of(t * sw, sw)
-        for u in range(bk // unit):
-            off = base + u * uw
-            km = None
-            if mask_k:
-                km = (off + jax.lax.broadcasted_iota(jnp.int32, (1, uw), 1)) < k_total // wdiv
-            wb = load(w_ref.at[:, pl.ds(off, uw)], both(nmask_col, km), 0)
-            g = None
-            if group is not None:
-                g = t * (bk // group) + u if bk >= group else t // (group // bk)
-            z = (col(z_ref, g) if group is not None else zc) if has_zp else None
-            ws = _dequant(wb, z, bits=bits, symmetric=symmetric, dt=jnp.float32, fast=fast)
-            sc = col(s_ref, g) if group is not None else None
-            for r in range(bm):
-                rm = row_mask(r)
-                p = None
-                for xr, w in zip(x_refs, ws):
-                    m = km if rm is None else (jnp.broadcast_to(rm, (1, uw)) if km is None else km & rm)
-                    xt = load(xr.at[pl.ds(r, 1), pl.ds(off, uw)], m, 0).astype(jnp.float32)
-                    d = jnp.sum(w * xt, axis=1, keepdims=True)  # [BN, 1]
-                    p = d if p is None else p + d
-                accs[r] = accs[r] + (p * sc if sc is not None else p)
-        return tuple(accs)
-
-    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, 1), jnp.float32) for _ in range(bm)))
-    s_pc = load(s_ref, nmask_1d, 0) if group is None else None
-    bias = load(b_ref, nmask_1d, 0).astype(jnp.float32) if has_bias else None
-    nmask_row = ((pn * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total) if mask_n else None
-    for r in range(bm):
-        a = jnp.reshape(accs[r], (bn,))
-        if s_pc is not None:
-            a = a * s_pc
-        if bias is not None:
-            a = a + bias
-        out = a.astype(out_dtype)[None, :]
-        rm = row_mask(r)
-        m = nmask_row if rm is None else (jnp.broadcast_to(rm, (1, bn)) if nmask_row is None else nmask_row & rm)
-        ref = o_ref.at[pl.ds(r, 1), :]
-        if m is None:
-            ref[...] = out
-        else:
-            pltriton.store(ref, out, mask=m)
-
-
 def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
                        symmetric: bool, k: int, config: Config | None = None, interpret: bool = False):
     """``x [M, K] @ dequant(codes, scale, zero_point)^T + bias`` in x's dtype (see the module doc).
@@ -444,10 +390,10 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
             y = y + bias.astype(jnp.float32)[None, :]
         return y.astype(out_dtype)
     cfg = config or heuristics(m, n, k, bits, group_size)
-    bm = min(cfg.block_m, next_pow2(m)) if cfg.gemv else max(16, min(cfg.block_m, next_pow2(m)))
+    bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = fit_block_k(cfg.block_k, k, group_size)
-    if bits == 4 and not cfg.gemv:
+    if bits == 4:
         bk = max(bk, 32)  # each nibble half of a unit is a >= 16-wide dot
     if group_size is not None and not (bk % group_size == 0 or group_size % bk == 0):
         raise ValueError(f"weight_only: block_k={bk} must be a multiple or divisor of group_size={group_size}")
@@ -492,8 +438,7 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     kernel = functools.partial(
         _kernel, n_x=len(xs), bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
-        out_dtype=kdt, fast=cfg.fast_dequant and not interpret,
-        gemv=cfg.gemv)
+        out_dtype=kdt, fast=cfg.fast_dequant and not interpret)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
