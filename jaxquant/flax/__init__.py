@@ -7,6 +7,9 @@
   Pallas backward ``jaxquant_lsq_backward``).
 * Calibration — ``jaxquant.flax.calibrate``: ``weight_qparams`` (absmax / percentile / MSE clip
   search), ``calibrate_activations`` (static activation scales).
+* Data-aware weight rounding — ``jaxquant.flax.gptq``: ``GPTQ`` (options for
+  ``convert(model, config, calibration=GPTQ(run, batches))``), ``collect_input_stats``, ``calibration_mask``,
+  ``gptq_quantize_weight``, ``layer_output_error``.
 * Serving — ``jaxquant.flax.convert``: ``QuantizedLinear`` (``quantized_linear`` / ``weight_only_linear``),
   ``convert``, ``serving_factory``, ``save_checkpoint`` / ``restore_checkpoint``, ``linear_weight_bytes``.
 * ``jaxquant.flax.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
@@ -24,6 +27,7 @@ from jaxquant.flax.convert import (
     save_checkpoint,
     serving_factory,
 )
+from jaxquant.flax.gptq import GPTQ, InputStats, calibration_mask, collect_input_stats, gptq_quantize_weight, layer_output_error
 from jaxquant.flax.lsq import fake_quantize_learnable
 from jaxquant.flax.minilm import (
     MiniLM,
@@ -49,6 +53,7 @@ __all__ = [
     "fake_quantize_weight", "fake_quantize_activation",
     "fake_quantize_learnable",
     "weight_qparams", "qparams_from_range", "calibrate_activations",
+    "GPTQ", "InputStats", "calibration_mask", "collect_input_stats", "gptq_quantize_weight", "layer_output_error",
     "QuantizedLinear", "convert", "serving_factory", "quantize_weight_with", "linear_weight_bytes",
     "save_checkpoint", "restore_checkpoint",
     "MiniLM", "MiniLMConfig", "dense_layers", "embed", "load_bert_weights", "load_minilm",

@@ -7,9 +7,12 @@
   the scales: absmax = ``jaxquant.quantize_weight``). State: ``codes`` (int8 ``[out, in]``, or
   ``[out, in // 2]`` packed int4), ``w_scale``, ``w_zero_point`` (asymmetric), ``bias``,
   ``act_scale`` (static activations) — ordinary arrays, so the model state is a plain pytree.
-* ``convert(model, config)`` — replaces, in place, every ``nnx.Linear`` (quantized with ``config``)
-  and every ``QATLinear`` (with its own config, learned scales and calibrated activation scale)
-  by a ``QuantizedLinear``; returns the model.
+* ``convert(model, config, calibration=None)`` — replaces, in place, every ``nnx.Linear``
+  (quantized with ``config``) and every ``QATLinear`` (with its own config, learned scales and
+  calibrated activation scale) by a ``QuantizedLinear``; returns the model. With
+  ``calibration=GPTQ(run, batches)`` (``jaxquant.flax.gptq``) the ``nnx.Linear`` weights are rounded
+  by GPTQ on the layers' calibration inputs (same scales, different codes) and static activation
+  scales are set from the observed ``max |x|``.
 * ``save_checkpoint`` / ``restore_checkpoint`` (orbax when installed, else ``.npz``) and
   ``linear_weight_bytes``.
 
@@ -43,7 +46,10 @@ import jaxquant as jq
 from jaxquant import weights as W
 from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
+from jaxquant.flax.gptq import GPTQ, gptq_calibrate
 from jaxquant.flax.qat import QATLinear, QuantStat
+
+_TINY = np.float32(2.0**-126)
 
 __all__ = ["QuantizedLinear", "quantize_weight_with", "convert", "linear_weight_bytes", "save_checkpoint",
            "restore_checkpoint", "serving_factory"]
@@ -149,20 +155,50 @@ def _from_layer(layer, config):
     return new
 
 
-def convert(model: nnx.Module, config: QuantConfig | None = None) -> nnx.Module:
+def convert(model: nnx.Module, config: QuantConfig | None = None, *, calibration=None) -> nnx.Module:
     """Replace (in place) the model's ``nnx.Linear`` layers (quantized with ``config``; skipped when
-    it is None) and ``QATLinear`` layers (their own config and scales) by ``QuantizedLinear``."""
+    it is None) and ``QATLinear`` layers (their own config and scales) by ``QuantizedLinear``.
+
+    ``calibration``: None (plain round-to-nearest with ``config.calibration``'s scales) or
+    ``jaxquant.flax.GPTQ(run, batches, ...)``: the ``nnx.Linear`` layers' inputs are observed on the
+    calibration batches and their weights rounded by GPTQ (``jaxquant.flax.gptq``); with
+    ``activations="static"`` their activation scale is ``max(amax * f32(1/127), 2**-126)`` of the
+    observed inputs. ``QATLinear`` layers are always converted with their own (trained) quantizer.
+
+    Raises ``ValueError`` for ``activations="static"`` on float layers without calibration data
+    (there is no activation scale to serve with).
+    """
     targets = []
     for path, node in nnx.iter_graph(model):
         if not path:
             continue
         if isinstance(node, QATLinear) or (isinstance(node, nnx.Linear) and config is not None):
             targets.append((path, node))
+    float_paths = [p for p, n in targets if not isinstance(n, QATLinear)]
+    calibrated = {}
+    if calibration is not None:
+        if not isinstance(calibration, GPTQ):
+            raise TypeError(f"calibration: expected None or jaxquant.flax.GPTQ, got {type(calibration).__name__}")
+        if config is None:
+            raise ValueError("calibration needs a config for the float nnx.Linear layers")
+        if float_paths:
+            calibrated = gptq_calibrate(model, config, calibration, float_paths)
+    elif float_paths and config.activations == "static":
+        raise ValueError("activations='static' on float nnx.Linear layers needs calibration data: pass "
+                         "calibration=GPTQ(run, batches), or use QATLinear + calibrate_activations")
     for path, node in targets:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        new = _from_layer(node, config)
+        if path in calibrated:
+            qw, stats = calibrated[path]
+            k, n = node.kernel.get_value().shape
+            new = QuantizedLinear(k, n, config=config, use_bias=node.bias is not None)
+            new.set_qweight(qw, None if node.bias is None else node.bias[...])
+            if config.activations == "static":
+                new.act_scale.set_value(jnp.maximum(stats.amax * np.float32(1.0 / 127), _TINY))
+        else:
+            new = _from_layer(node, config)
         if isinstance(path[-1], int):
             parent[path[-1]] = new
         else:
