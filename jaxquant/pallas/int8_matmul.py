@@ -92,13 +92,14 @@ class Config:
 # * M > 1024: 128x128x128, 4 warps, 3 stages: 1281 TOP/s at 8192^3, against 1095 for 128x256x128
 #   (8 warps) and 939 for the same tile with 4 stages — the pipeline depth matters most;
 # * M in (256, 1024]: 64x128x128 (4 warps, 4 stages) was fastest on all three sweep shapes;
-# * decode (M <= 16): 16x64x512; narrower N tiles (more programs) were slower (16-row weight
-#   tiles load badly), e.g. 1x4096x14336: bn=64 33 us, bn=16 62 us.
-# Known weak spot (bench3-h200-final.json): M ~ 128 with K or N = 14336 runs at 0.72x bf16 with
-# 64x64x128; 64x32x256 measured 0.0427 ms vs 0.0485 ms there — a split-K or long-K entry is next.
+# * decode (M <= 16): 16x32x512 with 2 warps (scripts/diag_w8a8_tiles.py, M = 16: 1.10 / 1.57 /
+#   1.44x bf16 on 4096x14336 / 8192^2 / 14336x4096, against 1.02 / 1.41 / 1.48x for 16x64x512,
+#   4 warps); 16-wide N tiles were slower (1x4096x14336: bn=64 33 us, bn=16 62 us).
+# * M in (16, 256]: 64x64x256, 3 stages (same script, M = 128: 1.01 / 1.43 / 1.05x bf16, against
+#   0.88 / 1.27 / 0.99x for 64x64x128, 4 stages); narrower tiles (more programs) were slower.
 _H200 = (
-    (16, Config(16, 64, 512, group_m=1, num_warps=4, num_stages=4)),
-    (256, Config(64, 64, 128, group_m=8, num_warps=4, num_stages=4)),
+    (16, Config(16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
+    (256, Config(64, 64, 256, group_m=8, num_warps=4, num_stages=3)),
     (1024, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
     (1 << 62, Config(128, 128, 128, group_m=8, num_warps=4, num_stages=3)),
 )
