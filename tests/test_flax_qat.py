@@ -157,3 +157,128 @@ def test_config_validation():
     with pytest.raises(ValueError, match="stateless"):
         qat_dot_general(QuantConfig(activations="static"))
     assert W8A8.serving_kind == "w8a8" and W4A16.serving_kind == "weight_only" and W4A8.serving_kind == "fake"
+
+
+# ------------------------------------------------------------------------------------------
+# linen QATDense: every option of the nnx QATLinear
+# ------------------------------------------------------------------------------------------
+LINEN_CONFIGS = {
+    "w8a8": W8A8,
+    "w8a8-static": QuantConfig(weight_bits=8, activations="static"),
+    "w4a16g32-asym-mse": dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, calibration="mse"),
+    "w8a8-lsq": dataclasses.replace(W8A8, learnable_scales=True),
+    "w4a16g32-asym-lsq": dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True,
+                                             calibration="mse"),
+    "w4a8-static-lsq": dataclasses.replace(W4A8, activations="static", learnable_scales=True, weight_symmetric=False),
+}
+
+
+def _linen_and_nnx(rng, cfg, x_batches):
+    """A QATDense and a QATLinear with the same kernel / bias / scales, static activations calibrated on
+    ``x_batches`` by each framework's calibration helper."""
+    from jaxquant.flax import calibrate_linen_activations
+
+    dense = QATDense(24, config=cfg)
+    variables = dense.init(jax.random.PRNGKey(0), x_batches[0])
+    params = dict(variables["params"])
+    params["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+    variables = {**variables, "params": params}
+    layer = QATLinear(64, 24, config=cfg, rngs=nnx.Rngs(0))
+    layer.kernel.set_value(params["kernel"])
+    layer.bias.set_value(params["bias"])
+    if cfg.learnable_scales:
+        layer.reset_weight_qparams()
+        for name in ("w_scale", "w_zero_point"):
+            if name in params:
+                assert_same_bits(params[name], getattr(layer, name).get_value(), f"init {name}")
+    if cfg.activations == "static":
+        assert "quant_amax" not in variables  # init does not observe
+        variables = calibrate_linen_activations(dense, variables, x_batches)
+        calibrate_activations(layer, lambda m, b: m(b), x_batches)
+        assert_same_bits(variables["quant_stats"]["act_scale"], layer.act_scale.get_value(), "act_scale")
+    return dense, variables, layer
+
+
+@pytest.mark.parametrize("name", list(LINEN_CONFIGS))
+def test_linen_qat_dense_matches_nnx(rng, name):
+    """Forward and gradients (x, kernel, bias, learnable scales) of QATDense equal QATLinear's, under jit
+    and vmap."""
+    cfg = LINEN_CONFIGS[name]
+    batches = [_x(rng, (6, 64)) * (i + 1) for i in range(2)]
+    dense, variables, layer = _linen_and_nnx(rng, cfg, batches)
+    x = _x(rng, (3, 5, 64))
+    y = jax.jit(dense.apply)(variables, x)
+    assert_same_bits(y, layer(x), "forward")
+    np.testing.assert_allclose(jax.vmap(lambda xi: dense.apply(variables, xi))(x), y, rtol=1e-6, atol=1e-6)
+    dy = _x(rng, (3, 5, 24))
+    gp, gx = jax.jit(jax.grad(lambda p, x: jnp.sum(dense.apply({**variables, "params": p}, x) * dy),
+                              argnums=(0, 1)))(variables["params"], x)
+    gm, gx_nnx = nnx.grad(lambda m, x: jnp.sum(m(x) * dy), argnums=(0, 1))(layer, x)
+    np.testing.assert_allclose(gx, gx_nnx, rtol=1e-5, atol=1e-5)
+    for k in gp:
+        np.testing.assert_allclose(gp[k], gm[k].get_value(), rtol=1e-5, atol=1e-5, err_msg=k)
+    if cfg.learnable_scales:
+        assert np.abs(np.asarray(gp["w_scale"])).sum() > 0
+    # the fake-quantized forward differs from the float one (the quantizers are active)
+    float_y = x @ variables["params"]["kernel"] + variables["params"]["bias"]
+    assert not np.allclose(np.asarray(y), np.asarray(float_y), rtol=1e-6, atol=1e-6)
+
+
+def test_linen_static_calibration_and_observe_mode(rng):
+    cfg = QuantConfig(weight_bits=8, activations="static")
+    from jaxquant.flax import calibrate_linen_activations
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(QATDense(16, config=cfg, name="first")(x))
+            return QATDense(4, config=cfg, name="second")(h)
+
+    model = Two()
+    batches = [_x(rng, (6, 16)) * (i + 1) for i in range(3)]
+    variables = model.init(jax.random.PRNGKey(0), batches[0])
+    assert set(variables) == {"params", "quant_stats"}
+    # before calibration act_scale is 1.0 (int8 grid of step 1): calibration changes the forward
+    y0 = model.apply(variables, batches[0])
+    cal = calibrate_linen_activations(model, variables, batches)
+    amax = max(float(jnp.max(jnp.abs(b))) for b in batches)
+    s0 = cal["quant_stats"]["first"]["act_scale"]
+    assert float(s0) == np.float32(max(np.float32(amax) * np.float32(1 / 127), 2**-126))
+    # the second layer saw the float (observe-mode) outputs of the first
+    p0 = variables["params"]["first"]
+    h = jax.nn.relu(jnp.stack(batches) @ p0["kernel"] + p0["bias"])
+    np.testing.assert_allclose(cal["quant_stats"]["second"]["act_scale"], jnp.max(jnp.abs(h)) / 127, rtol=1e-6)
+    y1 = model.apply(cal, batches[0])
+    assert not np.allclose(np.asarray(y0), np.asarray(y1))
+    x_hat = fake_quantize_activation(batches[0], cfg, s0)
+    assert len(np.unique(np.round(np.asarray(x_hat) / float(s0)))) <= 256
+
+
+def test_linen_check_grads_float64(rng):
+    """Weight-only configs are linear in x: check_grads (fwd and rev, order 2) in float64, absmax and LSQ."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((3, 32)), jnp.float64)
+        for cfg in (dataclasses.replace(W4A16, group_size=16),
+                    dataclasses.replace(W4A16, group_size=16, weight_symmetric=False, learnable_scales=True)):
+            dense = QATDense(8, config=cfg, param_dtype=jnp.float64)
+            v = dense.init(jax.random.PRNGKey(1), x)
+            assert v["params"]["kernel"].dtype == jnp.float64
+            check_grads(lambda x: dense.apply(v, x), (x,), order=2, modes=["fwd", "rev"])
+
+
+def test_linen_weight_qparams_from_kernel(rng):
+    cfg = dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)
+    dense = QATDense(8, config=cfg)
+    v = dense.init(jax.random.PRNGKey(0), _x(rng, (2, 64)))
+    new_kernel = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
+    qp = QATDense.weight_qparams_from_kernel(new_kernel, cfg, method="absmax")
+    s, z = weight_qparams(new_kernel.T, bits=4, group_size=32, symmetric=False)
+    assert_same_bits(qp["w_scale"], s, "scale")
+    assert_same_bits(qp["w_zero_point"], z.astype(jnp.float32), "zero point")
+    params = {**v["params"], "kernel": new_kernel, **qp}
+    # absmax-initialised learnable scales give the absmax layer's forward
+    plain = QATDense(8, config=dataclasses.replace(cfg, learnable_scales=False))
+    x = _x(rng, (4, 64))
+    np.testing.assert_allclose(dense.apply({"params": params}, x),
+                               plain.apply({"params": {"kernel": new_kernel, "bias": v["params"]["bias"]}}, x),
+                               rtol=1e-6, atol=1e-6)

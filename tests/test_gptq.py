@@ -89,39 +89,41 @@ def test_gptq_reduces_layer_output_error(rng, cfg):
 
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_matches_float64_oracle(rng, act_order):
-    """Well-conditioned H (cond ~ 25): our float32 blocked GPTQ picks the oracle's codes (a float32/float64
-    difference can flip a near-tie, which then steers the later columns of that row). Ill-conditioned H
-    (outlier channels, cond ~ 1e5): more flips, but the output error stays that of the oracle."""
+    """Our float32 blocked GPTQ (block 48: a padded last block) picks the float64 textbook oracle's codes,
+    for a well-conditioned H (cond ~ 25) and an ill-conditioned one (outlier channels, cond ~ 1e5).
+    Measured: all codes equal in 110 of 110 seeded trials (this test found a damping computed on the
+    padded Hessian, which changed ~7% of the codes); one row may differ for a float32 near-tie."""
     cfg = G32_ASYM_MSE
     w = (rng.standard_normal((16, 128)) * 0.05).astype(np.float32)
     s, z = weight_qparams(w, bits=4, group_size=32, symmetric=False, method="mse")
     deq = lambda q: (q - np.repeat(np.asarray(z), 32, 1)) * np.repeat(np.asarray(s), 32, 1)
     mix = np.eye(128) + rng.standard_normal((128, 128)) * 0.03
-    for x, min_agree, tol in ((rng.standard_normal((400, 128)) @ mix, 0.98, 0.02),
-                              (_Source(rng).sample(rng, 300), 0.85, 0.1)):
+    for x in (rng.standard_normal((400, 128)) @ mix, _Source(rng).sample(rng, 300)):
         h = x.T.astype(np.float64) @ x
         ours = np.asarray(gptq_codes(w, jnp.asarray(h, jnp.float32), s, z, cfg, act_order=act_order, block_size=48))
         oracle = _numpy_gptq(w, h, s, z, cfg, act_order=act_order)
-        agree = np.mean(ours == oracle)
+        rows = int((ours != oracle).any(axis=1).sum())
         e_ours, e_oracle = (float(layer_output_error(w, deq(c), h)) for c in (ours, oracle))
-        print(f"\ncond(H) {np.linalg.cond(h):.3g}: codes equal to the float64 oracle {agree:.4f}, "
+        print(f"\ncond(H) {np.linalg.cond(h):.3g}: {rows} of 16 rows differ from the float64 oracle, "
               f"output error ours / oracle {e_ours / e_oracle:.4f}")
-        assert agree >= min_agree and abs(e_ours / e_oracle - 1) < tol
+        assert rows <= 1 and abs(e_ours / e_oracle - 1) < 0.02
 
 
 def test_block_size_does_not_change_the_result(rng):
     """Lazy-batch blocks are an evaluation order only: the codes do not depend on the block size (up to
-    float32 summation order; well-conditioned H so that no near-tie flips)."""
+    float32 summation order), and neither does the damping (computed before padding)."""
     cfg = G32_ASYM_MSE
-    x = rng.standard_normal((400, 128)) @ (np.eye(128) + rng.standard_normal((128, 128)) * 0.03)
+    x = _Source(rng).sample(rng, 300)   # ill-conditioned: sensitive to the damping
     w = (rng.standard_normal((16, 128)) * 0.05).astype(np.float32)
     h = jnp.asarray(x.T @ x, jnp.float32)
     ref = np.asarray(gptq_quantize_weight(w, h, cfg, block_size=48).dequantize())   # 48: a padded last block
     for b in (1, 128):
         got = np.asarray(gptq_quantize_weight(w, h, cfg, block_size=b).dequantize())
-        assert np.mean(got == ref) > 0.99
+        # measured: identical codes in 60 of 60 seeded trials; a float32 near-tie flipped by the
+        # summation order would change the rest of one row
+        assert int((got != ref).any(axis=1).sum()) <= 1
         np.testing.assert_allclose(float(layer_output_error(w, got, h)), float(layer_output_error(w, ref, h)),
-                                   rtol=0.01)
+                                   rtol=0.02)
 
 
 @pytest.mark.parametrize("cfg", [G32, G32_ASYM_MSE, W8A8], ids=["w4g32", "w4g32-asym-mse", "w8a8"])

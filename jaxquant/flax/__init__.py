@@ -2,7 +2,8 @@
 
 * ``QuantConfig`` (+ presets ``W8A8``, ``W8A16``, ``W4A16``, ``W4A8``) — ``jaxquant.flax.config``.
 * QAT — ``jaxquant.flax.qat``: ``qat_dot_general(config)`` for ``nnx.Linear(dot_general=...)`` /
-  ``nn.Dense(dot_general=...)``, explicit ``QATLinear`` (nnx) and ``QATDense`` (linen).
+  ``nn.Dense(dot_general=...)`` (stateless options), explicit ``QATLinear`` (nnx) and ``QATDense``
+  (linen; every option, static activations calibrated by ``calibrate_linen_activations``).
 * LSQ — ``jaxquant.flax.lsq``: ``fake_quantize_learnable`` (torch's learnable fake-quant gradients,
   Pallas backward ``jaxquant_lsq_backward``).
 * Calibration — ``jaxquant.flax.calibrate``: ``weight_qparams`` (absmax / percentile / MSE clip
@@ -42,6 +43,7 @@ from jaxquant.flax.qat import (
     QATDotGeneral,
     QATLinear,
     QuantStat,
+    calibrate_linen_activations,
     fake_quantize_activation,
     fake_quantize_weight,
     qat_dot_general,
@@ -49,7 +51,7 @@ from jaxquant.flax.qat import (
 
 __all__ = [
     "QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8",
-    "qat_dot_general", "QATDotGeneral", "QATLinear", "QATDense", "QuantStat",
+    "qat_dot_general", "QATDotGeneral", "QATLinear", "QATDense", "QuantStat", "calibrate_linen_activations",
     "fake_quantize_weight", "fake_quantize_activation",
     "fake_quantize_learnable",
     "weight_qparams", "qparams_from_range", "calibrate_activations",

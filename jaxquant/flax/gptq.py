@@ -116,10 +116,9 @@ class InputStats:
 # ------------------------------------------------------------------------------------------
 # GPTQ on one weight
 # ------------------------------------------------------------------------------------------
-def _cholesky_inverse_upper(h, damp):
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float32), NaN on failure."""
+def _cholesky_inverse_upper(h):
+    """Upper Cholesky factor of ``h^-1`` (float32; NaN when ``h`` is not positive definite)."""
     k = h.shape[0]
-    h = h + (damp * jnp.mean(jnp.diag(h))) * jnp.eye(k, dtype=h.dtype)
     lo = jnp.linalg.cholesky(h)
     hinv = jax.scipy.linalg.cho_solve((lo, True), jnp.eye(k, dtype=h.dtype))
     return jnp.linalg.cholesky(hinv).T
@@ -167,11 +166,12 @@ def _gptq(w, h, scale, zp, damp, *, qmin, qmax, group, act_order, block):
     h = jnp.where(jnp.diag(dead), 1.0, h)
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
     h = h[perm][:, perm]
+    h = h + (damp * jnp.mean(jnp.diag(h))) * jnp.eye(k, dtype=h.dtype)
     kp = -(-k // block) * block
     pad = kp - k
     # padded columns: weight 0, identity Hessian (U = I there), scale 1, zero point 0 -> code 0, no error
     hp = jnp.pad(h, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(kp) >= k).astype(h.dtype)
-    u = _cholesky_inverse_upper(hp, damp)
+    u = _cholesky_inverse_upper(hp)
     ok = jnp.all(jnp.isfinite(u))
     u = jnp.where(ok, u, jnp.eye(kp, dtype=h.dtype))
     pcols = lambda a, fill: jnp.pad(a[:, perm], ((0, 0), (0, pad)), constant_values=fill)

@@ -34,7 +34,7 @@ from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 
 __all__ = ["fake_quantize_weight", "fake_quantize_activation", "QATDotGeneral", "qat_dot_general",
-           "QATLinear", "QATDense", "QuantStat", "lsq_grad_factor"]
+           "QATLinear", "QATDense", "QuantStat", "lsq_grad_factor", "calibrate_linen_activations"]
 
 
 def _weight_gran(config: QuantConfig):
@@ -103,7 +103,8 @@ class QATDotGeneral:
     the dense contraction: ``rhs`` a 2-d kernel ``[K, N]`` contracted on its axis 0 with the last
     axis of ``lhs``, no batch dimensions. Weights: absmax fake-quantization (``config``'s bits /
     group size / symmetry); activations: None or ``"dynamic"`` (per token). Stateful options
-    (``"static"`` activations, learnable scales) need ``QATLinear``.
+    (``"static"`` activations, learnable scales) need a layer that holds state: ``QATLinear`` (nnx)
+    or ``QATDense`` (linen).
     """
 
     config: QuantConfig = QuantConfig()
@@ -111,7 +112,7 @@ class QATDotGeneral:
     def __post_init__(self):
         if self.config.activations == "static" or self.config.learnable_scales:
             raise ValueError("QATDotGeneral is stateless: activations='static' and learnable_scales=True need "
-                             "QATLinear (nnx) layers")
+                             "QATLinear (nnx) or QATDense (linen) layers")
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
         (lc, rc), (lb, rb) = dimension_numbers
@@ -238,26 +239,93 @@ class QATLinear(nnx.Module):
 # linen
 # ------------------------------------------------------------------------------------------
 class QATDense(nn.Module):
-    """linen ``Dense`` with fake-quantized weights (absmax, STE) and activations (None / ``"dynamic"``).
+    """linen ``Dense`` with fake-quantized weights and activations: every ``QuantConfig`` option, as
+    ``QATLinear`` (nnx) computes it (module docstring).
 
-    Params ``kernel [in, features]`` and ``bias [features]`` as in ``nn.Dense``. Stateful options
-    (``"static"`` activations, learnable scales) are supported by ``QATLinear`` (nnx) only.
+    Variables (``model.init`` creates them):
+
+    * ``params``: ``kernel [in, features]``, ``bias [features]`` (as ``nn.Dense``); with
+      ``learnable_scales``: ``w_scale`` (``[features]`` or ``[features, in // g]``) and, when
+      asymmetric, a float ``w_zero_point``, initialised from the kernel by ``config.calibration``
+      (``QATDense.weight_qparams_from_kernel`` recomputes them after loading other kernels) and
+      trained with LSQ gradients.
+    * ``quant_stats``: ``act_scale`` (``activations="static"``, a per-tensor float32 scale, 1.0 until
+      calibrated by ``calibrate_linen_activations``).
+    * ``quant_amax``: ``act_amax`` — only while observing: when ``apply`` is called with
+      ``"quant_amax"`` mutable (outside ``init``), a static-activation layer records ``max |x|``
+      and computes the float forward instead of quantizing (``calibrate_linen_activations`` does this).
     """
 
     features: int
     config: QuantConfig = QuantConfig()
     use_bias: bool = True
+    dtype: object = None
+    param_dtype: object = jnp.float32
     kernel_init: object = nn.initializers.lecun_normal()
     bias_init: object = nn.initializers.zeros_init()
 
+    @staticmethod
+    def weight_qparams_from_kernel(kernel, config: QuantConfig, method: str | None = None) -> dict:
+        """``{"w_scale": ..., "w_zero_point": ...}`` (the zero point only when asymmetric) calibrated from a
+        kernel ``[in, out]`` by ``method`` (default ``config.calibration``): the learnable-scale params."""
+        s, z = C.weight_qparams(jnp.asarray(kernel).T, bits=config.weight_bits, group_size=config.group_size,
+                                symmetric=config.weight_symmetric, method=method or config.calibration,
+                                percentile=config.percentile)
+        out = {"w_scale": s}
+        if not config.weight_symmetric:
+            out["w_zero_point"] = z.astype(jnp.float32)
+        return out
+
     @nn.compact
     def __call__(self, x):
-        if self.config.activations == "static" or self.config.learnable_scales:
-            raise NotImplementedError("QATDense supports activations None / 'dynamic' and absmax weight scales; "
-                                      "use the nnx QATLinear for static activations or learnable scales")
+        c = self.config
         k = x.shape[-1]
-        self.config.check_features(k)
-        kernel = self.param("kernel", self.kernel_init, (k, self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x_hat = fake_quantize_activation(x, self.config)
-        return _linear(x_hat, fake_quantize_weight(kernel.T, self.config), bias)
+        c.check_features(k)
+        kernel = self.param("kernel", self.kernel_init, (k, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        x = x.astype(dtype)
+        w = kernel.T
+        if c.learnable_scales:
+            init = lambda name: (lambda _rng: QATDense.weight_qparams_from_kernel(kernel, c)[name])
+            w_scale = self.param("w_scale", init("w_scale"))
+            w_zp = None if c.weight_symmetric else self.param("w_zero_point", init("w_zero_point"))
+            w_hat = fake_quantize_weight(w, c, w_scale, w_zp, learnable=True)
+        else:
+            w_hat = fake_quantize_weight(w, c)
+        act_scale = None
+        if c.activations == "static":
+            act_scale = self.variable("quant_stats", "act_scale", lambda: jnp.ones((), jnp.float32)).value
+            if self.is_mutable_collection("quant_amax") and not self.is_initializing():
+                amax = self.variable("quant_amax", "act_amax", lambda: jnp.zeros((), jnp.float32))
+                amax.value = jnp.maximum(amax.value, jnp.max(jnp.abs(lax.stop_gradient(x))).astype(jnp.float32))
+                return _linear(x, w, bias)
+        return _linear(fake_quantize_activation(x, c, act_scale), w_hat, bias)
+
+
+def calibrate_linen_activations(model: nn.Module, variables, batches, *, apply=None):
+    """linen counterpart of ``jaxquant.flax.calibrate_activations``: returns ``variables`` with the
+    ``quant_stats/.../act_scale`` of every static-activation ``QATDense`` set to
+    ``max(amax * f32(1/127), 2**-126)``, ``amax`` = ``max |x|`` of its inputs over ``batches``.
+
+    ``apply(variables, batch)`` runs the forward pass with ``"quant_amax"`` mutable and returns
+    ``(output, updates)``; default ``jax.jit(lambda v, b: model.apply(v, b, mutable=["quant_amax"]))``
+    (pass your own for models taking several arguments).
+    """
+    from flax import traverse_util
+
+    if apply is None:
+        apply = jax.jit(lambda v, b: model.apply(v, b, mutable=["quant_amax"]))
+    variables = dict(variables)
+    variables.pop("quant_amax", None)
+    amax = None
+    for b in batches:
+        _, updates = apply(variables if amax is None else {**variables, "quant_amax": amax}, b)
+        amax = updates["quant_amax"]
+    if amax is None:
+        raise ValueError("calibrate_linen_activations: no batch produced activation statistics")
+    stats = traverse_util.flatten_dict(dict(variables.get("quant_stats", {})))
+    for path, value in traverse_util.flatten_dict(dict(amax)).items():
+        stats[path[:-1] + ("act_scale",)] = jnp.maximum(value * np.float32(1.0 / 127), np.float32(2.0**-126))
+    variables["quant_stats"] = traverse_util.unflatten_dict(stats)
+    return variables
