@@ -129,3 +129,87 @@ def test_checkpoint_round_trip(rng, tmp_path, backend):
     assert_same_bits(fresh(x), y, "restored forward")
     for a, b in zip(jax.tree_util.tree_leaves(nnx.state(fresh)), jax.tree_util.tree_leaves(nnx.state(model))):
         assert_same_bits(a, b, "leaf")
+
+
+# ------------------------------------------------------------------------------------------
+# linen: QATDense -> QuantizedDense through linen_serving_variables
+# ------------------------------------------------------------------------------------------
+from flax import linen as nn  # noqa: E402
+
+from jaxquant.flax import (QATDense, QuantizedDense, calibrate_linen_activations,  # noqa: E402
+                           fake_quantize_activation, fake_quantize_weight, linen_serving_variables)
+
+
+class _MLP(nn.Module):
+    config: QuantConfig
+    dense: type = QATDense
+
+    @nn.compact
+    def __call__(self, x):
+        h = self.dense(32, config=self.config, name="fc1")(x)
+        return self.dense(16, config=self.config, name="fc2")(h)
+
+
+LINEN_CONFIGS = {k: CONFIGS[k] for k in ("w8a8", "w8a8-static", "w8a16", "w4a16-g32-lsq")}
+
+
+@pytest.mark.parametrize("name", list(LINEN_CONFIGS))
+def test_linen_serving_equals_qat_within_bound(rng, name):
+    cfg = LINEN_CONFIGS[name]
+    x = jnp.asarray(rng.standard_normal((5, 7, 64)), jnp.float32)
+    qat = _MLP(cfg)
+    v = qat.init(jax.random.PRNGKey(0), x)
+    params = jax.tree_util.tree_map(lambda a: a, dict(v["params"]))
+    for layer in ("fc1", "fc2"):
+        params[layer] = dict(params[layer])
+        params[layer]["bias"] = jnp.asarray(rng.standard_normal(params[layer]["bias"].shape) * 0.1, jnp.float32)
+        if cfg.learnable_scales:   # move the scales off their init, as training would
+            params[layer]["w_scale"] = params[layer]["w_scale"] * 0.9
+    v = {**v, "params": params}
+    if cfg.activations == "static":
+        v = calibrate_linen_activations(qat, v, [x])
+    served = linen_serving_variables(v, cfg)
+    assert "kernel" not in served["params"]["fc1"]
+    srv = _MLP(cfg, dense=QuantizedDense)
+    y_srv = jax.jit(srv.apply)(served, x)
+    assert y_srv.shape == (5, 7, 16)
+    # layer by layer: exact W_hat, and the convert() bound on the outputs
+    h = x
+    for layer in ("fc1", "fc2"):
+        p = params[layer]
+        w = p["kernel"].T
+        if cfg.learnable_scales:
+            w_hat = fake_quantize_weight(w, cfg, p["w_scale"], p.get("w_zero_point"), learnable=True)
+        else:
+            w_hat = fake_quantize_weight(w, cfg)
+        q = served["quantized"][layer]
+        qw = jq.QuantizedWeight(q["codes"], q["w_scale"], q.get("w_zero_point"), bits=cfg.weight_bits,
+                                group_size=cfg.group_size, symmetric=cfg.weight_symmetric, shape=w.shape)
+        assert_same_bits(qw.dequantize(), w_hat, f"{layer} W_hat")
+        act = v["quant_stats"][layer]["act_scale"] if cfg.activations == "static" else None
+        k_vars = {"params": {"bias": served["params"][layer]["bias"]}, "quantized": q}
+        if act is not None:
+            k_vars["quant_stats"] = {"act_scale": act}
+        y_l = np.asarray(QuantizedDense(w.shape[0], config=cfg).apply(k_vars, h), np.float64)
+        qat_vars = {"params": p, **({"quant_stats": {"act_scale": act}} if act is not None else {})}
+        y_q = np.asarray(QATDense(w.shape[0], config=cfg).apply(qat_vars, h), np.float64)
+        x_hat = np.asarray(fake_quantize_activation(h, cfg, act), np.float64)
+        mag = np.abs(x_hat) @ np.abs(np.asarray(w_hat, np.float64)).T
+        bound = (h.shape[-1] + 2) * U * mag + U * np.abs(y_q) + U * np.abs(np.asarray(p["bias"], np.float64))
+        excess = np.abs(y_l - y_q) - bound
+        assert (excess <= 0).all(), f"{layer}: max excess {excess.max()}"
+        h = QATDense(w.shape[0], config=cfg).apply(qat_vars, h)
+    np.testing.assert_allclose(y_srv, qat.apply(v, x), rtol=1e-4, atol=1e-4)
+
+
+def test_linen_serving_from_float_dense(rng):
+    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.float32)
+    dense = nn.Dense(32)
+    v = dense.init(jax.random.PRNGKey(0), x)
+    served = linen_serving_variables(v, W4A16, qat=False)
+    qw = jq.quantize_weight(v["params"]["kernel"].T, bits=4, group_size=128)
+    assert_same_bits(served["quantized"]["codes"], qw.codes, "int4 codes")
+    y = QuantizedDense(32, config=W4A16).apply(served, x)
+    np.testing.assert_allclose(y, x @ qw.dequantize().T + v["params"]["bias"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="static"):
+        linen_serving_variables(v, QuantConfig(activations="static"), qat=False)

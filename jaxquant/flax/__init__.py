@@ -12,7 +12,8 @@
   ``convert(model, config, calibration=GPTQ(run, batches))``), ``collect_input_stats``, ``calibration_mask``,
   ``gptq_quantize_weight``, ``layer_output_error``.
 * Serving — ``jaxquant.flax.convert``: ``QuantizedLinear`` (``quantized_linear`` / ``weight_only_linear``),
-  ``convert``, ``serving_factory``, ``save_checkpoint`` / ``restore_checkpoint``, ``linear_weight_bytes``.
+  ``convert``, ``serving_factory``, ``save_checkpoint`` / ``restore_checkpoint``, ``linear_weight_bytes``;
+  linen: ``QuantizedDense`` + ``linen_serving_variables``.
 * ``jaxquant.flax.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
   dense projections all come from one ``linear_factory`` so quantized layers can be swapped in.
 """
@@ -20,9 +21,11 @@
 from jaxquant.flax.calibrate import calibrate_activations, qparams_from_range, weight_qparams
 from jaxquant.flax.config import W4A8, W4A16, W8A8, W8A16, QuantConfig
 from jaxquant.flax.convert import (
+    QuantizedDense,
     QuantizedLinear,
     convert,
     linear_weight_bytes,
+    linen_serving_variables,
     quantize_weight_with,
     restore_checkpoint,
     save_checkpoint,
@@ -56,7 +59,7 @@ __all__ = [
     "fake_quantize_learnable",
     "weight_qparams", "qparams_from_range", "calibrate_activations",
     "GPTQ", "InputStats", "calibration_mask", "collect_input_stats", "gptq_quantize_weight", "layer_output_error",
-    "QuantizedLinear", "convert", "serving_factory", "quantize_weight_with", "linear_weight_bytes",
+    "QuantizedLinear", "QuantizedDense", "linen_serving_variables", "convert", "serving_factory", "quantize_weight_with", "linear_weight_bytes",
     "save_checkpoint", "restore_checkpoint",
     "MiniLM", "MiniLMConfig", "dense_layers", "embed", "load_bert_weights", "load_minilm",
 ]

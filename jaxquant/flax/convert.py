@@ -15,6 +15,8 @@
   scales are set from the observed ``max |x|``.
 * ``save_checkpoint`` / ``restore_checkpoint`` (orbax when installed, else ``.npz``) and
   ``linear_weight_bytes``.
+* linen: ``QuantizedDense`` (the serving layer) and ``linen_serving_variables(variables, config)``
+  (QAT ``QATDense`` or float ``nn.Dense`` variables -> serving variables; same equivalence).
 
 Equivalence with QAT (the bound ``tests/test_convert.py`` checks). The QAT layer computes
 ``y_qat = fl(x_hat @ W_hat^T) + b`` with ``x_hat = q_x * s_x`` and ``W_hat = q_w * s_w`` (float32
@@ -52,7 +54,7 @@ from jaxquant.flax.qat import QATLinear, QuantStat
 _TINY = np.float32(2.0**-126)
 
 __all__ = ["QuantizedLinear", "quantize_weight_with", "convert", "linear_weight_bytes", "save_checkpoint",
-           "restore_checkpoint", "serving_factory"]
+           "restore_checkpoint", "serving_factory", "QuantizedDense", "linen_serving_variables"]
 
 
 def quantize_weight_with(w, scale, zero_point, config: QuantConfig) -> W.QuantizedWeight:
@@ -215,6 +217,97 @@ def linear_weight_bytes(model: nnx.Module) -> int:
         elif isinstance(node, (nnx.Linear, QATLinear)):
             total += int(node.kernel.get_value().nbytes) + (0 if node.bias is None else int(node.bias.get_value().nbytes))
     return total
+
+
+# ------------------------------------------------------------------------------------------
+# linen serving: QuantizedDense + linen_serving_variables
+# ------------------------------------------------------------------------------------------
+from flax import linen as nn  # noqa: E402
+
+
+class QuantizedDense(nn.Module):
+    """linen serving layer: ``y = x @ W^T + b`` with a quantized ``W [features, in]``, calling
+    ``jaxquant.quantized_linear`` (W8A8) or ``jaxquant.weight_only_linear`` (W8A16 / W4A16).
+
+    The linen counterpart of ``QuantizedLinear``: build the model with ``QuantizedDense`` where the
+    QAT model had ``QATDense`` (e.g. a ``dense`` class attribute) and serve the variables made by
+    ``linen_serving_variables``. Collections: ``quantized`` (``codes`` int8 ``[features, in]`` or
+    packed ``[features, in // 2]``, ``w_scale``, ``w_zero_point`` when asymmetric), ``params``
+    (``bias``), ``quant_stats`` (``act_scale``, static activations).
+    """
+
+    features: int
+    config: QuantConfig = QuantConfig()
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        if c.serving_kind == "fake":
+            raise ValueError(f"QuantizedDense: no integer kernel serves {c}")
+        k, n = x.shape[-1], self.features
+        c.check_features(k)
+        ck = k // 2 if c.weight_bits == 4 else k
+        pshape = (n,) if c.group_size is None else (n, k // c.group_size)
+        codes = self.variable("quantized", "codes", jnp.zeros, (n, ck), jnp.int8).value
+        scale = self.variable("quantized", "w_scale", jnp.ones, pshape, jnp.float32).value
+        zp = None if c.weight_symmetric else self.variable("quantized", "w_zero_point", jnp.zeros, pshape,
+                                                           jnp.int32).value
+        bias = self.param("bias", nn.initializers.zeros_init(), (n,), jnp.float32) if self.use_bias else None
+        qw = W.QuantizedWeight(codes, scale, zp, bits=c.weight_bits, group_size=c.group_size,
+                               symmetric=c.weight_symmetric, shape=(n, k))
+        if c.serving_kind == "w8a8":
+            act = None
+            if c.activations == "static":
+                act = self.variable("quant_stats", "act_scale", jnp.ones, (), jnp.float32).value
+            return jq.quantized_linear(x, qw, bias, act_scale=act)
+        return jq.weight_only_linear(x, qw, bias)
+
+
+def linen_serving_variables(variables, config: QuantConfig, *, qat: bool = True):
+    """Variables for a ``QuantizedDense`` model from those of the QAT (``QATDense``) or float
+    (``nn.Dense``) model: every ``params`` dict holding a 2-d ``kernel`` is one dense layer.
+
+    ``qat=True``: the weights are quantized exactly as the ``QATDense`` forward with ``config``
+    fake-quantizes them (learned ``w_scale`` / ``w_zero_point`` — zero point rounded and clamped to
+    the code range — or absmax), and ``quant_stats`` (calibrated ``act_scale``) is kept.
+    ``qat=False``: float ``nn.Dense`` params, scales by ``config.calibration``; a static-activation
+    config then has no activation scale, which is an error.
+    """
+    from flax import traverse_util
+
+    if not qat and config.activations == "static":
+        raise ValueError("activations='static' from float nn.Dense params has no calibrated act_scale: "
+                         "train/calibrate a QATDense model (calibrate_linen_activations) and pass qat=True")
+    flat = traverse_util.flatten_dict(dict(variables["params"]))
+    layers = {path[:-1] for path in flat if path[-1] == "kernel" and getattr(flat[path], "ndim", 0) == 2}
+    params, quantized = {}, {}
+    for path, value in flat.items():
+        if path[:-1] not in layers:
+            params[path] = value
+    for layer in layers:
+        w = jnp.asarray(flat[layer + ("kernel",)], jnp.float32).T
+        if qat and config.learnable_scales:
+            s = flat[layer + ("w_scale",)]
+            z = None
+            if not config.weight_symmetric:
+                qmin, qmax = config.weight_range
+                z = jnp.clip(jnp.round(flat[layer + ("w_zero_point",)]), qmin, qmax).astype(jnp.int32)
+        else:
+            s, z = C.weight_qparams(w, bits=config.weight_bits, group_size=config.group_size,
+                                    symmetric=config.weight_symmetric,
+                                    method="absmax" if qat else config.calibration, percentile=config.percentile)
+        qw = quantize_weight_with(w, s, z, config)
+        quantized[layer + ("codes",)] = qw.codes
+        quantized[layer + ("w_scale",)] = qw.scale
+        if not config.weight_symmetric:
+            quantized[layer + ("w_zero_point",)] = qw.zero_point
+        if layer + ("bias",) in flat:
+            params[layer + ("bias",)] = jnp.asarray(flat[layer + ("bias",)], jnp.float32)
+    out = {"params": traverse_util.unflatten_dict(params), "quantized": traverse_util.unflatten_dict(quantized)}
+    if qat and config.activations == "static":
+        out["quant_stats"] = variables["quant_stats"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------
