@@ -224,6 +224,10 @@ def test_sequential_sees_quantized_inputs(rng):
     np.testing.assert_allclose(np.asarray(par[("c",)][1].hessian), h_float.T @ h_float / 64, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(seq[("c",)][1].hessian), h_quant.T @ h_quant / 64, rtol=1e-4, atol=1e-6)
     assert not np.allclose(np.asarray(seq[("c",)][1].hessian), np.asarray(par[("c",)][1].hessian), rtol=1e-3)
+    # one calibration pass per group: (a, b) share their input, c is alone -> 2 passes
+    calls = []
+    gptq_calibrate(model, cfg, GPTQ(lambda m, b: (calls.append(1), m(b)), [x], sequential=True, jit=False), paths)
+    assert len(calls) == 2
     # the first group (a, b) is identical in both modes
     assert_same_bits(seq[("a",)][0].codes, par[("a",)][0].codes, "first-group codes")
     assert_same_bits(model.a.kernel.get_value(), ka, "float kernel restored")

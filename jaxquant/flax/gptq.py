@@ -35,9 +35,16 @@ Entry points:
 * ``gptq_quantize_weight(w, hessian, config)`` — one weight; returns a ``QuantizedWeight``.
 
 Every row of ``x [..., K]`` a layer sees in calibration is one sample of ``X``, except rows
-masked out by ``calibration_mask(mask)`` inside ``run`` (e.g. padded token positions). ``sequential=True`` recomputes the statistics after each group of layers is
-quantized, so later layers see (and compensate for) the quantized earlier ones; layers called on
-the same input array (e.g. query, key, value) form one group.
+masked out by ``calibration_mask(mask)`` inside ``run`` (e.g. padded token positions).
+``sequential=True`` recomputes the statistics after each group of layers is quantized (their
+float kernels temporarily replaced by the dequantized GPTQ weights), so later layers see and
+compensate for the quantized earlier ones; layers called on the same input array (e.g. query, key,
+value) form one group. The statistics are accumulated on the device by ``InputObserver`` modules
+installed in front of the layers (``observing``) and removed afterwards; the model is unchanged.
+
+Only float ``nnx.Linear`` layers are calibrated this way; ``QATLinear`` layers keep the quantizer
+they were trained with (``convert``). The cost is one ``[K, K]`` Hessian per layer and, per layer,
+``O(N K^2)`` flops: all-MiniLM-L6-v2 (36 layers, 200 sentences) takes ~6 s on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -71,7 +78,8 @@ class GPTQ:
       run: ``run(model, batch)`` runs the model's forward pass on one calibration batch (its
         result is ignored).
       batches: the calibration batches (e.g. tuples of arrays). Use data that is not your
-        evaluation data; every row of every linear layer's input is one sample (mind padding).
+        evaluation data; every row of every linear layer's input is one sample, except rows that
+        ``calibration_mask`` masks out inside ``run`` (padding).
       damp: ridge added to ``H``'s diagonal, as a fraction of its mean (``H`` is rank-deficient
         when there are fewer samples than inputs); retried x10 if the Cholesky fails.
       act_order: visit columns by decreasing ``diag(H)`` (scales stay static, so groups stay
