@@ -258,6 +258,46 @@ def test_linear_factory_builds_every_projection(tiny):
                                np.asarray(tiny[0](ids, mask, types)), rtol=1e-6, atol=1e-6)
 
 
+def test_gptq_calibration_on_the_tiny_model(tiny):
+    """GPTQ through the model's own module tree (paths with list indices): calibration_mask keeps only the
+    real tokens of a padded batch, and the converted model serves exactly the GPTQ codes of those
+    statistics. (That the masked statistics equal those of the real rows: tests/test_gptq.py.)"""
+    import dataclasses
+
+    from jaxquant.flax import GPTQ, W4A16, QuantizedLinear, calibration_mask, collect_input_stats, convert
+    from jaxquant.flax.gptq import gptq_quantize_weight
+
+    _, ckpt = tiny
+    ids, mask, types = tiny_batch()
+
+    def run(model, batch):
+        i, m, t = batch
+        with calibration_mask(m):
+            model(i, m, t)
+
+    fresh = lambda: minilm.load_bert_weights(MiniLM(TINY, rngs=nnx.Rngs(0)), ckpt)
+    model = fresh()
+    masked = collect_input_stats(model, run, [(ids, mask, types)], jit=False)
+    assert len(masked) == 6 * TINY.num_layers and all(p[0] == "layers" for p in masked)
+    for path, st in masked.items():
+        assert st.rows == int(mask.sum())
+    # the first layer's input is the embedding LayerNorm output at the real positions
+    x0 = np.asarray(model.embeddings(ids, types))[mask != 0]
+    np.testing.assert_allclose(np.asarray(masked[("layers", 0, "attention", "query")].hessian),
+                               x0.T @ x0 / x0.shape[0], rtol=1e-5, atol=1e-6)
+    cfg = dataclasses.replace(W4A16, group_size=None)
+    model = convert(fresh(), cfg, calibration=GPTQ(run, [(ids, mask, types)], jit=False))
+    layers = dict(minilm.dense_layers(model))
+    float_layers = dict(minilm.dense_layers(fresh()))
+    assert len(layers) == 6 * TINY.num_layers and all(isinstance(l, QuantizedLinear) for l in layers.values())
+    for name, layer in layers.items():
+        path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+        expect = gptq_quantize_weight(float_layers[name].kernel[...].T, masked[path].hessian, cfg)
+        np.testing.assert_array_equal(np.asarray(layer.codes[...]), np.asarray(expect.codes))
+    emb = np.asarray(model(ids, mask, types))
+    assert emb.shape == (3, TINY.hidden_size) and np.isfinite(emb).all()
+
+
 def test_load_errors(tiny):
     _, ckpt = tiny
     fresh = functools.partial(MiniLM, TINY, rngs=nnx.Rngs(0))
