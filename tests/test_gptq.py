@@ -12,7 +12,7 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant import weights as Wm
-from jaxquant.flax import (GPTQ, W4A16, W8A8, W8A16, QuantConfig, QuantizedLinear, calibration_mask,
+from jaxquant.flax import (GPTQ, W4A8, W4A16, W8A8, W8A16, QuantConfig, QuantizedLinear, calibration_mask,
                            collect_input_stats, convert, gptq_quantize_weight, layer_output_error, weight_qparams)
 from jaxquant.flax.convert import quantize_weight_with
 from jaxquant.flax.gptq import gptq_codes
@@ -304,6 +304,8 @@ def test_convert_calibration_errors(rng):
         convert(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), QuantConfig(activations="static"))
     with pytest.raises(ValueError, match="not called"):
         convert(_Block(rngs=nnx.Rngs(0)), W8A16, calibration=GPTQ(lambda m, b: m.a(b), [x]))
+    with pytest.raises(ValueError, match="no integer kernel"):   # before spending time on calibration
+        convert(_Block(rngs=nnx.Rngs(0)), W4A8, calibration=GPTQ(lambda m, b: 1 / 0, [x]))
     with pytest.raises(TypeError, match="GPTQ"):
         convert(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), W8A16, calibration="gptq")
     with pytest.raises(ValueError, match="config"):

@@ -177,6 +177,9 @@ def convert(model: nnx.Module, config: QuantConfig | None = None, *, calibration
         if isinstance(node, QATLinear) or (isinstance(node, nnx.Linear) and config is not None):
             targets.append((path, node))
     float_paths = [p for p, n in targets if not isinstance(n, QATLinear)]
+    if float_paths and config.serving_kind == "fake":
+        raise ValueError(f"convert: no integer kernel serves {config} (W8A8 needs 8-bit symmetric per-channel "
+                         "weights; weight-only serving needs activations=None)")
     calibrated = {}
     if calibration is not None:
         if not isinstance(calibration, GPTQ):
