@@ -6,19 +6,7 @@ L ops unrolled inside one jitted program (L different weight sets, one dispatch)
 import time, statistics
 import jax, jax.numpy as jnp
 import jaxquant as jq
-from jaxquant.pallas import weight_only as K
-
-
-def per_call(f, sets, n=200):
-    jax.block_until_ready(f(*sets[0]))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for i in range(n):
-            o = f(*sets[i % len(sets)])
-        jax.block_until_ready(o)
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts)
+from jaxquant.bench.harness import timeit as per_call  # PERF.md's method: one op per dispatch
 
 
 def unrolled(op, sets, reps=20):

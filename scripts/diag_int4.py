@@ -7,9 +7,10 @@ Self-contained variants of the W4A16 decode loop, [16, K] x [N, K/2] bytes, grou
   prescale: scale folded into the bf16 weights before the dot (inexact; what Marlin-style kernels do)
   swap   : acc[n, m] (weights the left operand) vs acc[m, n]
 """
-import functools, sys, time, statistics
+import functools
 import numpy as np
 import jax, jax.numpy as jnp
+from jaxquant.bench.harness import timeit  # PERF.md's method
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxquant.pallas.weight_only import _int4_ptx
@@ -71,18 +72,6 @@ def make(n, k, bn, bk, mode, swap, asm, warps, stages, split):
     if split == 1:
         return jax.jit(lambda x, w, s: f(x, w, s)[0].astype(jnp.bfloat16))
     return jax.jit(lambda x, w, s: jnp.sum(f(x, w, s), 0).astype(jnp.bfloat16))
-
-
-def timeit(f, sets, n=100):
-    jax.block_until_ready(f(*sets[0]))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for i in range(n):
-            o = f(*sets[i % len(sets)])
-        jax.block_until_ready(o)
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts)
 
 
 def main():

@@ -6,9 +6,9 @@ Times kernels that stream int8 ``[N, Kb]`` bytes in a fori_loop of [BN, BW] tile
   pf<d>  : dot, with the next d tiles loaded ahead and carried in registers (manual prefetch)
 and dumps PTX statistics (cp.async / ld.global / mma counts) of one variant.
 """
-import functools, os, sys, time, statistics, glob, re
-import numpy as np
+import functools, os, sys, glob, re
 import jax, jax.numpy as jnp
+from jaxquant.bench.harness import timeit  # PERF.md's method
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -51,18 +51,6 @@ def make(n, kb, bn, bw, mode, dist, warps, stages):
         out_specs=pl.BlockSpec((16, bn), lambda i: (0, i)),
         compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages), name=f"diag_{mode}{dist}")
     return jax.jit(f)
-
-
-def timeit(f, sets, n=50):
-    jax.block_until_ready(f(*sets[0]))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for i in range(n):
-            o = f(*sets[i % len(sets)])
-        jax.block_until_ready(o)
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts)
 
 
 def main():

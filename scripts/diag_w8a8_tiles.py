@@ -1,20 +1,8 @@
 """Diagnostic: W8A8 quantized_linear tiles at M = 16 and M = 128 vs XLA bf16 (H200; not part of the suite)."""
-import time, statistics
 import jax, jax.numpy as jnp
+from jaxquant.bench.harness import timeit  # PERF.md's method
 import jaxquant as jq
 from jaxquant.pallas.int8_matmul import Config as C
-
-
-def timeit(f, sets, n=100):
-    jax.block_until_ready(f(*sets[0]))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for i in range(n):
-            o = f(*sets[i % len(sets)])
-        jax.block_until_ready(o)
-        ts.append((time.perf_counter() - t0) / n)
-    return statistics.median(ts)
 
 
 cases = {

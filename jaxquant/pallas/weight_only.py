@@ -184,7 +184,7 @@ def _unpack_parts(b, bits, symmetric):
     """int8 bytes ``[BN, W]`` -> the code parts: ``[q]`` (bits=8) or ``[low nibbles, high nibbles]`` (int8).
 
     The low nibble of byte j is k = 2j, the high nibble k = 2j + 1: they contract against x's even
-    and odd columns (strided loads), so no in-register interleave is needed.
+    and odd columns (split off x by the wrapper), so no in-register interleave is needed.
     """
     if bits == 8:
         return [b]
