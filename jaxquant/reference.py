@@ -62,6 +62,7 @@ __all__ = [
     "fake_quantize_backward",
     "choose_qparams",
     "dynamic_quantize",
+    "int8_epilogue",
 ]
 
 
@@ -254,3 +255,27 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
     scale, zp = choose_qparams(x, granularity=granularity, qmin=qmin, qmax=qmax, symmetric=symmetric)
     q = quantize(x, scale, zp, granularity=granularity, qmin=qmin, qmax=qmax, dtype=dtype)
     return q, scale, zp
+
+
+def int8_epilogue(acc, a_scale, w_scale, bias, out_dtype):
+    """The W8A8 epilogue: ``(f32(acc) * a_scale) * w_scale (+ f32(bias))`` cast to ``out_dtype``.
+
+    ``acc`` is the exact int32 accumulator ``[M, N]``; ``a_scale`` ``[M, 1]`` or ``[1, 1]``,
+    ``w_scale`` ``[N]`` (any shape with N elements), ``bias`` ``[N]``; with none of them the int32
+    accumulator is returned as is (cast to ``out_dtype``). The GEMM kernel computes the same
+    products in the same order (``mul.rn``, then the bias add); its split-K path applies this
+    function to the summed int32 partials.
+    """
+    if a_scale is None and w_scale is None and bias is None:
+        return acc.astype(out_dtype)
+    y = acc.astype(jnp.float32)
+    if a_scale is not None:
+        y = y * a_scale.astype(jnp.float32)
+    if w_scale is not None:
+        y = y * jnp.reshape(w_scale, (1, -1)).astype(jnp.float32)
+    if bias is not None:
+        # The product is rounded to float32 before the bias add (two roundings, as the kernel's
+        # mul.rn + add); the barrier stops XLA:CPU from contracting them into one FMA.
+        y = jax.lax.optimization_barrier(y)
+        y = y + jnp.reshape(bias, (1, -1)).astype(jnp.float32)
+    return y.astype(out_dtype)

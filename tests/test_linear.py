@@ -74,6 +74,9 @@ CASES = [
     ((2, 3, 50), 33, mm_k.Config(16, 32, 32)),
     ((37, 96), 50, mm_k.Config(16, 32, 64)),
     ((70, 130), 20, None),
+    # split K (decode): int32 partials from two / four K runs, summed in XLA, then the epilogue
+    ((16, 256), 40, mm_k.Config(16, 32, 64, split_k=2)),
+    ((3, 2, 128), 33, mm_k.Config(16, 16, 32, split_k=4)),
 ]
 
 
@@ -444,3 +447,18 @@ def test_accuracy_outliers():
     ours = r["per-token x per-channel (quantized_linear)"]
     assert ours < 0.06, r  # 0.0475 at seed 0 (reference on the CPU)
     assert ours < r["per-tensor act (static) x per-channel weight"] < r["per-tensor x per-tensor"] * 1.5, r
+
+
+def test_split_k_is_an_upper_bound(rng):
+    """An explicit split_k is the most K runs: the largest power of two dividing the K chunks; 1 with a
+    ragged K tail or with activations quantized in the kernel (they need whole rows)."""
+    assert mm_k.effective_split(8, 256, 32, "int8") == 8
+    assert mm_k.effective_split(8, 192, 32, "int8") == 2  # 6 chunks
+    assert mm_k.effective_split(8, 96, 32, "int8") == 1  # 3 chunks
+    assert mm_k.effective_split(8, 100, 32, "int8") == 1  # ragged tail
+    assert mm_k.effective_split(8, 256, 32, "dynamic") == 1
+    a = jnp.asarray(rng.integers(-128, 128, size=(3, 192)), jnp.int8)
+    w = jnp.asarray(rng.integers(-128, 128, size=(20, 192)), jnp.int8)
+    got = mm_k.int8_matmul(a, w, config=mm_k.Config(16, 16, 32, split_k=8), interpret=True)
+    want = np.asarray(a, np.int64) @ np.asarray(w, np.int64).T
+    assert_same_bits(got, jnp.asarray(want, jnp.int32), "split 2 of 8 requested")

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxquant import reference as ref
 from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2, recip, rne, to_code
 
 __all__ = ["Config", "heuristics", "fused_quantize_max_m", "int8_matmul", "MAX_ELEMENTS", "TUNED"]
@@ -75,6 +76,9 @@ class Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # K is cut into at most split_k equal runs of whole block_k chunks, one program each (int8
+    # activations only; see effective_split): int32 partials [split, M, N], summed in XLA.
+    split_k: int = 1
 
     def __post_init__(self):
         check_pow2("int8_matmul", "block_m", self.block_m, 16)
@@ -83,6 +87,7 @@ class Config:
         check_pow2("int8_matmul", "group_m", self.group_m)
         check_pow2("int8_matmul", "num_warps", self.num_warps)
         check_positive("int8_matmul", "num_stages", self.num_stages)
+        check_pow2("int8_matmul", "split_k", self.split_k)
 
 
 # Tuned tables, per device kind (``jax.devices()[0].device_kind``); measured with
@@ -92,13 +97,16 @@ class Config:
 # * M > 1024: 128x128x128, 4 warps, 3 stages: 1281 TOP/s at 8192^3, against 1095 for 128x256x128
 #   (8 warps) and 939 for the same tile with 4 stages — the pipeline depth matters most;
 # * M in (256, 1024]: 64x128x128 (4 warps, 4 stages) was fastest on all three sweep shapes;
-# * decode (M <= 16): 16x32x512 with 2 warps (scripts/diag_w8a8_tiles.py, M = 16: 1.10 / 1.57 /
-#   1.44x bf16 on 4096x14336 / 8192^2 / 14336x4096, against 1.02 / 1.41 / 1.48x for 16x64x512,
-#   4 warps); 16-wide N tiles were slower (1x4096x14336: bn=64 33 us, bn=16 62 us).
+# * decode (M <= 16): 16x32x256, 2 warps, 3 stages, K split until ~8 programs an SM
+#   (scripts/diag_decode.py, timed as 8-layer chains in one jitted call, i.e. GPU time per layer:
+#   benchmarks/results/session3/decode-sweep-chain.json): 1.64-1.81x bf16 on 8192^2 / 4096x14336 /
+#   14336x4096 at M = 1 and 16, against 1.41-1.88x for the previous 16x32x512 (4 stages, no split:
+#   only 128 programs for N = 4096, 74 KB of shared memory each). Timed one call at a time, every
+#   decode tile measured ~27 us: the host's dispatch, not the kernel.
 # * M in (16, 256]: 64x64x256, 3 stages (same script, M = 128: 1.01 / 1.43 / 1.05x bf16, against
 #   0.88 / 1.27 / 0.99x for 64x64x128, 4 stages); narrower tiles (more programs) were slower.
 _H200 = (
-    (16, Config(16, 32, 512, group_m=1, num_warps=2, num_stages=4)),
+    (16, Config(16, 32, 256, group_m=1, num_warps=2, num_stages=3, split_k=8)),
     (256, Config(64, 64, 256, group_m=8, num_warps=4, num_stages=3)),
     (1024, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
     (1 << 62, Config(128, 128, 128, group_m=8, num_warps=4, num_stages=3)),
@@ -112,7 +120,20 @@ _DEFAULT_DEVICE = "NVIDIA H200"
 # (e.g. 1x4096x14336: fused 97 us vs quantize kernel + GEMM 26 us). The fused modes stay available
 # (``a_mode``, and ``linear_kernel(..., fuse=True)``) for devices where it pays.
 _FUSED_MAX_M = {"NVIDIA H200": 0}
+PROGRAMS_PER_SM = 8  # split-K target for decode tiles (see heuristics)
 _NUM_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132}
+
+
+def effective_split(split_k: int, k: int, bk: int, a_mode: str) -> int:
+    """The K split actually used: the largest power of two ``<= split_k`` cutting K's ``block_k``
+    chunks into equal runs; 1 when K has a ragged tail chunk or the activation is quantized in the
+    kernel (``a_mode`` "dynamic" / "static" need the whole row's statistics in one program)."""
+    if a_mode != "int8" or k % bk:
+        return 1
+    split = 1
+    while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
+        split *= 2
+    return split
 
 
 def fused_quantize_max_m(device_kind: str | None = None) -> int:
@@ -144,8 +165,15 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
             bn //= 2
         else:
             break
-    warps = cfg.num_warps
-    return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
+    # Split K (the table's split_k is the most allowed) while the tiles fill less than
+    # PROGRAMS_PER_SM programs an SM: decode tiles are latency-bound and need many resident programs.
+    split = 1
+    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    nk = k // bk
+    while (split * 2 <= cfg.split_k and k % bk == 0 and nk % (split * 2) == 0
+           and tiles * split * 2 <= PROGRAMS_PER_SM * sms):
+        split *= 2
+    return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, split_k=split)
 
 
 def _grid_ij(pid, nm, nn, group_m):
@@ -159,7 +187,7 @@ def _grid_ij(pid, nm, nn, group_m):
 
 
 def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, blocks, nmn, group_m,
-            out_dtype):
+            out_dtype, split):
     it = iter(refs)
     a_ref = next(it)
     as_ref = next(it) if has_a_scale else None
@@ -178,6 +206,10 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     if n_total % bn:
         cmask = (j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total
     n_full, tail = divmod(k_total, bk)
+    k_first = 0
+    if split > 1:  # this program's contiguous run of K chunks (the wrapper checked they divide evenly)
+        n_full //= split
+        k_first = pl.program_id(1) * n_full
 
     def and_(a, b):
         if a is None:
@@ -205,7 +237,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
         """Run ``step(k, carry, masked_k)`` over every K chunk (the ragged tail chunk masked)."""
         carry = init
         if n_full:
-            carry = jax.lax.fori_loop(0, n_full, lambda k, c: step(k, c, False), carry)
+            carry = jax.lax.fori_loop(0, n_full, lambda k, c: step(k_first + k, c, False), carry)
         if tail:
             carry = step(n_full, carry, True)
         return carry
@@ -276,7 +308,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
 
 
 def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "int8", out_dtype=None,
-                config: Config | None = None, device_kind: str | None = None, interpret: bool = False):
+                config: Config | None = None, device_kind: str | None = None, interpret: bool = False, _split: int = 1):
     """``epilogue(quant(a) @ w^T)`` in one ``pallas_call`` (see the module docstring).
 
     Args:
@@ -323,13 +355,24 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     nm, nn = pl.cdiv(m, bm), pl.cdiv(n, bn)
     nk = pl.cdiv(k, bk)
     group_m = max(1, min(cfg.group_m, nm))
+    split = effective_split(cfg.split_k, k, bk, a_mode)
+    if split > 1:
+        # int32 partials [split, M, N] from one program per (tile, K run); summed exactly in XLA,
+        # then the reference epilogue (the same float32 operations as the in-kernel epilogue).
+        parts = int8_matmul(a, w, a_mode="int8", out_dtype=np.int32, interpret=interpret, device_kind=device_kind,
+                            config=dataclasses.replace(cfg, split_k=1), _split=split)
+        acc = jnp.sum(parts, axis=0, dtype=jnp.int32)
+        a_s = None if a_scale is None else jnp.asarray(a_scale, jnp.float32)
+        if a_s is not None and a_s.size == 1:
+            a_s = jnp.reshape(a_s, (1, 1))
+        return ref.int8_epilogue(acc, a_s, w_scale, bias, out_dtype)
 
     def ij(pid):
         return _grid_ij(pid, nm, nn, group_m)
 
     width = bk * nk
     operands = [a]
-    in_specs = [pl.BlockSpec((bm, width), lambda p: (ij(p)[0], 0))]
+    in_specs = [pl.BlockSpec((bm, width), lambda p, *_: (ij(p)[0], 0))]
     has_a_scale = a_scale is not None and a_mode != "dynamic"
     a_per_row = False
     if has_a_scale:
@@ -337,29 +380,35 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
         if a_scale.size != 1:  # one scale per row (with M == 1 that is one per tensor)
             assert a_scale.shape == (m, 1), (a_scale.shape, m)
             a_per_row = True
-            in_specs.append(pl.BlockSpec((bm, 1), lambda p: (ij(p)[0], 0)))
+            in_specs.append(pl.BlockSpec((bm, 1), lambda p, *_: (ij(p)[0], 0)))
         else:
             a_scale = jnp.reshape(a_scale, (1, 1))
-            in_specs.append(pl.BlockSpec((1, 1), lambda p: (0, 0)))
+            in_specs.append(pl.BlockSpec((1, 1), lambda p, *_: (0, 0)))
         operands.append(a_scale)
     operands.append(w)
-    in_specs.append(pl.BlockSpec((bn, width), lambda p: (ij(p)[1], 0)))
+    in_specs.append(pl.BlockSpec((bn, width), lambda p, *_: (ij(p)[1], 0)))
     if w_scale is not None:
         operands.append(jnp.reshape(jnp.asarray(w_scale, jnp.float32), (1, n)))
-        in_specs.append(pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1])))
+        in_specs.append(pl.BlockSpec((1, bn), lambda p, *_: (0, ij(p)[1])))
     if bias is not None:
         operands.append(jnp.reshape(bias, (1, n)))
-        in_specs.append(pl.BlockSpec((1, bn), lambda p: (0, ij(p)[1])))
+        in_specs.append(pl.BlockSpec((1, bn), lambda p, *_: (0, ij(p)[1])))
     kernel = functools.partial(
         _kernel, a_mode=a_mode, has_a_scale=has_a_scale, a_per_row=a_per_row, has_w_scale=w_scale is not None,
         has_bias=bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn), group_m=group_m,
-        out_dtype=out_dtype, fast=not interpret)
+        out_dtype=out_dtype, fast=not interpret, split=_split)
+    if _split > 1:
+        out_shape = jax.ShapeDtypeStruct((_split, m, n), out_dtype)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p)))
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda p: ij(p))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(nm * nn,),
+        out_shape=out_shape,
+        grid=(nm * nn, _split) if _split > 1 else (nm * nn,),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda p: ij(p)),
+        out_specs=out_spec,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"jaxquant_int8_matmul_{a_mode}",

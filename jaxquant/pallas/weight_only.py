@@ -111,8 +111,8 @@ _TUNED_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tuned", 
 
 # Used when the tuned file is missing; same format as the file's "table".
 _DEFAULT_TABLE = [
-    {"m_max": 16, "bits": 0, "config": {"block_m": 16, "block_n": 32, "block_k": 512, "num_warps": 2,
-                                        "num_stages": 4, "programs": 256, "max_split": 2}},
+    {"m_max": 16, "bits": 0, "config": {"block_m": 16, "block_n": 32, "block_k": 256, "num_warps": 2,
+                                        "num_stages": 3, "programs": 1024, "max_split": 8}},
     {"m_max": 1 << 62, "bits": 0, "config": {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4,
                                              "num_stages": 3}},
 ]

@@ -73,30 +73,13 @@ _OUT_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32
 # ------------------------------------------------------------------------------------------
 
 
-def _epilogue(acc, a_scale, w_scale, bias, out_dtype):
-    """``(f32(acc) * a_scale) * w_scale (+ f32(bias))`` cast to ``out_dtype`` (int32 acc if no epilogue)."""
-    if a_scale is None and w_scale is None and bias is None:
-        return acc.astype(out_dtype)
-    y = acc.astype(jnp.float32)
-    if a_scale is not None:
-        y = y * a_scale.astype(jnp.float32)
-    if w_scale is not None:
-        y = y * jnp.reshape(w_scale, (1, -1)).astype(jnp.float32)
-    if bias is not None:
-        # The product is rounded to float32 before the bias add (two roundings, as the kernel's
-        # mul.rn + add); the barrier stops XLA:CPU from contracting them into one FMA.
-        y = jax.lax.optimization_barrier(y)
-        y = y + jnp.reshape(bias, (1, -1)).astype(jnp.float32)
-    return y.astype(out_dtype)
-
-
 def int8_matmul_reference(a2, w, a_scale2=None, w_scale=None, bias=None, *, out_dtype):
     """``a2 [M, K]`` int8, ``w [N, K]`` int8, ``a_scale2 [M, 1]`` / ``[1, 1]`` -> ``[M, N]``."""
     # int32 operands: exact by construction on every backend. (XLA:CPU's int8 x int8 -> int32 dot
     # in jax 0.11.2 returned twice the true accumulator on the GPU machine's CPU backend, while
     # XLA:GPU, this kernel and numpy agreed; int32 operands avoid that path.)
     acc = jax.lax.dot_general(a2.astype(jnp.int32), w.astype(jnp.int32), _DN, preferred_element_type=jnp.int32)
-    return _epilogue(acc, a_scale2, w_scale, bias, out_dtype)
+    return ref.int8_epilogue(acc, a_scale2, w_scale, bias, out_dtype)
 
 
 def quantize_activation_reference(x2, act_scale=None):

@@ -1,0 +1,68 @@
+"""Diagnostic: decode (M = 1, 16) tiles with split-K for the W8A8 and weight-only kernels vs XLA bf16.
+
+Times each op as a chain of SETS layers with distinct weights inside one jitted call (per-layer GPU
+time: at decode one jitted call of one layer is bound by the host's dispatch, ~25 us on the H200,
+so timing calls one by one measures the host, not the kernel). Prints one line per (shape, kernel)
+with each tile's speed-up over the bf16 matmul chain, and writes OUT/decode_sweep.json.
+H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT
+"""
+import functools
+import json, os, sys
+SETS = 8
+import jax, jax.numpy as jnp
+import jaxquant as jq
+from jaxquant.bench.harness import timeit  # PERF.md's method
+from jaxquant.pallas.int8_matmul import Config as C8
+from jaxquant.pallas.weight_only import Config as CW
+
+W8A8 = [None, C8(16, 32, 512, 1, 2, 4), C8(16, 32, 256, 1, 2, 3, split_k=2), C8(16, 32, 256, 1, 2, 3, split_k=4),
+        C8(16, 32, 256, 1, 2, 3, split_k=8), C8(16, 32, 128, 1, 2, 4, split_k=4), C8(16, 32, 128, 1, 2, 4, split_k=8),
+        C8(16, 64, 256, 1, 4, 3, split_k=2), C8(16, 64, 256, 1, 4, 3, split_k=4), C8(16, 16, 256, 1, 1, 3, split_k=4),
+        C8(16, 64, 512, 1, 4, 3), C8(16, 128, 256, 1, 4, 3, split_k=2), C8(16, 128, 256, 1, 8, 3, split_k=4)]
+WO = [None, CW(16, 32, 512, 1, 2, 4), CW(16, 32, 256, 2, 2, 3), CW(16, 32, 256, 4, 2, 3), CW(16, 32, 256, 8, 2, 3),
+      CW(16, 32, 128, 4, 2, 4), CW(16, 32, 128, 8, 2, 4), CW(16, 64, 256, 2, 4, 3), CW(16, 64, 256, 4, 4, 3),
+      CW(16, 16, 256, 4, 1, 3), CW(16, 16, 256, 8, 1, 3),
+      CW(16, 64, 512, 1, 4, 3), CW(16, 128, 256, 2, 4, 3), CW(16, 128, 256, 4, 8, 3)]
+
+
+def tag(c):
+    if c is None:
+        return "auto"
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/st{c.num_stages}/s{c.split_k}"
+
+
+def chain(f):
+    """``f`` applied to every weight set in one jitted call (outputs summed)."""
+    return jax.jit(lambda x, *ws: functools.reduce(jnp.add, [f(x, w) for w in ws]))
+
+
+def main(out):
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for (n, k) in ((8192, 8192), (4096, 14336), (14336, 4096)):
+        ws = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.float32) * 0.02 for i in range(SETS)]
+        wb = [w.astype(jnp.bfloat16) for w in ws]
+        q8 = [jq.quantize_weight(w, bits=8) for w in ws]
+        q4 = [jq.quantize_weight(w, bits=4, group_size=128) for w in ws]
+        del ws
+        for m in (1, 16):
+            x = jax.random.normal(jax.random.PRNGKey(9), (m, k), jnp.bfloat16)
+            tb = timeit(chain(lambda x, w: x @ w.T), [(x, *wb)]) / SETS
+            for name, fn, qs, cfgs in (("w8a8", jq.quantized_linear, q8, W8A8), ("w4a16", jq.weight_only_linear, q4, WO),
+                                       ("w8a16", jq.weight_only_linear, q8, WO)):
+                line = []
+                for c in cfgs:
+                    try:
+                        t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)), [(x, *qs)]) / SETS
+                        rows.append(dict(op=name, shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t))
+                        line.append(f"{tag(c)} {tb / t:.2f}")
+                    except Exception as e:  # a tile that does not compile is reported, not fatal
+                        rows.append(dict(op=name, shape=[m, n, k], config=tag(c), error=str(e)[:300]))
+                        line.append(f"{tag(c)} ERR")
+                print(f"{name} M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
+                      open(os.path.join(out, "decode_sweep.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
