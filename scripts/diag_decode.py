@@ -4,7 +4,8 @@ Times each op as a chain of SETS layers with distinct weights inside one jitted 
 time: at decode one jitted call of one layer is bound by the host's dispatch, ~25 us on the H200,
 so timing calls one by one measures the host, not the kernel). Prints one line per (shape, kernel)
 with each tile's speed-up over the bf16 matmul chain, and writes OUT/decode_sweep.json.
-H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT
+H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid]
+(``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json).
 """
 import functools
 import json, os, sys
@@ -23,6 +24,11 @@ WO = [None, CW(16, 32, 512, 1, 2, 4), CW(16, 32, 256, 2, 2, 3), CW(16, 32, 256, 
       CW(16, 32, 128, 4, 2, 4), CW(16, 32, 128, 8, 2, 4), CW(16, 64, 256, 2, 4, 3), CW(16, 64, 256, 4, 4, 3),
       CW(16, 16, 256, 4, 1, 3), CW(16, 16, 256, 8, 1, 3),
       CW(16, 64, 512, 1, 4, 3), CW(16, 128, 256, 2, 4, 3), CW(16, 128, 256, 4, 8, 3)]
+
+
+MID = [None, CW(64, 64, 128, 1, 4, 3), CW(64, 64, 128, 2, 4, 3), CW(64, 64, 128, 4, 4, 3), CW(32, 64, 128, 2, 4, 3),
+       CW(32, 64, 128, 4, 4, 3), CW(64, 64, 64, 2, 4, 4), CW(128, 64, 64, 2, 4, 3), CW(64, 128, 64, 2, 4, 3),
+       CW(64, 128, 64, 4, 4, 3), CW(128, 128, 64, 1, 8, 3), CW(128, 128, 64, 2, 8, 3)]
 
 
 def tag(c):
@@ -64,5 +70,33 @@ def main(out):
                       open(os.path.join(out, "decode_sweep.json"), "w"), indent=1)
 
 
+def mid(out):
+    """W4A16 g128 at M = 128 and 512 (PERF.md target 1.5x bf16), same chained timing."""
+    rows = []
+    for (n, k) in ((8192, 8192), (4096, 14336)):
+        ws = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.float32) * 0.02 for i in range(SETS)]
+        wb = [w.astype(jnp.bfloat16) for w in ws]
+        q4 = [jq.quantize_weight(w, bits=4, group_size=128) for w in ws]
+        del ws
+        for m in (128, 512):
+            x = jax.random.normal(jax.random.PRNGKey(9), (m, k), jnp.bfloat16)
+            tb = timeit(chain(lambda x, w: x @ w.T), [(x, *wb)]) / SETS
+            line = []
+            for c in MID:
+                try:
+                    t = timeit(chain(lambda x, q, c=c: jq.weight_only_linear(x, q, config=c)), [(x, *q4)]) / SETS
+                    rows.append(dict(op="w4a16", shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t))
+                    line.append(f"{tag(c)} {tb / t:.2f}")
+                except Exception as e:
+                    rows.append(dict(op="w4a16", shape=[m, n, k], config=tag(c), error=str(e)[:300]))
+                    line.append(f"{tag(c)} ERR")
+            print(f"w4a16 M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
+                      open(os.path.join(out, "mid_sweep.json"), "w"), indent=1)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "mid":
+        mid(sys.argv[1])
+    else:
+        main(sys.argv[1])
