@@ -1,6 +1,6 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
-Options: ``--sections quant[,linear,weight_only]``, ``--quick`` (small shapes, for a CPU smoke
+Options: ``--sections quant[,linear,weight_only,serving]``, ``--quick`` (small shapes, for a CPU smoke
 run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 ``benchmarks/results``).
 """
@@ -17,6 +17,7 @@ from rich.table import Table
 from jaxquant.bench import harness, quant
 
 SECTIONS = {"quant": quant.run}
+TABLES = {}  # section -> table(rows, title), for sections whose rows the generic table does not fit
 
 
 def _register_optional():
@@ -26,6 +27,11 @@ def _register_optional():
         if importlib.util.find_spec(f"jaxquant.bench.{name}") is not None:
             mod = importlib.import_module(f"jaxquant.bench.{name}")
             SECTIONS[name] = mod.run
+    # The Flax serving path (MiniLM forward), present when flax (jaxquant[flax]) is installed.
+    if importlib.util.find_spec("flax") is not None:
+        from jaxquant.bench import serving
+        SECTIONS["serving"] = serving.run
+        TABLES["serving"] = serving.table
 
 
 import importlib  # noqa: E402
@@ -64,10 +70,11 @@ def main(argv=None) -> int:
     path = harness.write_results(args.out, ctx, rows)
 
     out = Console(width=200)
-    table = Table(title=f"jaxquant on {ctx.device} (jax {harness.jax.__version__}); copy {ctx.copy_gbps:.0f} GB/s")
+    title = f"jaxquant on {ctx.device} (jax {harness.jax.__version__}); copy {ctx.copy_gbps:.0f} GB/s"
+    table = Table(title=title)
     for col in ("section", "op", "granularity / shape", "ms", "GB/s | TOP/s", "copy %", "vs jnp", "vs bf16", "target met"):
         table.add_column(col)
-    for r in rows:
+    for r in (r for r in rows if r["section"] not in TABLES):
         if "error" in r:
             table.add_row(r["section"], r["op"], str(r.get("config")), "error", "", "", "", "", "")
             continue
@@ -77,7 +84,12 @@ def main(argv=None) -> int:
                       _fmt(100 * r["copy_frac"], ".0f") if r.get("copy_frac") is not None else "",
                       _fmt(r.get("vs_jnp"), ".2f"), _fmt(r.get("vs_bf16"), ".2f"),
                       "" if r.get("met") is None else ("yes" if r["met"] else "NO"))
-    out.print(table)
+    if table.row_count:
+        out.print(table)
+    for name, make_table in TABLES.items():
+        own = [r for r in rows if r["section"] == name]
+        if own:
+            out.print(make_table(own, f"{name}: {title}"))
     out.print(f"results: {path}")
     return 0
 
