@@ -58,6 +58,14 @@ def _make(rng, lead, n, k, bits, group, sym, dtype, bias):
     return x, qw, b
 
 
+@pytest.fixture(autouse=True)
+def _float32_precision():
+    """The bound below is float32's: float32 x runs the kernel's ~float32 dot (three TF32 products on
+    a GPU; by default it takes one TF32 product, as XLA's float32 matmul does: see the TF32 test)."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 def _ulp(a, dtype):
     """One unit in the last place of ``dtype`` at magnitude |a| (float64 array)."""
     nmant = {np.dtype(jnp.float32): 23, np.dtype(jnp.bfloat16): 7, np.dtype(jnp.float16): 10}[np.dtype(dtype)]
@@ -275,3 +283,20 @@ def test_errors(rng):
         weight_only_linear(x, qw, jnp.ones((8,)))
     with pytest.raises(TypeError, match="config: expected"):
         weight_only_linear(x, qw, config=(16, 16, 64))
+
+
+def test_float32_x_default_precision_is_tf32(tier, rng):
+    """Under jax's default matmul precision float32 x takes one TF32 product on a GPU (x rounded to 11
+    significant bits: |error| <= 2**-11 sum |x||w| on top of the float32 bound); exact float32
+    products in interpret mode. The algorithm follows the context."""
+    x, qw, _ = _make(rng, (7,), 48, 256, 4, 64, False, jnp.float32, False)
+    with jax.default_matmul_precision("default"):
+        assert K.float32_dot_algorithm() == jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+        y = run_impl(tier, weight_only_linear, x, qw)
+    assert K.float32_dot_algorithm() == jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3  # the fixture's "float32"
+    assert K.float32_dot_algorithm(interpret=True) == jax.lax.Precision.HIGHEST
+    ref = run_impl("reference", weight_only_linear, x, qw)
+    w = np.asarray(dequantize_weight(qw), np.float64)
+    mag = np.abs(np.asarray(x, np.float64)) @ np.abs(w).T
+    err = np.abs(np.asarray(y, np.float64) - np.asarray(ref, np.float64))
+    assert (err <= 2.0**-11 * mag + 2 * (256 + 2) * 2.0**-24 * mag + _ulp(np.asarray(ref, np.float64), jnp.float32)).all()

@@ -76,13 +76,17 @@ def _weights(n, k, count, seed=0):
             for i in range(count)]
 
 
-def chain(f, layers):
-    """``f(xs[i], ws[i % len(ws)])`` for ``i < layers`` in one jitted call, outputs summed.
+CHAIN_LAYERS = 4
 
-    Every layer gets its own activation: identical (x, w) layers would be merged by XLA's CSE
-    (cycling one weight set with one x made XLA's bf16 chain compute a single layer)."""
+
+def chain(f, layers):
+    """``f(xs[i], ws[i])`` for ``i < layers`` in one jitted call, outputs summed: the GPU time per
+    layer. Every layer has its own x and its own weights: XLA merges bf16 dots that share a weight
+    (its dot merger reads the weight once for all of them) and CSEs identical layers; both
+    happened in an earlier version that cycled one weight set (bf16 looked 2x faster per layer)."""
     def g(xs, *ws):
-        return functools.reduce(jnp.add, [f(xs[i], ws[i % len(ws)]) for i in range(layers)])
+        assert len(xs) == len(ws) == layers
+        return functools.reduce(jnp.add, [f(x, w) for x, w in zip(xs, ws)])
     return jax.jit(g)
 
 
@@ -92,9 +96,11 @@ def run(ctx: Context) -> list[dict]:
     min_time = 0.01 if ctx.quick else 0.03
     for variant, bits, group, (n, k), ms in _plan(ctx):
         qbytes = n * k * bits // 8 + n * (k // (group or k)) * 4
-        nq = len(rotations(lambda i: i, qbytes))
-        nb = len(rotations(lambda i: i, n * k * 2))
-        ws = _weights(n, k, max(nq, nb))
+        # At least CHAIN_LAYERS distinct weight sets, for both sides: a chain that reuses one weight
+        # lets XLA merge its bf16 dots into one (dot merger: the weight is read once), and one
+        # that reuses one x lets CSE merge layers.
+        nq = nb = max(CHAIN_LAYERS, len(rotations(lambda i: i, qbytes)), len(rotations(lambda i: i, n * k * 2)))
+        ws = _weights(n, k, nq)
         quant = jax.jit(lambda w: quantize_weight(w, bits=bits, group_size=group))
         qws = [quant(w) for w in ws[:nq]]
         w_bf16 = ws[:nb]
@@ -109,7 +115,7 @@ def run(ctx: Context) -> list[dict]:
         ours = ours_fn(auto)
         bf16 = jax.jit(lambda x, w: x @ w.T)
         plain = jax.jit(lambda x, qw: x @ dequantize_weight(qw, jnp.bfloat16).T)
-        layers = max(4, nq, nb)
+        layers = nq
         for m in ms:
             ctx.say(f"weight_only {variant} M={m} N={n} K={k}")
             xs = [jax.random.normal(jax.random.PRNGKey(100 + i), (m, k), jnp.bfloat16) for i in range(layers)]

@@ -20,10 +20,11 @@ bfloat16 holds integers up to 256 exactly), and each product ``x * (q - z)`` is 
 so the tensor-core dot is exact up to float32 accumulation order; the scale is applied once per
 group (or once per row) to the float32 partial sum. This differs from the reference
 (dequantize to float32, then a float32 dot) only by float32 rounding: see
-``tests/test_weight_only.py`` for the bound. float32 x uses three TF32 tensor-core products
-(Triton's ``tf32x3``: x split into two TF32 parts, ``q - z`` exact in TF32), which represents x to
-~2**-22 relative, inside the same bound; IEEE float32 dots run on the CUDA cores and were 20-70x
-slower on an H200 (a float32 MiniLM forward with W4A16 layers: 13 ms against 0.4 ms in float32).
+``tests/test_weight_only.py`` for the bound. float32 x follows ``jax.default_matmul_precision``
+like XLA's own float32 matmuls on the GPU (``float32_dot_algorithm``): one TF32 tensor-core product
+by default, three (Triton's ``tf32x3``, x to ~2**-22 relative: inside the same bound) under
+"highest" / "float32"; IEEE float32 dots run on the CUDA cores and were 20-70x slower on an H200
+(a float32 MiniLM forward with W4A16 layers: 13 ms against 0.4 ms in float32).
 
 Tiling. Grid ``(N / BN, M / BM, split_k)``; a program owns a ``[BM, BN]`` output tile and a
 contiguous 1 / ``split_k`` of K, walked in ``BK`` steps by a pipelined loop (``num_stages``).
@@ -75,7 +76,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.pallas.common import check_positive, check_pow2, next_pow2
 
-__all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "weight_only_matmul", "NUM_SMS"]
+__all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "float32_dot_algorithm", "weight_only_matmul", "NUM_SMS"]
 
 NUM_SMS = 132  # H100 / H200 SXM
 
@@ -300,7 +301,7 @@ def _dequant(wb, z, *, bits, symmetric, dt, fast):
 
 
 def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
-            has_bias, cdt, out_dtype, fast, interpret):
+            has_bias, cdt, out_dtype, fast, f32_algorithm):
     x_refs = refs[:n_x]
     w_ref, s_ref = refs[n_x], refs[n_x + 1]
     rest = refs[n_x + 2:]
@@ -332,12 +333,7 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
     def col(ref, g):  # column g of a per-(row, group) operand: [BN, 1]
         return load(ref.at[:, pl.ds(g, 1)], nmask_col, 0)
 
-    dot_prec = None
-    if cdt == np.dtype(np.float32):
-        # float32 x: three TF32 tensor-core products (x = x_big + x_small, each TF32; q - z is exact
-        # in TF32), accurate to ~2**-22 |x| |w| a product; IEEE float32 dots would run on the CUDA
-        # cores, 20-70x slower (H200). Interpret mode (CPU) computes exact float32 products.
-        dot_prec = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    dot_prec = f32_algorithm if cdt == np.dtype(np.float32) else None
     zc = load(z_ref, nmask_1d, 0)[:, None] if (group is None and has_zp) else None
 
     # acc[n, m] += (q - z)[n, k] . x[m, k]: the dequantized weights are the left (register) operand
@@ -379,6 +375,24 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
         o_ref[...] = out
     else:
         pltriton.store(o_ref, out, mask=omask)
+
+
+_HIGH_PRECISIONS = ("high", "highest", "float32", "tensorfloat32_3x", "f32_f32_f32", "tf32_tf32_f32_x3")
+
+
+def float32_dot_algorithm(interpret: bool = False):
+    """The kernel's dot for float32 x, following ``jax.default_matmul_precision`` like XLA's float32
+    matmuls on the GPU: by default one TF32 tensor-core product (x rounded to TF32, 11 significant
+    bits; ``q - z`` is exact in TF32), which is what XLA runs for a float32 ``x @ w.T`` there; under
+    ``"high"`` / ``"highest"`` / ``"float32"``, three TF32 products (x = x_big + x_small), accurate
+    to ~2**-22 |x| |w| a product. (IEEE float32 dots run on the CUDA cores: 20-70x slower on an
+    H200.) Interpret mode (CPU) computes exact float32 products."""
+    if interpret:
+        return jax.lax.Precision.HIGHEST
+    p = jax.config.jax_default_matmul_precision
+    if p is not None and str(p).lower() in _HIGH_PRECISIONS:
+        return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return jax.lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
 def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
@@ -446,7 +460,7 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     kernel = functools.partial(
         _kernel, n_x=len(xs), bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
-        out_dtype=kdt, fast=cfg.fast_dequant and not interpret, interpret=interpret)
+        out_dtype=kdt, fast=cfg.fast_dequant and not interpret, f32_algorithm=float32_dot_algorithm(interpret))
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,

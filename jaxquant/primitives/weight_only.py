@@ -160,6 +160,9 @@ def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | None =
 
     Forward: on a GPU one Pallas kernel streams the packed codes and dequantizes them in
     registers (float32 accumulation); on the CPU the reference dequantize-then-``dot``.
+    float32 x on a GPU follows ``jax.default_matmul_precision`` as XLA's float32 matmuls do there:
+    TF32 tensor-core products by default, ~float32 (three TF32 products) under
+    ``jax.default_matmul_precision("float32")`` (``jaxquant.pallas.weight_only.float32_dot_algorithm``).
     Backward (``custom_vjp``): ``dx = dy @ dequant(W)`` (XLA), ``dbias = sum(dy)``; the
     quantized weight is frozen (no gradient). Math and layout: ``jaxquant.weights`` and
     ``jaxquant.pallas.weight_only``.
