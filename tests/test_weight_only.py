@@ -300,3 +300,17 @@ def test_float32_x_default_precision_is_tf32(tier, rng):
     mag = np.abs(np.asarray(x, np.float64)) @ np.abs(w).T
     err = np.abs(np.asarray(y, np.float64) - np.asarray(ref, np.float64))
     assert (err <= 2.0**-11 * mag + 2 * (256 + 2) * 2.0**-24 * mag + _ulp(np.asarray(ref, np.float64), jnp.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_small_groups_take_xla(tier, rng, dtype):
+    """Groups below MIN_GROUP (int4 g16: 8-wide dots per nibble half) are not the kernel's: the
+    primitive computes them with the reference (no kernel in the program); the kernel refuses them."""
+    x, qw, b = _make(rng, (5,), 24, 64, 4, 16, False, dtype, True)
+    y = run_impl(tier, weight_only_linear, x, qw, b)
+    ref = run_impl("reference", weight_only_linear, x, qw, b)
+    assert_within_bound(y, ref, x, qw, b)
+    assert not K.supports(4, 16) and K.supports(4, 32) and K.supports(8, 16) and K.supports(4, None)
+    with pytest.raises(ValueError, match=r"group_size=16 with bits=4: expected per-channel or >= 32"):
+        K.weight_only_matmul(x, qw.codes, qw.scale, qw.zero_point, bits=4, group_size=16, symmetric=False, k=64,
+                             interpret=True)

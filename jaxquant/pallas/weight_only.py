@@ -76,7 +76,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.pallas.common import check_positive, check_pow2, next_pow2
 
-__all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "float32_dot_algorithm", "weight_only_matmul", "NUM_SMS"]
+__all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "float32_dot_algorithm", "weight_only_matmul", "NUM_SMS", "MIN_GROUP", "supports"]
 
 NUM_SMS = 132  # H100 / H200 SXM
 
@@ -377,6 +377,17 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
         pltriton.store(o_ref, out, mask=omask)
 
 
+# Smallest group the kernel serves: a group is one tensor-core dot (per nibble half for int4) and a
+# dot needs K >= 16. With 8-wide int4 halves (group 16) the float32 (TF32) dot returned wrong sums
+# on an H200 (test_convert, w4a16-g16: off by 5); smaller groups take XLA's dequantize-then-dot.
+MIN_GROUP = {4: 32, 8: 16}
+
+
+def supports(bits: int, group_size: int | None) -> bool:
+    """Whether the kernel serves this weight format (every per-channel format; groups >= MIN_GROUP)."""
+    return group_size is None or group_size >= MIN_GROUP[bits]
+
+
 _HIGH_PRECISIONS = ("high", "highest", "float32", "tensorfloat32_3x", "f32_f32_f32", "tf32_tf32_f32_x3")
 
 
@@ -401,6 +412,9 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
 
     Inputs are assumed validated (``jaxquant.primitives.weight_only``).
     """
+    if not supports(bits, group_size):
+        raise ValueError(f"weight_only kernel: group_size={group_size} with bits={bits}: expected per-channel or "
+                         f">= {MIN_GROUP[bits]} (weight_only_linear takes XLA's path for smaller groups)")
     m = x.shape[0]
     n = codes.shape[0]
     out_dtype = np.dtype(x.dtype)

@@ -74,7 +74,8 @@ def _lowering(platform):
 
         def fn(*a):
             x, codes, scale, zp, bias = _split(a, has_zp, has_bias)
-            if use == "reference":
+            if use == "reference" or not kernels.supports(bits, group_size):
+                # (groups smaller than the kernel's MIN_GROUP: XLA's dequantize-then-dot)
                 return reference_weight_only_linear(x, codes, scale, zp, bias, bits=bits, group_size=group_size,
                                                     symmetric=symmetric)
             lead = x.shape[:-1]
@@ -160,7 +161,8 @@ def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | None =
 
     Forward: on a GPU one Pallas kernel streams the packed codes and dequantizes them in
     registers (float32 accumulation); on the CPU the reference dequantize-then-``dot``.
-    float32 x on a GPU follows ``jax.default_matmul_precision`` as XLA's float32 matmuls do there:
+    Groups smaller than ``jaxquant.pallas.weight_only.MIN_GROUP`` (32 for int4, 16 for int8) take
+    XLA's dequantize-then-dot. float32 x on a GPU follows ``jax.default_matmul_precision`` as XLA's float32 matmuls do there:
     TF32 tensor-core products by default, ~float32 (three TF32 products) under
     ``jax.default_matmul_precision("float32")`` (``jaxquant.pallas.weight_only.float32_dot_algorithm``).
     Backward (``custom_vjp``): ``dx = dy @ dequant(W)`` (XLA), ``dbias = sum(dy)``; the
