@@ -51,11 +51,13 @@ Offsets of every load are products of Python ints with the loop index (``pl.mult
 traced floor division in an offset hid its divisibility from Triton, which then issued byte-wide,
 unpipelined loads (measured on an H200: 2.5x slower at decode, 2.7x at M = 2048).
 
-Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/weight_only/``): W4A16 g128
-decode (M <= 16) runs at 1.1-1.5x XLA's bf16 matmul (~1 TB/s of weights; target 3x), prefill at
-0.45x (M = 2048; target 0.9x). Nsight Compute on the decode tile: 74 KB of shared memory per
-program (x's 16-row tile is staged per stage and is larger than the codes), 6 warps an SM in
-theory, 23% of DRAM bandwidth: occupancy-bound, not bandwidth-bound.
+Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/session3/``), per layer inside
+one jitted call: W4A16 g128 decode (M <= 16) 1.6-1.8x XLA's bf16 matmul (~1.8 TB/s of weights;
+target 3x), W8A16 1.5-1.7x (3.2 TB/s); M = 128 0.6x and M >= 2048 0.45x (targets 1.5x / 0.9x).
+Decode takes 16x32x256 tiles (2 warps, 24 KB of shared memory: ~9 programs an SM) with K split
+until ~8 programs an SM; the earlier 16x32x512 tile held 74 KB (3 programs an SM). At M >= 64 the
+per-group float32 partial sums (one per group, scaled, then added) make Triton wait for each
+tensor-core dot, so dequantization and the dots do not overlap.
 
 Configs come from ``heuristics(M, N, K, bits, group_size)``: a pure function of the shapes over
 the tuned table ``jaxquant/tuned/weight_only.json`` (measured on an H200; see ``bench/weight_only``).
