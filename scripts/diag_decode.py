@@ -4,8 +4,9 @@ Times each op as a chain of SETS layers with distinct weights inside one jitted 
 time: at decode one jitted call of one layer is bound by the host's dispatch, ~25 us on the H200,
 so timing calls one by one measures the host, not the kernel). Prints one line per (shape, kernel)
 with each tile's speed-up over the bf16 matmul chain, and writes OUT/decode_sweep.json.
-H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid]
-(``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json).
+H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid | w8a8]
+(``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json; ``w8a8``: W8A8
+split / tile options where it is slower than bf16, OUT/w8a8_small_sweep.json).
 """
 import functools
 import json, os, sys
@@ -95,8 +96,44 @@ def mid(out):
                       open(os.path.join(out, "mid_sweep.json"), "w"), indent=1)
 
 
+SMALL = [None, C8(16, 32, 256, 1, 2, 3, split_k=1), C8(16, 32, 256, 1, 2, 3, split_k=2),
+         C8(16, 32, 256, 1, 2, 3, split_k=4), C8(16, 64, 256, 1, 4, 3, split_k=1), C8(16, 64, 256, 1, 4, 3, split_k=2),
+         C8(16, 32, 512, 1, 2, 3, split_k=1)]
+MID8 = [None, C8(64, 64, 256, 8, 4, 3, split_k=2), C8(64, 64, 256, 8, 4, 3, split_k=4), C8(32, 64, 256, 8, 4, 3),
+        C8(32, 64, 256, 8, 4, 3, split_k=2), C8(64, 32, 256, 8, 4, 3), C8(128, 64, 128, 8, 4, 3, split_k=2)]
+
+
+def w8a8(out):
+    """W8A8 where it is slower than bf16 (M = 16 on 4096^2, M = 128 on 4096x14336): split / tile options."""
+    rows = []
+    for (n, k) in ((4096, 4096), (4096, 14336)):
+        ws = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.float32) * 0.02 for i in range(SETS)]
+        wb = [w.astype(jnp.bfloat16) for w in ws]
+        q8 = [jq.quantize_weight(w, bits=8) for w in ws]
+        del ws
+        for m, cfgs in ((16, SMALL), (128, MID8)):
+            xs = tuple(jax.random.normal(jax.random.PRNGKey(9 + i), (m, k), jnp.bfloat16) for i in range(SETS))
+            def ch(f):
+                return jax.jit(lambda xs, *ws: functools.reduce(jnp.add, [f(x, w) for x, w in zip(xs, ws)]))
+            tb = timeit(ch(lambda x, w: x @ w.T), [(xs, *wb)]) / SETS
+            line = []
+            for c in cfgs:
+                try:
+                    t = timeit(ch(lambda x, q, c=c: jq.quantized_linear(x, q, config=c)), [(xs, *q8)]) / SETS
+                    rows.append(dict(op="w8a8", shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t))
+                    line.append(f"{tag(c)} {tb / t:.2f}")
+                except Exception as e:
+                    rows.append(dict(op="w8a8", shape=[m, n, k], config=tag(c), error=str(e)[:300]))
+                    line.append(f"{tag(c)} ERR")
+            print(f"w8a8 M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
+                      open(os.path.join(out, "w8a8_small_sweep.json"), "w"), indent=1)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "mid":
         mid(sys.argv[1])
+    elif len(sys.argv) > 2 and sys.argv[2] == "w8a8":
+        w8a8(sys.argv[1])
     else:
         main(sys.argv[1])

@@ -105,9 +105,12 @@ class Config:
 #   decode tile measured ~27 us: the host's dispatch, not the kernel.
 # * M in (16, 256]: 64x64x256, 3 stages (same script, M = 128: 1.01 / 1.43 / 1.05x bf16, against
 #   0.88 / 1.27 / 0.99x for 64x64x128, 4 stages); narrower tiles (more programs) were slower.
+#   K split in two when the tiles do not fill the SMs once (N = 4096: 128 tiles): M = 128,
+#   4096x14336 1.27x bf16 against 1.00x unsplit, 4096^2 1.16x against 1.09x (diag_decode.py w8a8,
+#   benchmarks/results/session3/w8a8-small-sweep-chain.json).
 _H200 = (
     (16, Config(16, 32, 256, group_m=1, num_warps=2, num_stages=3, split_k=8)),
-    (256, Config(64, 64, 256, group_m=8, num_warps=4, num_stages=3)),
+    (256, Config(64, 64, 256, group_m=8, num_warps=4, num_stages=3, split_k=2)),
     (1024, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
     (1 << 62, Config(128, 128, 128, group_m=8, num_warps=4, num_stages=3)),
 )
@@ -165,13 +168,17 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
             bn //= 2
         else:
             break
-    # Split K (the table's split_k is the most allowed) while the tiles fill less than
-    # PROGRAMS_PER_SM programs an SM: decode tiles are latency-bound and need many resident programs.
+    # Split K (the table's split_k is the most allowed): decode tiles (latency-bound) until ~
+    # PROGRAMS_PER_SM programs an SM; larger tiles only while they do not fill the SMs once (the
+    # int32 partials cost M x N x 4 bytes each way).
     split = 1
     tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
     nk = k // bk
-    while (split * 2 <= cfg.split_k and k % bk == 0 and nk % (split * 2) == 0
-           and tiles * split * 2 <= PROGRAMS_PER_SM * sms):
+
+    def more(s):
+        return tiles * s * 2 <= PROGRAMS_PER_SM * sms if bm == 16 else tiles * s < sms
+
+    while split * 2 <= cfg.split_k and k % bk == 0 and nk % (split * 2) == 0 and more(split):
         split *= 2
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, split_k=split)
 
