@@ -10,12 +10,14 @@ split / tile options where it is slower than bf16, OUT/w8a8_small_sweep.json).
 """
 import functools
 import json, os, sys
-SETS = 8
+
 import jax, jax.numpy as jnp
 import jaxquant as jq
 from jaxquant.bench.harness import timeit  # PERF.md's method
 from jaxquant.pallas.int8_matmul import Config as C8
 from jaxquant.pallas.weight_only import Config as CW
+
+SETS = 8  # layers per chain, each with its own weights
 
 W8A8 = [None, C8(16, 32, 512, 1, 2, 4), C8(16, 32, 256, 1, 2, 3, split_k=2), C8(16, 32, 256, 1, 2, 3, split_k=4),
         C8(16, 32, 256, 1, 2, 3, split_k=8), C8(16, 32, 128, 1, 2, 4, split_k=4), C8(16, 32, 128, 1, 2, 4, split_k=8),
@@ -38,102 +40,59 @@ def tag(c):
     return f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/st{c.num_stages}/s{c.split_k}"
 
 
-def chain(f):
-    """``f`` applied to every weight set in one jitted call (outputs summed)."""
-    return jax.jit(lambda x, *ws: functools.reduce(jnp.add, [f(x, w) for w in ws]))
-
-
-def main(out):
-    os.makedirs(out, exist_ok=True)
-    rows = []
-    for (n, k) in ((8192, 8192), (4096, 14336), (14336, 4096)):
-        ws = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.float32) * 0.02 for i in range(SETS)]
-        wb = [w.astype(jnp.bfloat16) for w in ws]
-        q8 = [jq.quantize_weight(w, bits=8) for w in ws]
-        q4 = [jq.quantize_weight(w, bits=4, group_size=128) for w in ws]
-        del ws
-        for m in (1, 16):
-            x = jax.random.normal(jax.random.PRNGKey(9), (m, k), jnp.bfloat16)
-            tb = timeit(chain(lambda x, w: x @ w.T), [(x, *wb)]) / SETS
-            for name, fn, qs, cfgs in (("w8a8", jq.quantized_linear, q8, W8A8), ("w4a16", jq.weight_only_linear, q4, WO),
-                                       ("w8a16", jq.weight_only_linear, q8, WO)):
-                line = []
-                for c in cfgs:
-                    try:
-                        t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)), [(x, *qs)]) / SETS
-                        rows.append(dict(op=name, shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t))
-                        line.append(f"{tag(c)} {tb / t:.2f}")
-                    except Exception as e:  # a tile that does not compile is reported, not fatal
-                        rows.append(dict(op=name, shape=[m, n, k], config=tag(c), error=str(e)[:300]))
-                        line.append(f"{tag(c)} ERR")
-                print(f"{name} M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
-                      open(os.path.join(out, "decode_sweep.json"), "w"), indent=1)
-
-
-def mid(out):
-    """W4A16 g128 at M = 128 and 512 (PERF.md target 1.5x bf16), same chained timing."""
-    rows = []
-    for (n, k) in ((8192, 8192), (4096, 14336)):
-        ws = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.float32) * 0.02 for i in range(SETS)]
-        wb = [w.astype(jnp.bfloat16) for w in ws]
-        q4 = [jq.quantize_weight(w, bits=4, group_size=128) for w in ws]
-        del ws
-        for m in (128, 512):
-            x = jax.random.normal(jax.random.PRNGKey(9), (m, k), jnp.bfloat16)
-            tb = timeit(chain(lambda x, w: x @ w.T), [(x, *wb)]) / SETS
-            line = []
-            for c in MID:
-                try:
-                    t = timeit(chain(lambda x, q, c=c: jq.weight_only_linear(x, q, config=c)), [(x, *q4)]) / SETS
-                    rows.append(dict(op="w4a16", shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t))
-                    line.append(f"{tag(c)} {tb / t:.2f}")
-                except Exception as e:
-                    rows.append(dict(op="w4a16", shape=[m, n, k], config=tag(c), error=str(e)[:300]))
-                    line.append(f"{tag(c)} ERR")
-            print(f"w4a16 M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
-                      open(os.path.join(out, "mid_sweep.json"), "w"), indent=1)
-
-
 SMALL = [None, C8(16, 32, 256, 1, 2, 3, split_k=1), C8(16, 32, 256, 1, 2, 3, split_k=2),
          C8(16, 32, 256, 1, 2, 3, split_k=4), C8(16, 64, 256, 1, 4, 3, split_k=1), C8(16, 64, 256, 1, 4, 3, split_k=2),
          C8(16, 32, 512, 1, 2, 3, split_k=1)]
 MID8 = [None, C8(64, 64, 256, 8, 4, 3, split_k=2), C8(64, 64, 256, 8, 4, 3, split_k=4), C8(32, 64, 256, 8, 4, 3),
         C8(32, 64, 256, 8, 4, 3, split_k=2), C8(64, 32, 256, 8, 4, 3), C8(128, 64, 128, 8, 4, 3, split_k=2)]
 
+# op name -> (function, weight format)
+OPS = {"w8a8": (jq.quantized_linear, dict(bits=8)), "w4a16": (jq.weight_only_linear, dict(bits=4, group_size=128)),
+       "w8a16": (jq.weight_only_linear, dict(bits=8))}
+# mode -> (output file, (N, K) shapes, [(M, [(op, configs), ...]), ...])
+MODES = {
+    "decode": ("decode_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096)),
+               [(m, [("w8a8", W8A8), ("w4a16", WO), ("w8a16", WO)]) for m in (1, 16)]),
+    "mid": ("mid_sweep.json", ((8192, 8192), (4096, 14336)), [(m, [("w4a16", MID)]) for m in (128, 512)]),
+    "w8a8": ("w8a8_small_sweep.json", ((4096, 4096), (4096, 14336)), [(16, [("w8a8", SMALL)]), (128, [("w8a8", MID8)])]),
+}
 
-def w8a8(out):
-    """W8A8 where it is slower than bf16 (M = 16 on 4096^2, M = 128 on 4096x14336): split / tile options."""
+
+def chain(f):
+    """``f(xs[i], ws[i])`` for every layer in one jitted call, outputs summed (each layer its own x and
+    weights: XLA would CSE identical layers and merge dots that share an operand)."""
+    return jax.jit(lambda xs, *ws: functools.reduce(jnp.add, [f(x, w) for x, w in zip(xs, ws)]))
+
+
+def run(out, mode):
+    fname, nks, plan = MODES[mode]
+    os.makedirs(out, exist_ok=True)
     rows = []
-    for (n, k) in ((4096, 4096), (4096, 14336)):
+    for (n, k) in nks:
         ws = [jax.random.normal(jax.random.PRNGKey(i), (n, k), jnp.float32) * 0.02 for i in range(SETS)]
         wb = [w.astype(jnp.bfloat16) for w in ws]
-        q8 = [jq.quantize_weight(w, bits=8) for w in ws]
+        fmts = {op for _, ops in plan for op, _ in ops}
+        qs = {op: [jq.quantize_weight(w, **OPS[op][1]) for w in ws] for op in fmts}
         del ws
-        for m, cfgs in ((16, SMALL), (128, MID8)):
+        for m, ops in plan:
             xs = tuple(jax.random.normal(jax.random.PRNGKey(9 + i), (m, k), jnp.bfloat16) for i in range(SETS))
-            def ch(f):
-                return jax.jit(lambda xs, *ws: functools.reduce(jnp.add, [f(x, w) for x, w in zip(xs, ws)]))
-            tb = timeit(ch(lambda x, w: x @ w.T), [(xs, *wb)]) / SETS
-            line = []
-            for c in cfgs:
-                try:
-                    t = timeit(ch(lambda x, q, c=c: jq.quantized_linear(x, q, config=c)), [(xs, *q8)]) / SETS
-                    rows.append(dict(op="w8a8", shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t))
-                    line.append(f"{tag(c)} {tb / t:.2f}")
-                except Exception as e:
-                    rows.append(dict(op="w8a8", shape=[m, n, k], config=tag(c), error=str(e)[:300]))
-                    line.append(f"{tag(c)} ERR")
-            print(f"w8a8 M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
+            tb = timeit(chain(lambda x, w: x @ w.T), [(xs, *wb)]) / SETS
+            for op, cfgs in ops:
+                fn = OPS[op][0]
+                line = []
+                for c in cfgs:
+                    try:
+                        t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)), [(xs, *qs[op])]) / SETS
+                        rows.append(dict(op=op, shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6,
+                                         vs_bf16=tb / t))
+                        line.append(f"{tag(c)} {tb / t:.2f}")
+                    except Exception as e:  # a tile that does not compile is reported, not fatal
+                        rows.append(dict(op=op, shape=[m, n, k], config=tag(c), error=str(e)[:300]))
+                        line.append(f"{tag(c)} ERR")
+                print(f"{op} M={m} N={n} K={k} bf16 {tb * 1e6:.1f}us: " + " | ".join(line), flush=True)
             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
-                      open(os.path.join(out, "w8a8_small_sweep.json"), "w"), indent=1)
+                      open(os.path.join(out, fname), "w"), indent=1)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[2] == "mid":
-        mid(sys.argv[1])
-    elif len(sys.argv) > 2 and sys.argv[2] == "w8a8":
-        w8a8(sys.argv[1])
-    else:
-        main(sys.argv[1])
+    run(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "decode")
