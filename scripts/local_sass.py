@@ -116,12 +116,12 @@ def case(spec):
     if kind == "w8a8":
         cfg = K8.Config(*fields)
         qw = jax.eval_shape(lambda w: jq.quantize_weight(w, bits=8), w)
-        fn = lambda x, q: jq.quantized_linear(x, q, config=cfg)  # noqa: E731
+        fn = lambda x, q: jq.quantized_linear(x, q, config=cfg)
     else:
         cfg = KW.Config(*fields)
         bits = 4 if kind == "w4" else 8
         qw = jax.eval_shape(lambda w: jq.quantize_weight(w, bits=bits, group_size=group), w)
-        fn = lambda x, q: jq.weight_only_linear(x, q, config=cfg)  # noqa: E731
+        fn = lambda x, q: jq.weight_only_linear(x, q, config=cfg)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
     return name, fn, (x, qw), cfg.num_warps, cfg.num_stages
 
