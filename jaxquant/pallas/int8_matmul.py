@@ -315,7 +315,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
 
 
 def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "int8", out_dtype=None,
-                config: Config | None = None, device_kind: str | None = None, interpret: bool = False, _split: int = 1):
+                config: Config | None = None, device_kind: str | None = None, interpret: bool = False):
     """``epilogue(quant(a) @ w^T)`` in one ``pallas_call`` (see the module docstring).
 
     Args:
@@ -363,16 +363,14 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     nk = pl.cdiv(k, bk)
     group_m = max(1, min(cfg.group_m, nm))
     split = effective_split(cfg.split_k, k, bk, a_mode)
+    epilogue = None
     if split > 1:
-        # int32 partials [split, M, N] from one program per (tile, K run); summed exactly in XLA,
-        # then the reference epilogue (the same float32 operations as the in-kernel epilogue).
-        parts = int8_matmul(a, w, a_mode="int8", out_dtype=np.int32, interpret=interpret, device_kind=device_kind,
-                            config=dataclasses.replace(cfg, split_k=1), _split=split)
-        acc = jnp.sum(parts, axis=0, dtype=jnp.int32)
-        a_s = None if a_scale is None else jnp.asarray(a_scale, jnp.float32)
-        if a_s is not None and a_s.size == 1:
-            a_s = jnp.reshape(a_s, (1, 1))
-        return ref.int8_epilogue(acc, a_s, w_scale, bias, out_dtype)
+        # The kernel writes int32 partials [split, M, N] (one program per tile and K run, no
+        # epilogue); they are summed exactly in XLA, then the reference epilogue applies the same
+        # float32 operations as the in-kernel one.
+        epilogue = (a_scale, w_scale, bias, out_dtype)
+        a_scale = w_scale = bias = None
+        out_dtype = np.dtype(np.int32)
 
     def ij(pid):
         return _grid_ij(pid, nm, nn, group_m)
@@ -403,20 +401,28 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     kernel = functools.partial(
         _kernel, a_mode=a_mode, has_a_scale=has_a_scale, a_per_row=a_per_row, has_w_scale=w_scale is not None,
         has_bias=bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn), group_m=group_m,
-        out_dtype=out_dtype, fast=not interpret, split=_split)
-    if _split > 1:
-        out_shape = jax.ShapeDtypeStruct((_split, m, n), out_dtype)
+        out_dtype=out_dtype, fast=not interpret, split=split)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, m, n), out_dtype)
         out_spec = pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p)))
     else:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda p: ij(p))
-    return pl.pallas_call(
+    y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(nm * nn, _split) if _split > 1 else (nm * nn,),
+        grid=(nm * nn, split) if split > 1 else (nm * nn,),
         in_specs=in_specs,
         out_specs=out_spec,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"jaxquant_int8_matmul_{a_mode}",
     )(*operands)
+    if epilogue is None:
+        return y
+    a_s, w_s, b, final_dtype = epilogue
+    acc = jnp.sum(y, axis=0, dtype=jnp.int32)
+    if a_s is not None:
+        a_s = jnp.asarray(a_s, jnp.float32)
+        a_s = jnp.reshape(a_s, (1, 1)) if a_s.size == 1 else a_s
+    return ref.int8_epilogue(acc, a_s, w_s, b, final_dtype)
