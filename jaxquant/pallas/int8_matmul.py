@@ -29,8 +29,10 @@ Tiles: a program computes a ``block_m x block_n`` output tile, looping over K in
 chunks (the tail chunk masked). Programs run in a 1-d grid with the usual "grouped" order
 (``group_m`` row blocks sweep the N tiles together) so the A and W tiles they share stay in L2.
 Ragged M / N edges are masked on loads and stores (never padded); the masks are compiled in only
-where the shape needs them. Decode shapes (M <= 16) use skinny ``block_m = 16`` tiles with a
-``block_n = 64`` and long ``block_k`` chunks (the weight stream is the whole cost there).
+where the shape needs them. Decode shapes (M <= 16) use skinny ``block_m = 16 x block_n = 32`` tiles and split K
+(``Config.split_k``, int8 activations): a program per tile and K run writes int32 partials
+``[split, M, N]``, which XLA sums exactly before the reference epilogue (``int8_epilogue``) —
+decode tiles are latency-bound and need ~8 resident programs an SM, more than N / 32 tiles give.
 
 Limits: Pallas Triton addresses an array with 32-bit element offsets unless it is larger than
 2**32 bytes, so each operand and the output must have fewer than 2**31 elements
