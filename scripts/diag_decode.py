@@ -8,12 +8,11 @@ H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid
 (``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json; ``w8a8``: W8A8
 split / tile options where it is slower than bf16, OUT/w8a8_small_sweep.json).
 """
-import functools
 import json, os, sys
 
 import jax, jax.numpy as jnp
 import jaxquant as jq
-from jaxquant.bench.harness import timeit  # PERF.md's method
+from jaxquant.bench.harness import chain, timeit  # PERF.md's method, one jitted call per chain
 from jaxquant.pallas.int8_matmul import Config as C8
 from jaxquant.pallas.weight_only import Config as CW
 
@@ -58,12 +57,6 @@ MODES = {
 }
 
 
-def chain(f):
-    """``f(xs[i], ws[i])`` for every layer in one jitted call, outputs summed (each layer its own x and
-    weights: XLA would CSE identical layers and merge dots that share an operand)."""
-    return jax.jit(lambda xs, *ws: functools.reduce(jnp.add, [f(x, w) for x, w in zip(xs, ws)]))
-
-
 def run(out, mode):
     fname, nks, plan = MODES[mode]
     os.makedirs(out, exist_ok=True)
@@ -76,13 +69,14 @@ def run(out, mode):
         del ws
         for m, ops in plan:
             xs = tuple(jax.random.normal(jax.random.PRNGKey(9 + i), (m, k), jnp.bfloat16) for i in range(SETS))
-            tb = timeit(chain(lambda x, w: x @ w.T), [(xs, *wb)]) / SETS
+            tb = timeit(chain(lambda x, w: x @ w.T), [(xs, *((w,) for w in wb))]) / SETS
             for op, cfgs in ops:
                 fn = OPS[op][0]
                 line = []
                 for c in cfgs:
                     try:
-                        t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)), [(xs, *qs[op])]) / SETS
+                        t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)),
+                                   [(xs, *((q,) for q in qs[op]))]) / SETS
                         rows.append(dict(op=op, shape=[m, n, k], config=tag(c), us=t * 1e6, bf16_us=tb * 1e6,
                                          vs_bf16=tb / t))
                         line.append(f"{tag(c)} {tb / t:.2f}")

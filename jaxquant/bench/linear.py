@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant import shapes
 from jaxquant.bench import harness
-from jaxquant.bench.harness import Context, rotations, timeit
+from jaxquant.bench.harness import CHAIN_LAYERS, Context, chain, rotations, timeit
 from jaxquant.pallas import int8_matmul as mm_k
 from jaxquant.primitives import linear as L
 from jaxquant.weights import QuantizedWeight, quantize_weight
@@ -86,18 +86,6 @@ def _fns(auto, n, k):
                                    ).astype(jnp.bfloat16)
 
     return jax.jit(ours), jax.jit(plain), jax.jit(bf16), chain(ours), chain(bf16), chain(plain)
-
-
-CHAIN_LAYERS = 4  # at least this many layers per chained call (weight sets cycled)
-
-
-def chain(f):
-    """``f(xs[i], *ws[i])`` for every layer in one jitted call, outputs summed: per-layer GPU time
-    without dispatch gaps. Each layer has its own activation and weights (XLA would CSE identical
-    layers and merge bf16 dots sharing a weight)."""
-    def g(xs, *ws):
-        return functools.reduce(jnp.add, [f(x, *w) for x, w in zip(xs, ws)])
-    return jax.jit(g)
 
 
 def _qwix_fn():

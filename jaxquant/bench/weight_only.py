@@ -27,7 +27,6 @@ decode and prefill shapes (the source of ``jaxquant/tuned/weight_only.json``).
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant import shapes
 from jaxquant.bench import harness
-from jaxquant.bench.harness import Context, nbytes, rotations, timeit
+from jaxquant.bench.harness import CHAIN_LAYERS, Context, chain, nbytes, rotations, timeit
 from jaxquant.pallas import weight_only as K
 from jaxquant.primitives.weight_only import weight_only_linear
 from jaxquant.weights import dequantize_weight, quantize_weight
@@ -76,34 +75,18 @@ def _weights(n, k, count, seed=0):
             for i in range(count)]
 
 
-CHAIN_LAYERS = 4
-
-
-def chain(f, layers):
-    """``f(xs[i], ws[i])`` for ``i < layers`` in one jitted call, outputs summed: the GPU time per
-    layer. Every layer has its own x and its own weights: XLA merges bf16 dots that share a weight
-    (its dot merger reads the weight once for all of them) and CSEs identical layers; both
-    happened in an earlier version that cycled one weight set (bf16 looked 2x faster per layer)."""
-    def g(xs, *ws):
-        assert len(xs) == len(ws) == layers
-        return functools.reduce(jnp.add, [f(x, w) for x, w in zip(xs, ws)])
-    return jax.jit(g)
-
-
 def run(ctx: Context) -> list[dict]:
     rows = []
     auto = "interpret" if ctx.platform == "cpu" else "auto"
     min_time = 0.01 if ctx.quick else 0.03
     for variant, bits, group, (n, k), ms in _plan(ctx):
         qbytes = n * k * bits // 8 + n * (k // (group or k)) * 4
-        # At least CHAIN_LAYERS distinct weight sets, for both sides: a chain that reuses one weight
-        # lets XLA merge its bf16 dots into one (dot merger: the weight is read once), and one
-        # that reuses one x lets CSE merge layers.
-        nq = nb = max(CHAIN_LAYERS, len(rotations(lambda i: i, qbytes)), len(rotations(lambda i: i, n * k * 2)))
-        ws = _weights(n, k, nq)
+        # One weight set per chained layer (harness.chain), at least as many as rotate out of L2,
+        # the same count for both sides.
+        layers = max(CHAIN_LAYERS, len(rotations(lambda i: i, qbytes)), len(rotations(lambda i: i, n * k * 2)))
+        w_bf16 = _weights(n, k, layers)
         quant = jax.jit(lambda w: quantize_weight(w, bits=bits, group_size=group))
-        qws = [quant(w) for w in ws[:nq]]
-        w_bf16 = ws[:nb]
+        qws = [quant(w) for w in w_bf16]
         jax.block_until_ready((qws, w_bf16))
 
         def ours_fn(impl):
@@ -115,19 +98,19 @@ def run(ctx: Context) -> list[dict]:
         ours = ours_fn(auto)
         bf16 = jax.jit(lambda x, w: x @ w.T)
         plain = jax.jit(lambda x, qw: x @ dequantize_weight(qw, jnp.bfloat16).T)
-        layers = nq
         for m in ms:
             ctx.say(f"weight_only {variant} M={m} N={n} K={k}")
             xs = [jax.random.normal(jax.random.PRNGKey(100 + i), (m, k), jnp.bfloat16) for i in range(layers)]
-            sets_q = [(xs[i], qws[i]) for i in range(nq)]
-            sets_b = [(xs[i], w_bf16[i]) for i in range(nb)]
+            sets_q = list(zip(xs, qws))
+            sets_b = list(zip(xs, w_bf16))
             t = timeit(ours, sets_q, repeats=ctx.repeats, min_time=min_time)
             tb = timeit(bf16, sets_b, repeats=ctx.repeats, min_time=min_time)
             tj = timeit(plain, sets_q, repeats=ctx.repeats, min_time=min_time)
             xt = tuple(xs)
-            tc = timeit(chain(ours, layers), [(xt, *qws)], repeats=ctx.repeats, min_time=min_time) / layers
-            tbc = timeit(chain(bf16, layers), [(xt, *w_bf16)], repeats=ctx.repeats, min_time=min_time) / layers
-            tjc = timeit(chain(plain, layers), [(xt, *qws)], repeats=ctx.repeats, min_time=min_time) / layers
+            qc, bc = [(xt, *((q,) for q in qws))], [(xt, *((w,) for w in w_bf16))]
+            tc = timeit(chain(ours), qc, repeats=ctx.repeats, min_time=min_time) / layers
+            tbc = timeit(chain(bf16), bc, repeats=ctx.repeats, min_time=min_time) / layers
+            tjc = timeit(chain(plain), qc, repeats=ctx.repeats, min_time=min_time) / layers
             moved = nbytes(qws[0]) + m * k * 2 + m * n * 2
             gbps = moved / tc / 1e9
             cfg = K.heuristics(m, n, k, bits, group)
@@ -143,7 +126,7 @@ def run(ctx: Context) -> list[dict]:
                              copy_frac=gbps / ctx.copy_gbps, weight_bytes=nbytes(qws[0]),
                              config=cfg.tag(), target=None if tgt is None else tgt[0], met=met))
             del xs, sets_q, sets_b
-        del qws, w_bf16, ws
+        del qws, w_bf16
     return rows
 
 
