@@ -173,16 +173,17 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     # Split K (the table's split_k is the most allowed): decode tiles (latency-bound) until ~
     # PROGRAMS_PER_SM programs an SM; larger tiles only while they do not fill the SMs once (the
     # int32 partials cost M x N x 4 bytes each way).
-    split = 1
     tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
-    nk = k // bk
 
     def more(s):
         return tiles * s * 2 <= PROGRAMS_PER_SM * sms if bm == 16 else tiles * s < sms
 
-    while split * 2 <= cfg.split_k and k % bk == 0 and nk % (split * 2) == 0 and more(split):
+    split = 1
+    while split * 2 <= cfg.split_k and more(split):
         split *= 2
-    return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, split_k=split)
+    # (then whole K runs: effective_split's rule, as the kernel applies it)
+    return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk,
+                               split_k=effective_split(split, k, bk, "int8"))
 
 
 def _grid_ij(pid, nm, nn, group_m):
