@@ -1,6 +1,7 @@
-"""Compile the Pallas weight-only / W8A8 kernels to SASS on a machine WITHOUT a GPU and report shared
-memory, registers, spills and the main loop's instruction mix: occupancy and code questions answered
-without device time (what scripts/diag_ttgir.py does on the GPU machine).
+"""Compile the Pallas weight-only / W8A8 kernels to SASS, on a machine WITHOUT a GPU too, and report
+shared memory, registers, spills and the main loop's instruction mix: occupancy and code questions
+answered without device time. (On the GPU machine: ``--triton-python python3``; this replaces the
+former scripts/diag_ttgir.py, which compiled the IR without the TTIR passes.)
 
 Two Pythons: this one (the project's venv: jax lowers the kernels to Triton IR for CUDA through the
 CPU-installed CUDA plugin, PALLAS_NOTES.md §2) and one with ``triton`` (the GPU machine's version,
