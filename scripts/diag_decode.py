@@ -36,7 +36,8 @@ MID = [None, CW(64, 64, 128, 1, 4, 3), CW(64, 64, 128, 2, 4, 3), CW(64, 64, 128,
 def tag(c):
     if c is None:
         return "auto"
-    return f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/st{c.num_stages}/s{c.split_k}"
+    extra = "/slices" if getattr(c, "x_pairs", None) is False else ""
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/st{c.num_stages}/s{c.split_k}{extra}"
 
 
 SMALL = [None, C8(16, 32, 256, 1, 2, 3, split_k=1), C8(16, 32, 256, 1, 2, 3, split_k=2),
@@ -45,6 +46,14 @@ SMALL = [None, C8(16, 32, 256, 1, 2, 3, split_k=1), C8(16, 32, 256, 1, 2, 3, spl
 MID8 = [None, C8(64, 64, 256, 8, 4, 3, split_k=2), C8(64, 64, 256, 8, 4, 3, split_k=4), C8(32, 64, 256, 8, 4, 3),
         C8(32, 64, 256, 8, 4, 3, split_k=2), C8(64, 32, 256, 8, 4, 3), C8(128, 64, 128, 8, 4, 3, split_k=2)]
 
+# int4 x in (even, odd) pair words (the default) against the two XLA slices, and wider / deeper tiles
+W4P = [None, CW(16, 32, 256, 4, 2, 3, True, False), CW(16, 64, 256, 4, 2, 3, True, False), CW(16, 32, 256, 8, 2, 3), CW(16, 32, 256, 2, 2, 3),
+       CW(16, 64, 256, 2, 2, 3), CW(16, 64, 256, 4, 2, 3), CW(16, 64, 256, 8, 2, 3), CW(16, 32, 256, 4, 2, 4),
+       CW(16, 32, 128, 8, 2, 4), CW(16, 32, 512, 2, 2, 3), CW(16, 64, 128, 8, 2, 4), CW(16, 128, 256, 4, 4, 3),
+       CW(16, 64, 256, 4, 4, 3), CW(16, 32, 256, 4, 1, 3)]
+W8P = [None, CW(16, 32, 128, 4, 2, 4), CW(16, 64, 128, 4, 2, 4), CW(16, 64, 128, 8, 2, 4), CW(16, 32, 256, 4, 2, 3),
+       CW(16, 32, 128, 8, 2, 6), CW(16, 64, 256, 4, 4, 4), CW(16, 32, 128, 4, 1, 4)]
+
 # op name -> (function, weight format)
 OPS = {"w8a8": (jq.quantized_linear, dict(bits=8)), "w4a16": (jq.weight_only_linear, dict(bits=4, group_size=128)),
        "w8a16": (jq.weight_only_linear, dict(bits=8))}
@@ -52,6 +61,8 @@ OPS = {"w8a8": (jq.quantized_linear, dict(bits=8)), "w4a16": (jq.weight_only_lin
 MODES = {
     "decode": ("decode_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096)),
                [(m, [("w8a8", W8A8), ("w4a16", WO), ("w8a16", WO)]) for m in (1, 16)]),
+    "w4": ("w4_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
+           [(m, [("w4a16", W4P), ("w8a16", W8P)]) for m in (1, 16)]),
     "mid": ("mid_sweep.json", ((8192, 8192), (4096, 14336)), [(m, [("w4a16", MID)]) for m in (128, 512)]),
     "w8a8": ("w8a8_small_sweep.json", ((4096, 4096), (4096, 14336)), [(16, [("w8a8", SMALL)]), (128, [("w8a8", MID8)])]),
 }

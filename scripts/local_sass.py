@@ -73,7 +73,8 @@ for p in sorted(glob.glob(os.path.join(out, "*.ttir"))):
         if m:
             ops[m.group(1)] = ops.get(m.group(1), 0) + 1
     top = " ".join(f"{k}:{v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:14])
-    print(f"{os.path.basename(base)}: smem {c.metadata.shared} B | {regs}\n  loop: {top}", flush=True)
+    print(f"{os.path.basename(base)}: smem {c.metadata.shared} B | {regs}\n  loop ({sum(ops.values())} "
+          f"instructions a warp): {top}", flush=True)
 '''
 
 

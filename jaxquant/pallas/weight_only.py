@@ -94,6 +94,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     fast_dequant: bool = True  # int4 on a GPU: the PTX nibble conversion (else shifts and converts)
+    # int4 with 16-bit x: x's (even, odd) column pairs as one uint32 word each, split in registers
+    # (no XLA copies of x's even / odd columns). None: for decode tiles (block_m == 16), whose x
+    # tile feeds the warp-level dot from registers; wider tiles' wgmma reads x from shared memory,
+    # where the split halves would be stored back (scripts/local_sass.py: STS in the loop).
+    x_pairs: bool | None = None
 
     def __post_init__(self):
         check_pow2("weight_only", "block_m", self.block_m, 16)
@@ -302,7 +307,14 @@ def _dequant(wb, z, *, bits, symmetric, dt, fast):
     return [q.astype(dt) for q in parts]
 
 
-def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
+def _pair_half(u, h, dt):
+    """Half ``h`` (0: low = the even column, 1: high = the odd column) of uint32 pair words ``u``, as
+    ``dt`` (a 16-bit float: the words are x's (even, odd) column pairs, little-endian)."""
+    v = u if h == 0 else jnp.right_shift(u, jnp.uint32(16))
+    return jax.lax.bitcast_convert_type(v.astype(jnp.uint16), dt)
+
+
+def _kernel(*refs, n_x, x_pairs, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
             has_bias, cdt, out_dtype, fast, f32_algorithm):
     x_refs = refs[:n_x]
     w_ref, s_ref = refs[n_x], refs[n_x + 1]
@@ -342,30 +354,49 @@ def _kernel(*refs, n_x, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits
     # of the tensor-core dot (wgmma takes it from registers); x's tile is the right (shared) one.
     # Offsets are built from products of Python ints so that Triton sees their divisibility and
     # vectorises the loads (a traced floor division hides it: byte-wide loads, no pipelining).
-    def body(t, acc):
+    units = bk // unit
+
+    def group_params(t):
+        """Per unit of step t: (its group's scale column, zero-point column or None)."""
+        if group is None:
+            return ()
+        out = []
+        for u in range(units):
+            g = t * (bk // group) + u if bk >= group else t // (group // bk)
+            out.append((col(s_ref, g), col(z_ref, g) if has_zp else None))
+        return tuple(out)
+
+    # The group parameters are loaded one step ahead (carried through the loop): Triton does not
+    # pipeline these [BN, 1] loads, and a load used at once stalled every step on its latency.
+    def body(t, carry):
+        acc, params = carry
+        nxt = group_params(jnp.minimum(t + 1, steps - 1))
         base = pl.multiple_of(t * sw, sw)
-        for u in range(bk // unit):
+        for u in range(units):
             off = base + u * uw
             km = None
             if mask_k:
                 km = (off + jax.lax.broadcasted_iota(jnp.int32, (1, uw), 1)) < k_total // wdiv
             wb = load(w_ref.at[:, pl.ds(off, uw)], both(nmask_col, km), 0)
-            if group is not None:
-                g = t * (bk // group) + u if bk >= group else t // (group // bk)
-            z = (col(z_ref, g) if group is not None else zc) if has_zp else None
+            z = (params[u][1] if group is not None else zc) if has_zp else None
             ws = _dequant(wb, z, bits=bits, symmetric=symmetric, dt=cdt, fast=fast)
+            if x_pairs:
+                # one load of the (even, odd) column pairs, one uint32 word each; split in registers
+                pw = load(x_refs[0].at[:, pl.ds(off, uw)], both(rmask, km), 0)
+                xts = [_pair_half(pw, h, cdt) for h in (0, 1)]
+            else:
+                xts = [load(xr.at[:, pl.ds(off, uw)], both(rmask, km), 0).astype(cdt) for xr in x_refs]
             part = None
-            for xr, w in zip(x_refs, ws):
-                xt = load(xr.at[:, pl.ds(off, uw)], both(rmask, km), 0).astype(cdt)
+            for xt, w in zip(xts, ws):
                 d = jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())), precision=dot_prec,
                                         preferred_element_type=jnp.float32)
                 part = d if part is None else part + d
             if group is not None:
-                part = part * col(s_ref, g)
+                part = part * params[u][0]
             acc = acc + part
-        return acc
+        return acc, nxt
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm), jnp.float32))
+    acc, _ = jax.lax.fori_loop(0, steps, body, (jnp.zeros((bn, bm), jnp.float32), group_params(0)))
     if group is None:
         acc = acc * load(s_ref, nmask_1d, 0)[:, None]
     if has_bias:
@@ -449,7 +480,14 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), split)
     # int4: x's even / odd columns meet the low / high nibbles (a cheap XLA copy of x, small next
     # to the weights; no interleave of the codes in registers, contiguous loads of x)
-    xs = [x] if bits == 8 else [x[:, 0::2], x[:, 1::2]]
+    x_pairs = bits == 4 and cdt.itemsize == 2 and (bm == 16 if cfg.x_pairs is None else cfg.x_pairs)
+    if bits == 8:
+        xs = [x]
+    elif x_pairs:
+        # each (even, odd) column pair as one unsigned word: a bitcast of x, no copy
+        xs = [jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2), jnp.uint32)]
+    else:
+        xs = [x[:, 0::2], x[:, 1::2]]
     in_specs = [pl.BlockSpec((bm, k_span // wdiv), lambda i, j, s: (j, s)) for _ in xs]
     in_specs.append(pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)))
     operands = xs + [codes]
@@ -474,7 +512,7 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i))
         kdt = np.dtype(np.float32)
     kernel = functools.partial(
-        _kernel, n_x=len(xs), bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
+        _kernel, n_x=len(xs), x_pairs=x_pairs, bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
         out_dtype=kdt, fast=cfg.fast_dequant and not interpret, f32_algorithm=float32_dot_algorithm(interpret))
     y = pl.pallas_call(
