@@ -4,7 +4,7 @@ Times each op as a chain of SETS layers with distinct weights inside one jitted 
 time: at decode one jitted call of one layer is bound by the host's dispatch, ~25 us on the H200,
 so timing calls one by one measures the host, not the kernel). Prints one line per (shape, kernel)
 with each tile's speed-up over the bf16 matmul chain, and writes OUT/decode_sweep.json.
-H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid | w8a8]
+H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid | w8a8 | w4 | fused1]
 (``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json; ``w8a8``: W8A8
 split / tile options where it is slower than bf16, OUT/w8a8_small_sweep.json).
 """
@@ -54,8 +54,19 @@ W4P = [None, CW(16, 32, 256, 4, 2, 3, True, False), CW(16, 64, 256, 4, 2, 3, Tru
 W8P = [None, CW(16, 32, 128, 4, 2, 4), CW(16, 64, 128, 4, 2, 4), CW(16, 64, 128, 8, 2, 4), CW(16, 32, 256, 4, 2, 3),
        CW(16, 32, 128, 8, 2, 6), CW(16, 64, 256, 4, 4, 4), CW(16, 32, 128, 4, 1, 4)]
 
+# W8A8 at M = 1 with the activation quantized inside the GEMM (one kernel, K split) vs the default
+FUSED1 = [None, C8(16, 32, 256, 1, 2, 3, split_k=8), C8(16, 32, 256, 1, 2, 3, split_k=4),
+          C8(16, 32, 256, 1, 2, 3, split_k=2), C8(16, 64, 256, 1, 2, 3, split_k=4), C8(16, 64, 256, 1, 4, 3, split_k=4),
+          C8(16, 32, 512, 1, 2, 3, split_k=4), C8(16, 128, 256, 1, 4, 3, split_k=2), C8(16, 32, 128, 1, 2, 4, split_k=8)]
+
+
+def _fused_linear(x, qw, config=None):
+    from jaxquant.primitives import linear as L
+    return L.linear_kernel(x, qw.codes, qw.scale, None, out_dtype=x.dtype, config=config, fuse=True)
+
+
 # op name -> (function, weight format)
-OPS = {"w8a8": (jq.quantized_linear, dict(bits=8)), "w4a16": (jq.weight_only_linear, dict(bits=4, group_size=128)),
+OPS = {"w8a8fused": (_fused_linear, dict(bits=8)), "w8a8": (jq.quantized_linear, dict(bits=8)), "w4a16": (jq.weight_only_linear, dict(bits=4, group_size=128)),
        "w8a16": (jq.weight_only_linear, dict(bits=8))}
 # mode -> (output file, (N, K) shapes, [(M, [(op, configs), ...]), ...])
 MODES = {
@@ -63,6 +74,8 @@ MODES = {
                [(m, [("w8a8", W8A8), ("w4a16", WO), ("w8a16", WO)]) for m in (1, 16)]),
     "w4": ("w4_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
            [(m, [("w4a16", W4P), ("w8a16", W8P)]) for m in (1, 16)]),
+    "fused1": ("w8a8_fused1_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
+               [(1, [("w8a8", [None]), ("w8a8fused", FUSED1)])]),
     "mid": ("mid_sweep.json", ((8192, 8192), (4096, 14336)), [(m, [("w4a16", MID)]) for m in (128, 512)]),
     "w8a8": ("w8a8_small_sweep.json", ((4096, 4096), (4096, 14336)), [(16, [("w8a8", SMALL)]), (128, [("w8a8", MID8)])]),
 }

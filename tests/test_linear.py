@@ -315,6 +315,11 @@ def test_lowers_for_cuda(rng, dtype):
     fused = lambda x, act: (L.linear_kernel(x, qw.codes, qw.scale, b, out_dtype=dtype, fuse=True),
                             L.linear_kernel(x, qw.codes, qw.scale, None, act, out_dtype=dtype, fuse=True))
     assert cuda_kernels(fused, small[0], act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
+    one = jnp.ones((1, 4096), dtype)  # M = 1: the fused path with split K (two outputs: partials, scale)
+    _, qw1 = make_layer(rng, 300, 4096)
+    fused1 = lambda x, act: (L.linear_kernel(x, qw1.codes, qw1.scale, b, out_dtype=dtype, fuse=True),
+                             L.linear_kernel(x, qw1.codes, qw1.scale, None, act, out_dtype=dtype, fuse=True))
+    assert cuda_kernels(fused1, one, act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, b), big) == ["jaxquant_dynamic_quantize",
                                                                        "jaxquant_int8_matmul_int8"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), big) == ["jaxquant_quantize",
@@ -449,6 +454,40 @@ def test_accuracy_outliers():
     assert ours < r["per-tensor act (static) x per-channel weight"] < r["per-tensor x per-tensor"] * 1.5, r
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("row", ["random", "nan", "zero", "clamp"])
+def test_fused_single_row_split_k(tier, rng, dtype, row):
+    """M = 1 with the activation quantized in the GEMM kernel (the decode path): each program reads
+    the whole row for the dynamic statistics, quantizes its K run, and the int32 partials of the K
+    split are summed in XLA before the reference epilogue: bit-exact with the reference (no ulp
+    tolerance: the accumulator is exact and the epilogue is the reference's own code)."""
+    k, n = 512, 40  # 8 chunks of 64 (split 4), N ragged against 32
+    _, qw = make_layer(rng, n, k)
+    x = np.asarray(rng.standard_normal((1, k)) * 3, np.float32)
+    if row == "nan":
+        x[0, 17] = np.nan
+    elif row == "zero":
+        x[:] = 0
+    elif row == "clamp":  # a .5 tie at the edge and the max-abs element: codes -128 / 127
+        x[0, :4] = [-127.5, 127.0, 0.5, -0.5]
+    x = jnp.asarray(x, dtype)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    act = jnp.float32(0.05)
+    interp = tier == "interpret"
+    cfg = mm_k.Config(16, 32, 64, group_m=1, num_warps=2, num_stages=3, split_k=4)
+    f = lambda x, c, s, b, act: (
+        L.linear_kernel(x, c, s, b, out_dtype=dtype, config=cfg, interpret=interp, fuse=True),
+        L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
+    g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
+                                 L.linear_reference(x, c, s, None, act, out_dtype=dtype))
+    got = jax.jit(f)(x, qw.codes, qw.scale, b, act)
+    want = jax.jit(g)(x, qw.codes, qw.scale, b, act)
+    assert_same_bits(got[0], want[0], f"fused dynamic+bias, split K [{tier}, {row}]")
+    assert_same_bits(got[1], want[1], f"fused static, split K [{tier}, {row}]")
+    if row == "nan":
+        assert np.isnan(np.asarray(got[0], np.float32)).all()
+
+
 def test_split_k_is_an_upper_bound(rng):
     """An explicit split_k is the most K runs: the largest power of two dividing the K chunks; 1 with a
     ragged K tail or with activations quantized in the kernel (they need whole rows)."""
@@ -457,6 +496,8 @@ def test_split_k_is_an_upper_bound(rng):
     assert mm_k.effective_split(8, 96, 32, "int8") == 1  # 3 chunks
     assert mm_k.effective_split(8, 100, 32, "int8") == 1  # ragged tail
     assert mm_k.effective_split(8, 256, 32, "dynamic") == 1
+    assert mm_k.effective_split(8, 256, 32, "dynamic", m=1) == 8  # one row: each program re-reads it
+    assert mm_k.effective_split(8, 256, 32, "static", m=2) == 1
     a = jnp.asarray(rng.integers(-128, 128, size=(3, 192)), jnp.int8)
     w = jnp.asarray(rng.integers(-128, 128, size=(20, 192)), jnp.int8)
     got = mm_k.int8_matmul(a, w, config=mm_k.Config(16, 16, 32, split_k=8), interpret=True)

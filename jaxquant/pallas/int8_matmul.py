@@ -129,11 +129,13 @@ PROGRAMS_PER_SM = 8  # split-K target for decode tiles (see heuristics)
 _NUM_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132}
 
 
-def effective_split(split_k: int, k: int, bk: int, a_mode: str) -> int:
+def effective_split(split_k: int, k: int, bk: int, a_mode: str, m: int | None = None) -> int:
     """The K split actually used: the largest power of two ``<= split_k`` cutting K's ``block_k``
-    chunks into equal runs; 1 when K has a ragged tail chunk or the activation is quantized in the
-    kernel (``a_mode`` "dynamic" / "static" need the whole row's statistics in one program)."""
-    if a_mode != "int8" or k % bk:
+    chunks into equal runs; 1 when K has a ragged tail chunk, or when the kernel quantizes a
+    multi-row activation (``a_mode`` "dynamic" / "static" with ``m != 1``: a program quantizes its
+    K run of a single row itself, re-reading the row for its statistics, but 16 rows of that work
+    per program cost more than the split gains)."""
+    if k % bk or (a_mode != "int8" and m != 1):
         return 1
     split = 1
     while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
@@ -197,7 +199,7 @@ def _grid_ij(pid, nm, nn, group_m):
 
 
 def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, blocks, nmn, group_m,
-            out_dtype, split):
+            out_dtype, split, row_bcast):
     it = iter(refs)
     a_ref = next(it)
     as_ref = next(it) if has_a_scale else None
@@ -205,6 +207,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     ws_ref = next(it) if has_w_scale else None
     b_ref = next(it) if has_bias else None
     o_ref = next(it)
+    s_out_ref = next(it, None)  # dynamic mode with split K: the activation scale, for the XLA epilogue
     m_total, n_total, k_total = dims
     bm, bn, bk = blocks
     nm, nn = nmn
@@ -216,6 +219,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     if n_total % bn:
         cmask = (j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total
     n_full, tail = divmod(k_total, bk)
+    n_all = n_full  # every K chunk of the row (the dynamic statistics need them all)
     k_first = 0
     if split > 1:  # this program's contiguous run of K chunks (the wrapper checked they divide evenly)
         n_full //= split
@@ -243,11 +247,13 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     def load_w(k, masked_k):
         return load_tile(w_ref, k, wmask, masked_k)
 
-    def k_loop(step, init):
-        """Run ``step(k, carry, masked_k)`` over every K chunk (the ragged tail chunk masked)."""
+    def k_loop(step, init, whole_row=False):
+        """Run ``step(k, carry, masked_k)`` over this program's K chunks (the ragged tail chunk
+        masked), or over all of them with ``whole_row``."""
         carry = init
-        if n_full:
-            carry = jax.lax.fori_loop(0, n_full, lambda k, c: step(k_first + k, c, False), carry)
+        first, count = (0, n_all) if whole_row else (k_first, n_full)
+        if count:
+            carry = jax.lax.fori_loop(0, count, lambda k, c: step(first + k, c, False), carry)
         if tail:
             carry = step(n_full, carry, True)
         return carry
@@ -259,19 +265,23 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
             v = ref[...]
         return v.astype(f32)
 
+    # row_bcast (M == 1, a quantized in the kernel): a's tile is its one row [1, bk], quantized
+    # and then broadcast to the dot's 16 rows (all equal; row 0 is stored), so the statistics and
+    # the quantization cost one row, not a 16-row tile of padding.
+    a_rows, a_mask = (1, None) if row_bcast else (bm, rmask)
     a_scale = None
     inv = None
     if a_mode == "dynamic":
-        zero = jnp.zeros((bm, 1), f32)
+        zero = jnp.zeros((a_rows, 1), f32)
 
         def stats(k, carry, masked_k):
             nan, amax = carry
-            x = load_tile(a_ref, k, rmask, masked_k).astype(f32)
+            x = load_tile(a_ref, k, a_mask, masked_k).astype(f32)
             nan = jnp.maximum(nan, jnp.max(jnp.where(x != x, 1.0, 0.0).astype(f32), axis=1, keepdims=True))
             amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1, keepdims=True))
             return nan, amax
 
-        nan, amax = k_loop(stats, (zero, zero))
+        nan, amax = k_loop(stats, (zero, zero), whole_row=True)
         t = amax * jnp.asarray(np.float32(1 / QMAX), f32)
         a_scale = jnp.where(nan > 0, jnp.asarray(np.nan, f32), jnp.where(t < TINY, jnp.asarray(TINY, f32), t))
         inv = recip(a_scale, fast)
@@ -282,10 +292,11 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
         a_scale = load_scalar_or_rows(as_ref)
 
     def a_codes(k, masked_k):
-        a = load_tile(a_ref, k, rmask, masked_k)
+        a = load_tile(a_ref, k, a_mask, masked_k)
         if a_mode == "int8":
             return a
-        return to_code(rne(a.astype(f32) * inv, fast), QMIN, QMAX, fast).astype(jnp.int8)
+        q = to_code(rne(a.astype(f32) * inv, fast), QMIN, QMAX, fast).astype(jnp.int8)
+        return jnp.broadcast_to(q, (bm, q.shape[1])) if row_bcast else q
 
     def mm(k, acc, masked_k):
         a = a_codes(k, masked_k)
@@ -294,7 +305,9 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
 
     acc = k_loop(mm, jnp.zeros((bm, bn), jnp.int32))
 
-    if a_scale is None and not has_w_scale and not has_bias:
+    if s_out_ref is not None:  # every program writes the same value
+        s_out_ref[...] = a_scale
+    if split > 1 or (a_scale is None and not has_w_scale and not has_bias):  # raw int32 (partials)
         out = acc.astype(out_dtype)
     else:
         y = acc.astype(f32)
@@ -365,14 +378,17 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     nm, nn = pl.cdiv(m, bm), pl.cdiv(n, bn)
     nk = pl.cdiv(k, bk)
     group_m = max(1, min(cfg.group_m, nm))
-    split = effective_split(cfg.split_k, k, bk, a_mode)
+    split = effective_split(cfg.split_k, k, bk, a_mode, m)
+    row_bcast = m == 1 and a_mode != "int8"
     epilogue = None
     if split > 1:
         # The kernel writes int32 partials [split, M, N] (one program per tile and K run, no
         # epilogue); they are summed exactly in XLA, then the reference epilogue applies the same
-        # float32 operations as the in-kernel one.
+        # float32 operations as the in-kernel one (a "static" scale still quantizes in the kernel;
+        # a "dynamic" one is computed there and written out for the epilogue).
         epilogue = (a_scale, w_scale, bias, out_dtype)
-        a_scale = w_scale = bias = None
+        a_scale = a_scale if a_mode == "static" else None
+        w_scale = bias = None
         out_dtype = np.dtype(np.int32)
 
     def ij(pid):
@@ -380,7 +396,8 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
 
     width = bk * nk
     operands = [a]
-    in_specs = [pl.BlockSpec((bm, width), lambda p, *_: (ij(p)[0], 0))]
+    in_specs = [pl.BlockSpec((1, width), lambda p, *_: (0, 0)) if row_bcast
+                else pl.BlockSpec((bm, width), lambda p, *_: (ij(p)[0], 0))]
     has_a_scale = a_scale is not None and a_mode != "dynamic"
     a_per_row = False
     if has_a_scale:
@@ -404,10 +421,13 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     kernel = functools.partial(
         _kernel, a_mode=a_mode, has_a_scale=has_a_scale, a_per_row=a_per_row, has_w_scale=w_scale is not None,
         has_bias=bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn), group_m=group_m,
-        out_dtype=out_dtype, fast=not interpret, split=split)
+        out_dtype=out_dtype, fast=not interpret, split=split, row_bcast=row_bcast)
     if split > 1:
         out_shape = jax.ShapeDtypeStruct((split, m, n), out_dtype)
         out_spec = pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p)))
+        if a_mode == "dynamic":  # + the activation scale [1, 1] (row_bcast: M == 1)
+            out_shape = (out_shape, jax.ShapeDtypeStruct((1, 1), jnp.float32))
+            out_spec = (out_spec, pl.BlockSpec((1, 1), lambda p, s: (0, 0)))
     else:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda p: ij(p))
@@ -424,6 +444,8 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     if epilogue is None:
         return y
     a_s, w_s, b, final_dtype = epilogue
+    if a_mode == "dynamic":
+        y, a_s = y
     acc = jnp.sum(y, axis=0, dtype=jnp.int32)
     if a_s is not None:
         a_s = jnp.asarray(a_s, jnp.float32)
