@@ -122,8 +122,13 @@ _DEFAULT_DEVICE = "NVIDIA H200"
 # a separate quantization launch, per device. Measured on the H200 (benchmarks/results/linear/
 # sweep1-h200.json): never — every N-tile program re-quantizes the whole [16, K] activation tile
 # (masked rows included), which costs more ALU time than the extra ~3 us launch it saves
-# (e.g. 1x4096x14336: fused 97 us vs quantize kernel + GEMM 26 us). The fused modes stay available
-# (``a_mode``, and ``linear_kernel(..., fuse=True)``) for devices where it pays.
+# (e.g. 1x4096x14336: fused 97 us vs quantize kernel + GEMM 26 us). At M = 1 the kernel now
+# quantizes one row (not a 16-row tile) and splits K; timed as 8-layer chains (GPU time per layer,
+# benchmarks/results/session4/w8a8-fused-m1-sweep-chain.json) it is still slower than the two
+# launches: 0.95 / 0.71 / 1.19 / 0.89x bf16 at best on 8192^2 / 4096x14336 / 14336x4096 / 4096^2
+# against 1.60 / 1.52 / 1.63 / 1.16x (each program re-reads the row for its statistics: a chain
+# of dependent loads before its weights stream). The fused modes stay available (``a_mode``, and
+# ``linear_kernel(..., fuse=True)``) for devices where it pays.
 _FUSED_MAX_M = {"NVIDIA H200": 0}
 PROGRAMS_PER_SM = 8  # split-K target for decode tiles (see heuristics)
 _NUM_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132}
