@@ -37,9 +37,14 @@ M are masked) and enough ``N / BN * split_k`` programs to stream weights on ever
 takes 64/128-row tiles. Ragged M and N (and K, per channel) are masked, never padded.
 
 int4 without an in-register interleave: the low nibbles hold the even k and the high nibbles the
-odd k, so the wrapper passes x's even and odd columns (``x[:, 0::2]``, ``x[:, 1::2]``: a copy of
-x, small next to the weights at decode, ~3% of the time at M = 8192) and each unit is two dots,
-``lo . x_even^T + hi . x_odd^T``.
+odd k, so each unit is two dots, ``lo . x_even^T + hi . x_odd^T``. Decode tiles (``block_m == 16``,
+16-bit x; ``Config.x_pairs``) read x as uint32 words, each an (even, odd) column pair (a bitcast of
+x, no copy), and split them in registers (two ``prmt`` a word); wider tiles, whose wgmma reads x
+from shared memory, take x's even and odd columns from two XLA slices (``x[:, 0::2]``,
+``x[:, 1::2]``: ~3% of the time at M = 8192, but two ~1 us kernels a layer at decode: 8192^2 at
+M = 1 went from 1.71x to 1.97x bf16 without them, 4096^2 from 0.84x to 1.29x, same-run sweep
+``benchmarks/results/session4/w4-decode-sweep-chain.json``). The group scales (and zero points)
+of the next step are loaded one step ahead: Triton does not pipeline these ``[BN, 1]`` loads.
 
 Nibble conversion (``Config.fast_dequant``, GPU only; interpret mode and ``fast_dequant=False``
 use shifts and converts, same values): PTX inline assembly on 4 code bytes at a time, ~1.75
@@ -51,9 +56,13 @@ Offsets of every load are products of Python ints with the loop index (``pl.mult
 traced floor division in an offset hid its divisibility from Triton, which then issued byte-wide,
 unpipelined loads (measured on an H200: 2.5x slower at decode, 2.7x at M = 2048).
 
-Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/session3/``), per layer inside
-one jitted call: W4A16 g128 decode (M <= 16) 1.6-1.8x XLA's bf16 matmul (~1.8 TB/s of weights;
-target 3x), W8A16 1.5-1.7x (3.2 TB/s); M = 128 0.6x and M >= 2048 0.45x (targets 1.5x / 0.9x).
+Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/session4/``), per layer inside
+one jitted call: W4A16 g128 decode (M <= 16) 1.6-1.85x XLA's bf16 matmul (~1.7-1.9 TB/s of
+weights; target 3x), W8A16 1.5-1.75x (3.1 TB/s); M = 128 0.6x and M >= 2048 0.45x (targets 1.5x /
+0.9x). Nsight Compute on the decode tile (``session4/ncu-decode-details.txt``): ~3.5 instructions
+a weight (1.5 of them the nibble conversion), 14.5 warps an SM (shared memory: x's 16-row tile),
+issue slots 42% busy, long-scoreboard stalls first: issue- and latency-bound, 41% of DRAM
+bandwidth.
 Decode takes 16x32x256 tiles (2 warps, 24 KB of shared memory: ~9 programs an SM) with K split
 until ~8 programs an SM; the earlier 16x32x512 tile held 74 KB (3 programs an SM). At M >= 64 the
 per-group float32 partial sums (one per group, scaled, then added) make Triton wait for each
