@@ -1,4 +1,4 @@
-"""Diagnostic: run each decode kernel a few times (for ``ncu``: see scripts/gpu_check.sh's notes).
+"""Diagnostic: run each decode kernel twice, as a program for Nsight Compute (``ncu``) to profile.
 
 Usage: ncu --clock-control none --set full -k regex:jaxquant -c 6 -o OUT/decode \
            python3 scripts/diag_ncu_decode.py [M] [N] [K]
