@@ -144,6 +144,18 @@ def test_quantized_linear_equals_reference(tier, rng, xshape, n, cfg, dtype):
         assert np.isnan(flat[2]).all()
 
 
+def _fused_vs_reference(tier, cfg, dtype, x, qw, b, act):
+    """(dynamic + bias, static) through the one-launch kernel path (activation quantized inside
+    the GEMM) and through the reference, each as a pair of outputs."""
+    interp = tier == "interpret"
+    f = lambda x, c, s, b, act: (
+        L.linear_kernel(x, c, s, b, out_dtype=dtype, config=cfg, interpret=interp, fuse=True),
+        L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
+    g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
+                                 L.linear_reference(x, c, s, None, act, out_dtype=dtype))
+    return jax.jit(f)(x, qw.codes, qw.scale, b, act), jax.jit(g)(x, qw.codes, qw.scale, b, act)
+
+
 @pytest.mark.parametrize("xshape,n,cfg", CASES[:3], ids=[f"{c[0]}x{c[1]}" for c in CASES[:3]])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_fused_quantization_kernel(tier, rng, xshape, n, cfg, dtype):
@@ -153,14 +165,7 @@ def test_fused_quantization_kernel(tier, rng, xshape, n, cfg, dtype):
     x = make_x(rng, xshape, dtype, specials=True).reshape(-1, k)
     b = jnp.asarray(rng.standard_normal(n), jnp.float32)
     act = jnp.float32(0.05)
-    interp = tier == "interpret"
-    f = lambda x, c, s, b, act: (
-        L.linear_kernel(x, c, s, b, out_dtype=dtype, config=cfg, interpret=interp, fuse=True),
-        L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
-    g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
-                                 L.linear_reference(x, c, s, None, act, out_dtype=dtype))
-    got = jax.jit(f)(x, qw.codes, qw.scale, b, act)
-    want = jax.jit(g)(x, qw.codes, qw.scale, b, act)
+    got, want = _fused_vs_reference(tier, cfg, dtype, x, qw, b, act)
     assert_close_ulp(got[0], want[0], f"fused dynamic+bias [{tier}]", tol_for(tier))
     assert_close_ulp(got[1], want[1], f"fused static [{tier}]", 0)
 
@@ -312,14 +317,13 @@ def test_lowers_for_cuda(rng, dtype):
     for x in (small, big):
         assert cuda_kernels(lambda x: quantized_linear(x, qw, b), x) == ["jaxquant_dynamic_quantize",
                                                                          "jaxquant_int8_matmul_int8"]
-    fused = lambda x, act: (L.linear_kernel(x, qw.codes, qw.scale, b, out_dtype=dtype, fuse=True),
-                            L.linear_kernel(x, qw.codes, qw.scale, None, act, out_dtype=dtype, fuse=True))
-    assert cuda_kernels(fused, small[0], act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
+    def fused(qw):
+        return lambda x, act: (L.linear_kernel(x, qw.codes, qw.scale, b, out_dtype=dtype, fuse=True),
+                               L.linear_kernel(x, qw.codes, qw.scale, None, act, out_dtype=dtype, fuse=True))
+    assert cuda_kernels(fused(qw), small[0], act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
     one = jnp.ones((1, 4096), dtype)  # M = 1: the fused path with split K (two outputs: partials, scale)
     _, qw1 = make_layer(rng, 300, 4096)
-    fused1 = lambda x, act: (L.linear_kernel(x, qw1.codes, qw1.scale, b, out_dtype=dtype, fuse=True),
-                             L.linear_kernel(x, qw1.codes, qw1.scale, None, act, out_dtype=dtype, fuse=True))
-    assert cuda_kernels(fused1, one, act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
+    assert cuda_kernels(fused(qw1), one, act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, b), big) == ["jaxquant_dynamic_quantize",
                                                                        "jaxquant_int8_matmul_int8"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), big) == ["jaxquant_quantize",
@@ -473,15 +477,8 @@ def test_fused_single_row_split_k(tier, rng, dtype, row):
     x = jnp.asarray(x, dtype)
     b = jnp.asarray(rng.standard_normal(n), jnp.float32)
     act = jnp.float32(0.05)
-    interp = tier == "interpret"
     cfg = mm_k.Config(16, 32, 64, group_m=1, num_warps=2, num_stages=3, split_k=4)
-    f = lambda x, c, s, b, act: (
-        L.linear_kernel(x, c, s, b, out_dtype=dtype, config=cfg, interpret=interp, fuse=True),
-        L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
-    g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
-                                 L.linear_reference(x, c, s, None, act, out_dtype=dtype))
-    got = jax.jit(f)(x, qw.codes, qw.scale, b, act)
-    want = jax.jit(g)(x, qw.codes, qw.scale, b, act)
+    got, want = _fused_vs_reference(tier, cfg, dtype, x, qw, b, act)
     assert_same_bits(got[0], want[0], f"fused dynamic+bias, split K [{tier}, {row}]")
     assert_same_bits(got[1], want[1], f"fused static, split K [{tier}, {row}]")
     if row == "nan":

@@ -487,13 +487,13 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
     cdt = np.dtype(x.dtype)
 
     grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), split)
-    # int4: x's even / odd columns meet the low / high nibbles (a cheap XLA copy of x, small next
-    # to the weights; no interleave of the codes in registers, contiguous loads of x)
+    # int4: x's even / odd columns meet the low / high nibbles (no interleave of the codes in
+    # registers): as (even, odd) pair words split in the kernel, or as two XLA slices of x
     x_pairs = bits == 4 and cdt.itemsize == 2 and (bm == 16 if cfg.x_pairs is None else cfg.x_pairs)
     if bits == 8:
         xs = [x]
     elif x_pairs:
-        # each (even, odd) column pair as one unsigned word: a bitcast of x, no copy
+        # each (even, odd) column pair as one uint32 word: a bitcast of x, no copy
         xs = [jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2), jnp.uint32)]
     else:
         xs = [x[:, 0::2], x[:, 1::2]]
