@@ -4,7 +4,8 @@ Times each op as a chain of SETS layers with distinct weights inside one jitted 
 time: at decode one jitted call of one layer is bound by the host's dispatch, ~25 us on the H200,
 so timing calls one by one measures the host, not the kernel). Prints one line per (shape, kernel)
 with each tile's speed-up over the bf16 matmul chain, and writes OUT/decode_sweep.json.
-H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [mid | w8a8 | w4 | fused1]
+H100/H200; not part of the suite. Usage: python3 scripts/diag_decode.py OUT [MODE[,MODE...]], MODE one of
+decode | mid | w8a8 | w4 | fused1 | bcast | gemm | dynq
 (``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json; ``w8a8``: W8A8
 split / tile options where it is slower than bf16, OUT/w8a8_small_sweep.json).
 """
@@ -36,8 +37,25 @@ MID = [None, CW(64, 64, 128, 1, 4, 3), CW(64, 64, 128, 2, 4, 3), CW(64, 64, 128,
 def tag(c):
     if c is None:
         return "auto"
+    if c == "auto/rows":
+        return c
     extra = "/slices" if getattr(c, "x_pairs", None) is False else ""
+    extra += "/rows" if getattr(c, "row_bcast", None) is False else ""
     return f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/st{c.num_stages}/s{c.split_k}{extra}"
+
+
+# M = 1 weight-only: x's one row broadcast in registers (Config.row_bcast, the default at M = 1)
+# against the 16-row x tile ("auto/rows": the heuristic tile without it), and tiles that the smaller
+# shared-memory footprint may now favour (more stages, wider N)
+BC4 = [None, "auto/rows", CW(16, 32, 256, 4, 2, 4), CW(16, 32, 256, 8, 2, 4), CW(16, 32, 256, 4, 2, 5),
+       CW(16, 64, 256, 4, 2, 4), CW(16, 64, 256, 4, 4, 4), CW(16, 32, 512, 4, 2, 3), CW(16, 32, 128, 8, 2, 6),
+       CW(16, 32, 256, 4, 1, 4), CW(16, 16, 256, 8, 1, 4)]
+BC8 = [None, "auto/rows", CW(16, 32, 128, 4, 2, 6), CW(16, 32, 256, 4, 2, 4), CW(16, 64, 256, 4, 4, 4),
+       CW(16, 32, 256, 8, 2, 4), CW(16, 64, 128, 4, 2, 6)]
+# W8A8 GEMM tiles at prefill (the M >= 2048 default is 128x128x128, 4 warps, 3 stages)
+GEMM = [None, C8(128, 128, 128, 8, 4, 4), C8(128, 128, 64, 8, 4, 5), C8(128, 128, 256, 8, 4, 2),
+        C8(128, 256, 64, 8, 8, 4), C8(256, 128, 64, 8, 8, 4), C8(128, 128, 128, 16, 4, 3), C8(128, 128, 128, 4, 4, 3),
+        C8(128, 64, 128, 8, 4, 4)]
 
 
 SMALL = [None, C8(16, 32, 256, 1, 2, 3, split_k=1), C8(16, 32, 256, 1, 2, 3, split_k=2),
@@ -76,6 +94,9 @@ MODES = {
            [(m, [("w4a16", W4P), ("w8a16", W8P)]) for m in (1, 16)]),
     "fused1": ("w8a8_fused1_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
                [(1, [("w8a8", [None]), ("w8a8fused", FUSED1)])]),
+    "bcast": ("bcast_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
+              [(1, [("w4a16", BC4), ("w8a16", BC8)])]),
+    "gemm": ("gemm_sweep.json", ((4096, 14336), (8192, 8192)), [(m, [("w8a8", GEMM)]) for m in (2048, 8192)]),
     "mid": ("mid_sweep.json", ((8192, 8192), (4096, 14336)), [(m, [("w4a16", MID)]) for m in (128, 512)]),
     "w8a8": ("w8a8_small_sweep.json", ((4096, 4096), (4096, 14336)), [(16, [("w8a8", SMALL)]), (128, [("w8a8", MID8)])]),
 }
@@ -98,6 +119,11 @@ def run(out, mode):
                 fn = OPS[op][0]
                 line = []
                 for c in cfgs:
+                    if c == "auto/rows":
+                        import dataclasses as dc
+                        from jaxquant.pallas import weight_only as WO
+                        b = OPS[op][1]
+                        c = dc.replace(WO.heuristics(m, n, k, b["bits"], b.get("group_size")), row_bcast=False)
                     try:
                         t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)),
                                    [(xs, *((q,) for q in qs[op]))]) / SETS
@@ -112,5 +138,33 @@ def run(out, mode):
                       open(os.path.join(out, fname), "w"), indent=1)
 
 
+def run_dynq(out):
+    """The dynamic per-token quantize kernel alone at decode rows (M = 1, 16): tiles, SETS calls a jit."""
+    from jaxquant.pallas import dynamic as D
+    from jaxquant.bench.harness import timeit as _t
+    cfgs = [None, D.Config(1, 16384, 32), D.Config(1, 16384, 8), D.Config(1, 8192, 8), D.Config(1, 4096, 8),
+            D.Config(1, 4096, 4), D.Config(1, 2048, 4), D.Config(2, 8192, 16), D.Config(1, 8192, 16)]
+    rows = []
+    for m in (1, 16):
+        for k in (4096, 8192, 14336):
+            xs = tuple(jax.random.normal(jax.random.PRNGKey(i), (m, k), jnp.bfloat16) for i in range(SETS))
+            line = []
+            for c in cfgs:
+                f = jax.jit(lambda xs, c=c: [D.dynamic_quantize_rows(x, qmin=-128, qmax=127, symmetric=True,
+                                                                     out_dtype=jnp.int8, config=c)[:2] for x in xs])
+                try:
+                    t = _t(f, [(xs,)]) / SETS
+                    tg = "auto" if c is None else f"{c.block_rows}x{c.block_cols}/w{c.num_warps}"
+                    rows.append(dict(op="dynq", shape=[m, k], config=tg, us=t * 1e6))
+                    line.append(f"{tg} {t * 1e6:.2f}")
+                except Exception as e:
+                    line.append(f"ERR {str(e)[:80]}")
+            print(f"dynq M={m} K={k}: " + " | ".join(line), flush=True)
+    os.makedirs(out, exist_ok=True)
+    json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
+              open(os.path.join(out, "dynq_sweep.json"), "w"), indent=1)
+
+
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "decode")
+    for mode in (sys.argv[2] if len(sys.argv) > 2 else "decode").split(","):
+        run_dynq(sys.argv[1]) if mode == "dynq" else run(sys.argv[1], mode)

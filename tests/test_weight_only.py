@@ -42,6 +42,13 @@ CASES = [
     ((1,), 33, 200, 4, None, True, jnp.float16, False, K.Config(16, 32, 128, 1)),
     ((5,), 24, 256, 8, None, False, jnp.float16, True, K.Config(16, 16, 64, 2)),
     ((2,), 16, 512, 8, 128, True, jnp.bfloat16, False, K.Config(16, 16, 256, 2)),
+    # M = 1: x's one row broadcast to the dot's rows (Config.row_bcast, default at M = 1) and not
+    ((1,), 40, 256, 4, 128, False, jnp.bfloat16, True, K.Config(16, 32, 128, 2)),
+    ((1, 1), 48, 200, 4, None, False, jnp.bfloat16, False, None),
+    ((1,), 72, 320, 8, None, True, jnp.float32, True, None),
+    ((1,), 33, 256, 4, 32, True, jnp.float32, False, K.Config(16, 32, 128, 1)),
+    ((1,), 33, 256, 4, 32, True, jnp.bfloat16, False, K.Config(16, 32, 128, 2, row_bcast=False)),
+    ((1,), 24, 256, 8, 64, False, jnp.float16, True, K.Config(16, 16, 64, 2, x_pairs=False)),
 ]
 
 
@@ -206,6 +213,8 @@ LOWER = [
     (512, 4096, 4096, 8, 64, False, jnp.bfloat16, False),
     (1000, 11008, 4000, 4, None, False, jnp.bfloat16, True),  # ragged M, N and K
     (7, 100, 256, 4, 32, True, jnp.float32, True),
+    (1, 100, 256, 4, 32, False, jnp.float32, True),
+    (1, 1000, 4000, 4, None, False, jnp.bfloat16, True),  # M = 1, ragged N and K
 ]
 
 

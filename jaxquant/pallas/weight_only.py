@@ -108,6 +108,10 @@ class Config:
     # tile feeds the warp-level dot from registers; wider tiles' wgmma reads x from shared memory,
     # where the split halves would be stored back (scripts/local_sass.py: STS in the loop).
     x_pairs: bool | None = None
+    # M == 1: x's tile is its one row [1, BK], broadcast in registers to the dot's block_m rows
+    # (all equal; only row 0 is stored), so x's pipeline buffers in shared memory hold one row,
+    # not block_m rows of padding. None: whenever M == 1.
+    row_bcast: bool | None = None
 
     def __post_init__(self):
         check_pow2("weight_only", "block_m", self.block_m, 16)
@@ -120,7 +124,9 @@ class Config:
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/s{self.split_k}/w{self.num_warps}"
-                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}")
+                f"/st{self.num_stages}{'' if self.fast_dequant else '/shift'}"
+                f"{'' if self.x_pairs is None else '/pairs' if self.x_pairs else '/slices'}"
+                f"{'' if self.row_bcast is None else '/bcast' if self.row_bcast else '/rows'}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,7 +329,7 @@ def _pair_half(u, h, dt):
     return jax.lax.bitcast_convert_type(v.astype(jnp.uint16), dt)
 
 
-def _kernel(*refs, n_x, x_pairs, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
+def _kernel(*refs, n_x, x_pairs, row_bcast, bm, bn, bk, unit, steps, m_total, n_total, k_total, bits, group, symmetric, has_zp,
             has_bias, cdt, out_dtype, fast, f32_algorithm):
     x_refs = refs[:n_x]
     w_ref, s_ref = refs[n_x], refs[n_x + 1]
@@ -389,12 +395,15 @@ def _kernel(*refs, n_x, x_pairs, bm, bn, bk, unit, steps, m_total, n_total, k_to
             wb = load(w_ref.at[:, pl.ds(off, uw)], both(nmask_col, km), 0)
             z = (params[u][1] if group is not None else zc) if has_zp else None
             ws = _dequant(wb, z, bits=bits, symmetric=symmetric, dt=cdt, fast=fast)
+            xmask = km if row_bcast else both(rmask, km)
             if x_pairs:
                 # one load of the (even, odd) column pairs, one uint32 word each; split in registers
-                pw = load(x_refs[0].at[:, pl.ds(off, uw)], both(rmask, km), 0)
+                pw = load(x_refs[0].at[:, pl.ds(off, uw)], xmask, 0)
                 xts = [_pair_half(pw, h, cdt) for h in (0, 1)]
             else:
-                xts = [load(xr.at[:, pl.ds(off, uw)], both(rmask, km), 0).astype(cdt) for xr in x_refs]
+                xts = [load(xr.at[:, pl.ds(off, uw)], xmask, 0).astype(cdt) for xr in x_refs]
+            if row_bcast:
+                xts = [jnp.broadcast_to(xt, (bm, uw)) for xt in xts]
             part = None
             for xt, w in zip(xts, ws):
                 d = jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())), precision=dot_prec,
@@ -497,7 +506,8 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         xs = [jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2), jnp.uint32)]
     else:
         xs = [x[:, 0::2], x[:, 1::2]]
-    in_specs = [pl.BlockSpec((bm, k_span // wdiv), lambda i, j, s: (j, s)) for _ in xs]
+    row_bcast = m == 1 if cfg.row_bcast is None else (cfg.row_bcast and m == 1)
+    in_specs = [pl.BlockSpec((1 if row_bcast else bm, k_span // wdiv), lambda i, j, s: (j, s)) for _ in xs]
     in_specs.append(pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)))
     operands = xs + [codes]
     if group_size is not None:
@@ -521,7 +531,7 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i))
         kdt = np.dtype(np.float32)
     kernel = functools.partial(
-        _kernel, n_x=len(xs), x_pairs=x_pairs, bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
+        _kernel, n_x=len(xs), x_pairs=x_pairs, row_bcast=row_bcast, bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
         out_dtype=kdt, fast=cfg.fast_dequant and not interpret, f32_algorithm=float32_dot_algorithm(interpret))
     y = pl.pallas_call(
