@@ -41,6 +41,7 @@ def tag(c):
         return c
     extra = "/slices" if getattr(c, "x_pairs", None) is False else ""
     extra += "/rows" if getattr(c, "row_bcast", None) is False else ""
+    extra += f"/g{c.group_m}" if getattr(c, "group_m", 1) != 1 else ""
     return f"{c.block_m}x{c.block_n}x{c.block_k}/w{c.num_warps}/st{c.num_stages}/s{c.split_k}{extra}"
 
 
@@ -52,6 +53,11 @@ BC4 = [None, "auto/rows", CW(16, 32, 256, 4, 2, 4), CW(16, 32, 256, 8, 2, 4), CW
        CW(16, 32, 256, 4, 1, 4), CW(16, 16, 256, 8, 1, 4)]
 BC8 = [None, "auto/rows", CW(16, 32, 128, 4, 2, 6), CW(16, 32, 256, 4, 2, 4), CW(16, 64, 256, 4, 4, 4),
        CW(16, 32, 256, 8, 2, 4), CW(16, 64, 128, 4, 2, 6)]
+# W8A8 at M = 1: a's one row broadcast (the default) against its 16-row tile, and tiles the smaller
+# shared-memory footprint may favour
+BC8A8 = [None, "auto/rows", C8(16, 32, 256, 1, 2, 4, split_k=4), C8(16, 32, 256, 1, 2, 3, split_k=4),
+         C8(16, 32, 256, 1, 2, 3, split_k=2), C8(16, 64, 256, 1, 2, 3, split_k=4), C8(16, 32, 512, 1, 2, 3, split_k=4),
+         C8(16, 32, 128, 1, 2, 6, split_k=4), C8(16, 64, 256, 1, 2, 4, split_k=2)]
 # W4A16 decode: deeper pipelines (num_stages > a program's K steps: every load issued up front)
 W4S = [None, CW(16, 32, 256, 4, 2, 5), CW(16, 32, 256, 4, 2, 3), CW(16, 64, 256, 4, 2, 5), CW(16, 32, 256, 4, 2, 9),
        CW(16, 32, 256, 2, 2, 9), CW(16, 32, 256, 8, 2, 8), CW(16, 32, 128, 8, 2, 5)]
@@ -101,6 +107,8 @@ MODES = {
               [(1, [("w4a16", BC4), ("w8a16", BC8)])]),
     "w4s": ("w4s_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
             [(m, [("w4a16", W4S)]) for m in (1, 16)]),
+    "w8bc": ("w8a8_bcast_sweep.json", ((8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)),
+             [(1, [("w8a8", BC8A8)])]),
     "gemm": ("gemm_sweep.json", ((4096, 14336), (8192, 8192)), [(m, [("w8a8", GEMM)]) for m in (2048, 8192)]),
     "mid": ("mid_sweep.json", ((8192, 8192), (4096, 14336)), [(m, [("w4a16", MID)]) for m in (128, 512)]),
     "w8a8": ("w8a8_small_sweep.json", ((4096, 4096), (4096, 14336)), [(16, [("w8a8", SMALL)]), (128, [("w8a8", MID8)])]),
@@ -124,11 +132,13 @@ def run(out, mode):
                 fn = OPS[op][0]
                 line = []
                 for c in cfgs:
-                    if c == "auto/rows":
+                    if c == "auto/rows":  # the heuristic tile with x's 16-row tile (no row broadcast)
                         import dataclasses as dc
-                        from jaxquant.pallas import weight_only as WO
+                        from jaxquant.pallas import int8_matmul as MM, weight_only as WO
                         b = OPS[op][1]
-                        c = dc.replace(WO.heuristics(m, n, k, b["bits"], b.get("group_size")), row_bcast=False)
+                        base = (MM.heuristics(m, n, k) if op == "w8a8"
+                                else WO.heuristics(m, n, k, b["bits"], b.get("group_size")))
+                        c = dc.replace(base, row_bcast=False)
                     try:
                         t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)),
                                    [(xs, *((q,) for q in qs[op]))]) / SETS

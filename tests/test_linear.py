@@ -77,6 +77,10 @@ CASES = [
     # split K (decode): int32 partials from two / four K runs, summed in XLA, then the epilogue
     ((16, 256), 40, mm_k.Config(16, 32, 64, split_k=2)),
     ((3, 2, 128), 33, mm_k.Config(16, 16, 32, split_k=4)),
+    # M = 1: a's one row broadcast to the dot's rows (Config.row_bcast, the default at M = 1) and not
+    ((1, 300), 40, mm_k.Config(16, 32, 64, split_k=2)),
+    ((1, 256), 33, mm_k.Config(16, 32, 64, split_k=4)),
+    ((1, 1, 96), 20, mm_k.Config(16, 16, 32, row_bcast=False)),
 ]
 
 
@@ -324,6 +328,9 @@ def test_lowers_for_cuda(rng, dtype):
     one = jnp.ones((1, 4096), dtype)  # M = 1: the fused path with split K (two outputs: partials, scale)
     _, qw1 = make_layer(rng, 300, 4096)
     assert cuda_kernels(fused(qw1), one, act) == ["jaxquant_int8_matmul_dynamic", "jaxquant_int8_matmul_static"]
+    # M = 1, int8 activation codes: a's one row broadcast to the dot's rows, K split
+    assert cuda_kernels(lambda x: quantized_linear(x, qw1, b), one) == ["jaxquant_dynamic_quantize",
+                                                                        "jaxquant_int8_matmul_int8"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, b), big) == ["jaxquant_dynamic_quantize",
                                                                        "jaxquant_int8_matmul_int8"]
     assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=act), big) == ["jaxquant_quantize",

@@ -81,6 +81,11 @@ class Config:
     # K is cut into at most split_k equal runs of whole block_k chunks, one program each (int8
     # activations only; see effective_split): int32 partials [split, M, N], summed in XLA.
     split_k: int = 1
+    # M == 1: a's tile is its one row [1, block_k], broadcast in registers to the dot's block_m rows
+    # (all equal; row 0 is stored): a's shared-memory buffers hold one row, not block_m rows of
+    # padding, so more programs fit an SM. None: whenever M == 1 (always when the kernel quantizes
+    # the activation itself: its statistics then cost one row).
+    row_bcast: bool | None = None
 
     def __post_init__(self):
         check_pow2("int8_matmul", "block_m", self.block_m, 16)
@@ -97,7 +102,10 @@ class Config:
 # Each entry is ``(max_m, config)``: the first entry whose ``max_m >= M`` is used. A device missing
 # from the table uses the H200's (same Hopper multiprocessor). Findings on the H200 (jax 0.11.2):
 # * M > 1024: 128x128x128, 4 warps, 3 stages: 1281 TOP/s at 8192^3, against 1095 for 128x256x128
-#   (8 warps) and 939 for the same tile with 4 stages — the pipeline depth matters most;
+#   (8 warps) and 939 for the same tile with 4 stages — the pipeline depth matters most; launch
+#   order: 16 row blocks a group, not 8 (session5/gemm_sweep.json, 8-layer chains: 1.63 / 1.60 /
+#   1.73 / 1.69x bf16 at 4096x14336 and 8192^2, M = 2048 / 8192, against 1.59 / 1.59 / 1.69 /
+#   1.68x);
 # * M in (256, 1024]: 64x128x128 (4 warps, 4 stages) was fastest on all three sweep shapes;
 # * decode (M <= 16): 16x32x256, 2 warps, 3 stages, K split until ~8 programs an SM
 #   (scripts/diag_decode.py, timed as 8-layer chains in one jitted call, i.e. GPU time per layer:
@@ -114,7 +122,7 @@ _H200 = (
     (16, Config(16, 32, 256, group_m=1, num_warps=2, num_stages=3, split_k=8)),
     (256, Config(64, 64, 256, group_m=8, num_warps=4, num_stages=3, split_k=2)),
     (1024, Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),
-    (1 << 62, Config(128, 128, 128, group_m=8, num_warps=4, num_stages=3)),
+    (1 << 62, Config(128, 128, 128, group_m=16, num_warps=4, num_stages=3)),
 )
 TUNED = {"NVIDIA H200": _H200, "NVIDIA H100 80GB HBM3": _H200}
 _DEFAULT_DEVICE = "NVIDIA H200"
@@ -270,9 +278,9 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
             v = ref[...]
         return v.astype(f32)
 
-    # row_bcast (M == 1, a quantized in the kernel): a's tile is its one row [1, bk], quantized
-    # and then broadcast to the dot's 16 rows (all equal; row 0 is stored), so the statistics and
-    # the quantization cost one row, not a 16-row tile of padding.
+    # row_bcast (M == 1): a's tile is its one row [1, bk] (quantized here in the "dynamic" /
+    # "static" modes), broadcast to the dot's 16 rows (all equal; row 0 is stored), so shared
+    # memory, the statistics and the quantization cost one row, not a 16-row tile of padding.
     a_rows, a_mask = (1, None) if row_bcast else (bm, rmask)
     a_scale = None
     inv = None
@@ -299,7 +307,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     def a_codes(k, masked_k):
         a = load_tile(a_ref, k, a_mask, masked_k)
         if a_mode == "int8":
-            return a
+            return jnp.broadcast_to(a, (bm, a.shape[1])) if row_bcast else a
         q = to_code(rne(a.astype(f32) * inv, fast), QMIN, QMAX, fast).astype(jnp.int8)
         return jnp.broadcast_to(q, (bm, q.shape[1])) if row_bcast else q
 
@@ -384,7 +392,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     nk = pl.cdiv(k, bk)
     group_m = max(1, min(cfg.group_m, nm))
     split = effective_split(cfg.split_k, k, bk, a_mode, m)
-    row_bcast = m == 1 and a_mode != "int8"
+    row_bcast = m == 1 and (a_mode != "int8" or cfg.row_bcast is None or cfg.row_bcast)
     epilogue = None
     if split > 1:
         # The kernel writes int32 partials [split, M, N] (one program per tile and K run, no
