@@ -154,11 +154,16 @@ def run(out, mode):
 
 
 def run_dynq(out):
-    """The dynamic per-token quantize kernel alone at decode rows (M = 1, 16): tiles, SETS calls a jit."""
+    """The dynamic per-token quantize kernel alone at decode rows (M = 1, 16), per tile: kernel
+    durations from PyTorch's CUPTI profiler (scripts/diag_profile.py), SETS calls in one jit."""
+    import statistics
+    import torch
+    sys.path.insert(0, os.path.dirname(__file__))
+    from diag_profile import kernels
     from jaxquant.pallas import dynamic as D
-    from jaxquant.bench.harness import timeit as _t
+    torch.zeros(1, device="cuda")
     cfgs = [None, D.Config(1, 16384, 32), D.Config(1, 16384, 8), D.Config(1, 8192, 8), D.Config(1, 4096, 8),
-            D.Config(1, 4096, 4), D.Config(1, 2048, 4), D.Config(2, 8192, 16), D.Config(1, 8192, 16)]
+            D.Config(1, 4096, 4), D.Config(1, 2048, 4), D.Config(1, 8192, 16), D.Config(1, 4096, 16)]
     rows = []
     for m in (1, 16):
         for k in (4096, 8192, 14336):
@@ -167,17 +172,18 @@ def run_dynq(out):
             for c in cfgs:
                 f = jax.jit(lambda xs, c=c: [D.dynamic_quantize_rows(x, qmin=-128, qmax=127, symmetric=True,
                                                                      out_dtype=jnp.int8, config=c)[:2] for x in xs])
+                tg = "auto" if c is None else f"{c.block_rows}x{c.block_cols}/w{c.num_warps}"
                 try:
-                    t = _t(f, [(xs,)]) / SETS
-                    tg = "auto" if c is None else f"{c.block_rows}x{c.block_cols}/w{c.num_warps}"
-                    rows.append(dict(op="dynq", shape=[m, k], config=tg, us=t * 1e6))
-                    line.append(f"{tg} {t * 1e6:.2f}")
+                    ks = [e["us"] for e in kernels(f, (xs,)) if "dynamic_quantize" in e["name"]]
+                    t = statistics.median(ks)
+                    rows.append(dict(op="dynq", shape=[m, k], config=tg, kernel_us=t))
+                    line.append(f"{tg} {t:.2f}")
                 except Exception as e:
-                    line.append(f"ERR {str(e)[:80]}")
-            print(f"dynq M={m} K={k}: " + " | ".join(line), flush=True)
+                    line.append(f"{tg} ERR {str(e)[:80]}")
+            print(f"dynq M={m} K={k} (kernel us): " + " | ".join(line), flush=True)
     os.makedirs(out, exist_ok=True)
     json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
-              open(os.path.join(out, "dynq_sweep.json"), "w"), indent=1)
+              open(os.path.join(out, "dynq_kernels.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
