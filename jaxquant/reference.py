@@ -240,6 +240,20 @@ def _reduce_axes(granularity, x):
     return jnp.reshape(x, x.shape[:-1] + (x.shape[-1] // g, g)), (nd,)
 
 
+def reduce_extrema(x, *, granularity):
+    """``(lo, hi)`` of each parameter of ``granularity`` (``param_shape``, x's compute dtype):
+    ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, both NaN where the reduced elements hold a NaN.
+    ``dynamic_qparams_rows`` of the rows ``[lo, hi]`` equals ``choose_qparams`` of x."""
+    gran.check_granularity(granularity, x.shape)
+    xr, axes = _reduce_axes(granularity, x)
+    xf = xr.astype(compute_dtype(x.dtype))
+    has_nan = jnp.any(jnp.isnan(xf), axis=axes)
+    lo = jnp.where(has_nan, jnp.nan, jnp.min(xf, axis=axes, initial=0))
+    hi = jnp.where(has_nan, jnp.nan, jnp.max(xf, axis=axes, initial=0))
+    shape = gran.param_shape(granularity, x.shape)
+    return jnp.reshape(lo, shape), jnp.reshape(hi, shape)
+
+
 def choose_qparams(x, *, granularity, qmin, qmax, symmetric=True):
     """(scale float32 of ``param_shape``, zero_point int32 of ``param_shape``) from data."""
     gran.check_granularity(granularity, x.shape)

@@ -56,6 +56,29 @@ def test_dynamic_kernel_equals_reference(tier, rng, shape, g, cfg, sym, dtype, q
     assert s.shape == jq.granularity.param_shape(g, shape)
 
 
+@pytest.mark.parametrize("g", [jq.PerChannel(-1), jq.PerChannel(0), jq.PerTensor()], ids=str)
+@pytest.mark.parametrize("qmin,qmax,dtype", [(0, 15, jnp.uint8), (0, 255, jnp.uint8), (-128, 127, jnp.int8)])
+def test_dynamic_zero_point_ties(tier, rng, g, qmin, qmax, dtype):
+    """hi == -lo makes ``lo * (1 / scale)`` a .5 tie for these ranges (e.g. -3 * 2.5 = -7.5 for
+    0..15): the zero point is right only with a correctly rounded reciprocal (XLA:GPU's float32
+    ``1 / s`` gave it one off on an H200)."""
+    x = rng.uniform(-1, 1, (33, 40)).astype(np.float32)
+    a = np.asarray(jnp.asarray(rng.uniform(0.5, 8, 40), jnp.bfloat16).astype(np.float32))
+    x = x * a  # |x| < a in each column, then each column's extremes are exactly -a and +a
+    x[0], x[5] = -a, a
+    if isinstance(g, jq.PerChannel) and g.axis == 0:
+        x = x.T.copy()
+    if isinstance(g, jq.PerTensor):
+        x[0, 0], x[5, 0] = -3.0, 3.0
+        x = np.clip(x, -3.0, 3.0)
+    x = jnp.asarray(x)
+    f = lambda x: jq.dynamic_quantize(x, granularity=g, dtype=dtype, symmetric=False, qmin=qmin, qmax=qmax)
+    want = run_impl("reference", f, x)
+    got = run_impl(tier, f, x)
+    for name, u, v in zip(["q", "scale", "zero_point"], got, want):
+        assert_same_bits(u, v, name)
+
+
 def test_dynamic_reference_formulas(rng):
     """The spec by hand: symmetric int8 scale = amax * f32(1/127); codes round-trip within s/2."""
     x = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)

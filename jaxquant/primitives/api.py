@@ -287,8 +287,9 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
 
     ``PerToken()`` and ``PerGroup(g)``: one fused kernel (statistics, scale and codes in one pass
     over x; ``config`` is a ``jaxquant.pallas.dynamic.Config``). ``PerTensor()`` and
-    ``PerChannel(axis)``: an XLA reduction (``choose_qparams``) then the quantize kernel (two reads
-    of x; ``config`` is an affine Config). Formulas: ``choose_qparams``. ``scale`` is float32,
+    ``PerChannel(axis)``: an XLA reduction (``choose_qparams``; asymmetric: its zero point from
+    the rows ``[lo, hi]`` by the dynamic kernel, for a correctly rounded reciprocal on the GPU) then
+    the quantize kernel (two reads of x; ``config`` is an affine Config). Formulas: ``choose_qparams``. ``scale`` is float32,
     ``zero_point`` int32 (zeros when symmetric), both of the granularity's parameter shape. The
     codes are integers: no gradient flows to x.
     """
@@ -308,7 +309,18 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
         pshape = gran.param_shape(granularity, shape)
         return jnp.reshape(q, shape), jnp.reshape(s, pshape), jnp.reshape(z, pshape)
     _check_config(config, AffineConfig)
-    scale, zp = ref.choose_qparams(x, granularity=granularity, qmin=qmin, qmax=qmax, symmetric=symmetric)
+    if symmetric:  # scale = max(amax * f32(1/qmax), 2**-126): multiplications only, exact in XLA
+        scale, zp = ref.choose_qparams(x, granularity=granularity, qmin=qmin, qmax=qmax, symmetric=True)
+    else:
+        # zp = qmin - rne(lo * (1 / scale)) needs a correctly rounded reciprocal, which XLA:GPU's
+        # float32 1 / s is not (an H200 gave zp one off at a .5 tie, hi == -lo). The rows [lo, hi]
+        # go through the fused dynamic kernel instead (PTX rcp.rn; on the CPU, the reference):
+        # its parameters of such a row are choose_qparams's (``ref.reduce_extrema``).
+        lo, hi = ref.reduce_extrema(x, granularity=granularity)
+        pshape = lo.shape
+        rows = jnp.stack([jnp.reshape(lo, (-1,)), jnp.reshape(hi, (-1,))], axis=-1)
+        _, s, z = PD.bind(rows, qmin=qmin, qmax=qmax, symmetric=False, out_dtype=dt, impl=_impl())
+        scale, zp = jnp.reshape(s, pshape), jnp.reshape(z, pshape)
     q = quantize(x, scale, None if symmetric else zp, granularity=granularity, qmin=qmin, qmax=qmax, dtype=dt,
                  config=config)
     return q, scale, zp
