@@ -113,6 +113,11 @@ class Config:
 #   14336x4096 at M = 1 and 16, against 1.41-1.88x for the previous 16x32x512 (4 stages, no split:
 #   only 128 programs for N = 4096, 74 KB of shared memory each). Timed one call at a time, every
 #   decode tile measured ~27 us: the host's dispatch, not the kernel.
+#   At M = 1 a's tile is its one row, broadcast to the dot's 16 rows (Config.row_bcast): shared
+#   memory per program 36 -> 25 KB, the whole 1024-program grid resident; same-run 8-layer chains
+#   (session5/w8a8_bcast_sweep*.json, two runs): 8192^2 1.65 / 1.65x bf16 against 1.59 / 1.59x,
+#   4096x14336 1.53 / 1.48x against 1.42 / 1.40x, 14336x4096 1.75 / 1.72x against 1.71 / 1.64x,
+#   4096^2 1.37 / 1.29x against 1.20 / 1.29x.
 # * M in (16, 256]: 64x64x256, 3 stages (same script, M = 128: 1.01 / 1.43 / 1.05x bf16, against
 #   0.88 / 1.27 / 0.99x for 64x64x128, 4 stages); narrower tiles (more programs) were slower.
 #   K split in two when the tiles do not fill the SMs once (N = 4096: 128 tiles): M = 128,

@@ -56,15 +56,22 @@ Offsets of every load are products of Python ints with the loop index (``pl.mult
 traced floor division in an offset hid its divisibility from Triton, which then issued byte-wide,
 unpipelined loads (measured on an H200: 2.5x slower at decode, 2.7x at M = 2048).
 
-Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/session4/``), per layer inside
-one jitted call: W4A16 g128 decode (M <= 16) 1.6-1.85x XLA's bf16 matmul (~1.7-1.9 TB/s of
-weights; target 3x), W8A16 1.5-1.75x (3.1 TB/s); M = 128 0.6x and M >= 2048 0.45x (targets 1.5x /
-0.9x). Nsight Compute on the decode tile (``session4/ncu-decode-details.txt``): ~3.5 instructions
-a weight (1.5 of them the nibble conversion), 14.5 warps an SM (shared memory: x's 16-row tile),
-issue slots 42% busy, long-scoreboard stalls first: issue- and latency-bound, 41% of DRAM
-bandwidth.
-Decode takes 16x32x256 tiles (2 warps, 24 KB of shared memory: ~9 programs an SM) with K split
-until ~8 programs an SM; the earlier 16x32x512 tile held 74 KB (3 programs an SM). At M >= 64 the
+At M = 1 x's tile is its one row (``Config.row_bcast``), broadcast in registers to the dot's 16
+rows: x's shared-memory buffers shrink from 16 rows to one (24.6 -> 9.2 KB a program on the
+decode tile; registers, 79 a thread, then allow 12 programs an SM, more than the 7.75 that the
+1024-program grid gives). Same-run sweep (``benchmarks/results/session5/bcast_sweep.json``, 8-layer
+chains): W4A16 g128 at M = 1, 8192^2 2.20x bf16 against 1.83x with the 16-row tile, 4096x14336
+2.01x / 1.69x, 14336x4096 2.18x / 1.81x; W8A16 within noise (1.76x / 1.74x on 8192^2).
+
+Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/session5/``), per layer inside
+one jitted call: W4A16 g128 at M = 1 2.0-2.1x XLA's bf16 matmul (~2.1 TB/s of weights), M = 16
+1.8-1.95x (target 3x), per channel 2.5-2.6x at M = 1; W8A16 1.55-1.7x; M = 128 0.5-0.67x and
+M >= 2048 0.45-0.5x (targets 1.5x / 0.9x). Nsight Compute on the M = 1 tile
+(``session5/ncu-w4-m1-row-bcast.txt``): 44% of DRAM bandwidth, issue slots 40% busy, ~7.3 cycles
+between a warp's instructions with ~15 warps an SM (the whole grid is resident, one wave): issue-
+and latency-bound; more programs (K split 8, 16-wide tiles) or deeper pipelines measured slower
+(``session5/w4s_sweep.json``). Decode takes 16x32x256 tiles (2 warps) with K split until ~8
+programs an SM. At M >= 64 the
 per-group float32 partial sums (one per group, scaled, then added) make Triton wait for each
 tensor-core dot, so dequantization and the dots do not overlap.
 
