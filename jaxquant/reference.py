@@ -147,6 +147,13 @@ def quantize_backward_bf(dy, x, scale, zp, *, qmin, qmax):
     return ste(dy.astype(ct) * recip(s), m).astype(x.dtype)
 
 
+def _extrema(xf, has_nan, *, axis, keepdims):
+    """``lo = min(min xf, 0)``, ``hi = max(max xf, 0)`` over ``axis``, both NaN where ``has_nan``."""
+    lo = jnp.minimum(jnp.min(xf, axis=axis, keepdims=keepdims, initial=0), 0)
+    hi = jnp.maximum(jnp.max(xf, axis=axis, keepdims=keepdims, initial=0), 0)
+    return jnp.where(has_nan, jnp.nan, lo), jnp.where(has_nan, jnp.nan, hi)
+
+
 def dynamic_qparams_rows(x, *, qmin, qmax, symmetric, axis=-1, keepdims=True):
     """Dynamic (scale, zp) reduced over ``axis`` (an int or tuple); scale float32, zp int32."""
     ct = compute_dtype(x.dtype)
@@ -158,10 +165,7 @@ def dynamic_qparams_rows(x, *, qmin, qmax, symmetric, axis=-1, keepdims=True):
         scale = jnp.maximum(amax * np.asarray(1 / qmax, ct), ct.type(TINY))
         zp = jnp.zeros(scale.shape, jnp.int32)
         return scale.astype(ct), zp
-    lo = jnp.minimum(jnp.min(xf, axis=axis, keepdims=keepdims, initial=0), 0)
-    hi = jnp.maximum(jnp.max(xf, axis=axis, keepdims=keepdims, initial=0), 0)
-    lo = jnp.where(has_nan, jnp.nan, lo)
-    hi = jnp.where(has_nan, jnp.nan, hi)
+    lo, hi = _extrema(xf, has_nan, axis=axis, keepdims=keepdims)
     scale = jnp.maximum((hi - lo) * np.asarray(1 / (qmax - qmin), ct), ct.type(TINY))
     zp = to_code(qmin - jnp.round(lo * recip(scale)), qmin, qmax)
     return scale.astype(ct), zp.astype(jnp.int32)
@@ -247,9 +251,7 @@ def reduce_extrema(x, *, granularity):
     gran.check_granularity(granularity, x.shape)
     xr, axes = _reduce_axes(granularity, x)
     xf = xr.astype(compute_dtype(x.dtype))
-    has_nan = jnp.any(jnp.isnan(xf), axis=axes)
-    lo = jnp.where(has_nan, jnp.nan, jnp.min(xf, axis=axes, initial=0))
-    hi = jnp.where(has_nan, jnp.nan, jnp.max(xf, axis=axes, initial=0))
+    lo, hi = _extrema(xf, jnp.any(jnp.isnan(xf), axis=axes), axis=axes, keepdims=False)
     shape = gran.param_shape(granularity, x.shape)
     return jnp.reshape(lo, shape), jnp.reshape(hi, shape)
 

@@ -9,11 +9,12 @@ decode | mid | w8a8 | w4 | fused1 | bcast | gemm | dynq
 (``mid``: W4A16 tiles at M = 128 and 512 instead, written to OUT/mid_sweep.json; ``w8a8``: W8A8
 split / tile options where it is slower than bf16, OUT/w8a8_small_sweep.json).
 """
-import json, os, sys
+import dataclasses, json, os, sys
 
 import jax, jax.numpy as jnp
 import jaxquant as jq
 from jaxquant.bench.harness import chain, timeit  # PERF.md's method, one jitted call per chain
+from jaxquant.pallas import int8_matmul as MM, weight_only as WO
 from jaxquant.pallas.int8_matmul import Config as C8
 from jaxquant.pallas.weight_only import Config as CW
 
@@ -133,12 +134,10 @@ def run(out, mode):
                 line = []
                 for c in cfgs:
                     if c == "auto/rows":  # the heuristic tile with x's 16-row tile (no row broadcast)
-                        import dataclasses as dc
-                        from jaxquant.pallas import int8_matmul as MM, weight_only as WO
                         b = OPS[op][1]
                         base = (MM.heuristics(m, n, k) if op == "w8a8"
                                 else WO.heuristics(m, n, k, b["bits"], b.get("group_size")))
-                        c = dc.replace(base, row_bcast=False)
+                        c = dataclasses.replace(base, row_bcast=False)
                     try:
                         t = timeit(chain(lambda x, q, c=c, fn=fn: fn(x, q, config=c)),
                                    [(xs, *((q,) for q in qs[op]))]) / SETS

@@ -311,10 +311,9 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
 
     def a_codes(k, masked_k):
         a = load_tile(a_ref, k, a_mask, masked_k)
-        if a_mode == "int8":
-            return jnp.broadcast_to(a, (bm, a.shape[1])) if row_bcast else a
-        q = to_code(rne(a.astype(f32) * inv, fast), QMIN, QMAX, fast).astype(jnp.int8)
-        return jnp.broadcast_to(q, (bm, q.shape[1])) if row_bcast else q
+        if a_mode != "int8":
+            a = to_code(rne(a.astype(f32) * inv, fast), QMIN, QMAX, fast).astype(jnp.int8)
+        return jnp.broadcast_to(a, (bm, a.shape[1])) if row_bcast else a
 
     def mm(k, acc, masked_k):
         a = a_codes(k, masked_k)
@@ -397,7 +396,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
     nk = pl.cdiv(k, bk)
     group_m = max(1, min(cfg.group_m, nm))
     split = effective_split(cfg.split_k, k, bk, a_mode, m)
-    row_bcast = m == 1 and (a_mode != "int8" or cfg.row_bcast is None or cfg.row_bcast)
+    row_bcast = m == 1 and (a_mode != "int8" or cfg.row_bcast is not False)
     epilogue = None
     if split > 1:
         # The kernel writes int32 partials [split, M, N] (one program per tile and K run, no

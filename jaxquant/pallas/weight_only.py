@@ -513,7 +513,7 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         xs = [jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2), jnp.uint32)]
     else:
         xs = [x[:, 0::2], x[:, 1::2]]
-    row_bcast = m == 1 if cfg.row_bcast is None else (cfg.row_bcast and m == 1)
+    row_bcast = m == 1 and cfg.row_bcast is not False
     in_specs = [pl.BlockSpec((1 if row_bcast else bm, k_span // wdiv), lambda i, j, s: (j, s)) for _ in xs]
     in_specs.append(pl.BlockSpec((bn, k_span // wdiv), lambda i, j, s: (i, s)))
     operands = xs + [codes]
