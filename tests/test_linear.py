@@ -20,6 +20,7 @@ from jax.test_util import check_grads
 
 import jaxquant as jq
 from jaxquant.pallas import int8_matmul as mm_k
+from jaxquant.pallas import int8_matmul_mgpu as mg_k
 from jaxquant.primitives import linear as L
 from jaxquant.primitives.linear import int8_matmul, quantized_linear
 from jaxquant.weights import QuantizedWeight, quantize_weight
@@ -307,7 +308,9 @@ def cuda_kernels(f, *args):
         if "cuda" in str(e).lower() and "platform" in str(e).lower():
             pytest.skip(f"CUDA lowering unavailable: {e}")
         raise
-    return re.findall(r'name = "(jaxquant_\w+)"', hlo)
+    # Triton calls carry their name; a Mosaic GPU call carries it inside its serialized module
+    return [a or b for a, b in re.findall(r'name = "(jaxquant_\w+)"|custom_call @mosaic_gpu\w*\([^\n]*?(jaxquant_\w+?)\\00',
+                                          hlo)]
 
 
 @pytest.mark.lowering
@@ -507,3 +510,103 @@ def test_split_k_is_an_upper_bound(rng):
     got = mm_k.int8_matmul(a, w, config=mm_k.Config(16, 16, 32, split_k=8), interpret=True)
     want = np.asarray(a, np.int64) @ np.asarray(w, np.int64).T
     assert_same_bits(got, jnp.asarray(want, jnp.int32), "split 2 of 8 requested")
+
+
+# ------------------------------------------------------------------------------------------
+# The Mosaic GPU GEMM (Hopper, prefill shapes; jaxquant.pallas.int8_matmul_mgpu). It has no
+# interpret mode: its dispatch and CUDA lowering are tested here, its results on the GPU.
+# ------------------------------------------------------------------------------------------
+
+H200 = "NVIDIA H200"
+
+
+def test_mgpu_dispatch():
+    def use(m, n, k, dk=H200, *, scales=True, out=jnp.bfloat16, config=None, interpret=False):
+        return L.use_mgpu(m, n, k, has_a_scale=scales, has_w_scale=scales, out_dtype=np.dtype(out), config=config,
+                          device_kind=dk, interpret=interpret)
+
+    assert use(2048, 4096, 14336) and use(8192, 8192, 8192, "NVIDIA H100 80GB HBM3") and use(2048, 4096, 4096,
+                                                                                              out=jnp.float32)
+    assert not use(2048, 4096, 14336, "NVIDIA A100-SXM4-80GB") and not use(2048, 4096, 14336, None)
+    assert not use(2047, 4096, 4096)   # ragged M: Triton (its tiles are masked)
+    assert not use(2048, 4000, 4096)   # N not a multiple of the 256-wide CTA tile
+    assert not use(2048, 4096, 4000)   # K not a multiple of tile_k
+    assert not use(512, 4096, 4096)    # 64 CTA tiles < 132 SMs: Triton's smaller tiles fill the GPU
+    assert not use(2048, 4096, 4096, scales=False, out=jnp.int32)  # the raw int32 accumulator: Triton
+    assert not use(2048, 4096, 4096, config=mm_k.Config(128, 128, 128))  # an explicit Triton tile
+    assert not use(2048, 4096, 4096, interpret=True)
+    assert use(128, 256, 128, None, config=mg_k.Config())  # an explicit Mosaic GPU tile: any device kind
+    with pytest.raises(ValueError, match=r"config: .* multiples of 128, 256 and K of 128; got M=200"):
+        use(200, 256, 128, config=mg_k.Config())
+    with pytest.raises(ValueError, match="no interpret mode"):
+        use(128, 256, 128, config=mg_k.Config(), interpret=True)
+    with pytest.raises(ValueError, match="float epilogue"):
+        use(128, 256, 128, scales=False, out=jnp.int32, config=mg_k.Config())
+    with pytest.raises(TypeError, match="int8_matmul_mgpu.Config"):
+        quantized_linear(jnp.ones((2, 8)), quantize_weight(jnp.ones((4, 8)), bits=8), config="fast")
+
+
+def test_mgpu_stages_fit_shared_memory():
+    for cfg in [mg_k.Config(), mg_k.Config(stages=8), mg_k.Config(tile_k=64, stages=6), mg_k.Config(tile_n=64)]:
+        for dt in (jnp.bfloat16, jnp.float32):
+            st = mg_k.fit_stages(cfg, dt)
+            cm, cn = cfg.cta_shape()
+            used = st * (cm + cn) * cfg.tile_k + 4 * cfg.tile_m * min(cfg.epi_n, cfg.tile_n) * np.dtype(dt).itemsize
+            assert 2 <= st <= cfg.stages and used <= mg_k.SMEM_BUDGET, (cfg, dt, st)
+
+
+@pytest.mark.lowering
+def test_mgpu_lowers_for_cuda(rng):
+    _, qw = make_layer(rng, 512, 256)
+    b = jnp.zeros((512,), jnp.float32)
+    x = jnp.ones((2, 128, 256), jnp.bfloat16)
+    cfg = mg_k.Config()
+    gemm = ["jaxquant_dynamic_quantize", "jaxquant_w8a8_gemm_mgpu"]
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, config=cfg), x) == gemm
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, b, out_dtype=jnp.float32, config=cfg), x) == gemm
+    assert cuda_kernels(lambda x: quantized_linear(x, qw, act_scale=jnp.float32(0.1), config=cfg), x) == [
+        "jaxquant_quantize", "jaxquant_w8a8_gemm_mgpu"]
+    assert cuda_kernels(jax.vmap(lambda x: quantized_linear(x, qw, config=cfg)), x[None]) == gemm
+    s = jnp.ones((128,), jnp.float32)
+    assert cuda_kernels(lambda a: int8_matmul(a, qw.codes, s, qw.scale, config=cfg), x[0].astype(jnp.int8)) == [
+        "jaxquant_w8a8_gemm_mgpu"]
+    # the heuristic choice on an H200: eligible prefill shape -> Mosaic GPU, ragged M -> Triton
+    _, big = make_layer(rng, 2304, 128)
+    for m, want in [(2048, "jaxquant_w8a8_gemm_mgpu"), (2040, "jaxquant_int8_matmul_int8")]:
+        f = lambda x: L.linear_kernel(x, big.codes, big.scale, None, out_dtype=jnp.bfloat16, device_kind=H200)
+        assert cuda_kernels(f, jnp.ones((m, 128), jnp.bfloat16)) == ["jaxquant_dynamic_quantize", want]
+
+
+MGPU_CASES = [  # (x shape, N, config): explicit tiles on small shapes, then the heuristic on an H200 shape
+    ((256, 384), 512, mg_k.Config()),
+    ((2, 128, 256), 768, mg_k.Config(stages=3, epi_n=64)),
+    ((384, 512), 512, mg_k.Config(tile_k=64, stages=6)),
+    ((128, 256), 256, mg_k.Config(tile_n=64, grid_tile_width=2, minor_n=False)),
+    ((2048, 256), 2304, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xshape,n,cfg", MGPU_CASES, ids=[f"{c[0]}x{c[1]}" for c in MGPU_CASES])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+def test_mgpu_gemm_equals_reference(rng, xshape, n, cfg, dtype):
+    """Mosaic GPU W8A8 == the reference bit for bit (the bias add: within the module's 1-ulp contract)."""
+    dk = jax.devices()[0].device_kind
+    if not any(h in dk.split() for h in L._HOPPER):
+        pytest.skip(f"Mosaic GPU GEMM: Hopper only, got {dk}")
+    k = xshape[-1]
+    _, qw = make_layer(rng, n, k)
+    x = make_x(rng, xshape, dtype, specials=True)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    act = jnp.float32(0.05)
+
+    def f(x, qw, b, act):
+        return (quantized_linear(x, qw, config=cfg), quantized_linear(x, qw, act_scale=act, config=cfg),
+                quantized_linear(x, qw, out_dtype=jnp.float32, config=cfg), quantized_linear(x, qw, b, config=cfg))
+
+    hlo = jax.jit(f).lower(x, qw, b, act).compile().as_text()
+    assert hlo.count("mosaic_gpu") >= 4, "the Mosaic GPU GEMM was not used"
+    got = run_impl("pallas", f, x, qw, b, act)
+    want = run_impl("reference", f, x, qw, b, act)
+    for name, g, r, tol in zip(["dynamic", "static", "float32 out", "bias"], got, want, [0, 0, 0, 1]):
+        assert_close_ulp(g, r, f"mgpu {name} {cfg}", tol)

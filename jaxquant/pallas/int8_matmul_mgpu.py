@@ -61,12 +61,11 @@ def heuristics(m: int, n: int, k: int) -> Config:
     return Config()
 
 
-def supports(m: int, n: int, k: int, *, has_bias: bool, a_per_row: bool, config: Config | None = None) -> bool:
-    """Whether this kernel handles the problem (else use the Triton kernel)."""
+def supports(m: int, n: int, k: int, *, config: Config | None = None) -> bool:
+    """Whether this kernel handles the shape: M, N multiples of the CTA tile, K of ``tile_k``."""
     cfg = config or heuristics(m, n, k)
     cm, cn = cfg.cta_shape()
-    return (not has_bias and a_per_row and m % cm == 0 and n % cn == 0 and k % cfg.tile_k == 0
-            and m >= cm and n >= cn)
+    return m > 0 and n > 0 and k > 0 and m % cm == 0 and n % cn == 0 and k % cfg.tile_k == 0
 
 
 def fit_stages(cfg: Config, out_dtype) -> int:
@@ -77,20 +76,24 @@ def fit_stages(cfg: Config, out_dtype) -> int:
     return max(2, min(cfg.stages, (SMEM_BUDGET - epilogue) // ring))
 
 
-def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None = None, num_sms: int = NUM_SMS):
-    """``(f32(a @ w^T) * a_scale[:, None]) * w_scale[None, :]`` -> ``out_dtype``.
+def int8_matmul_mgpu(a, w, a_scale, w_scale, bias=None, *, out_dtype, config: Config | None = None,
+                     num_sms: int = NUM_SMS):
+    """``(f32(a @ w^T) * a_scale[:, None]) * w_scale[None, :] (+ f32(bias))`` -> ``out_dtype``.
 
-    ``a [M, K]`` int8, ``w [N, K]`` int8, ``a_scale [M]`` / ``[M, 1]`` float32, ``w_scale [N]``
-    float32. Shapes must satisfy ``supports``.
+    ``a [M, K]`` int8, ``w [N, K]`` int8, ``a_scale`` ``[M]`` / ``[M, 1]`` / ``[1, 1]`` float32,
+    ``w_scale [N]`` float32, ``bias [N]`` or None. Shapes must satisfy ``supports``.
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu  # GPU backend: imported where it is used
 
     m, k = a.shape
     n = w.shape[0]
     cfg = config or heuristics(m, n, k)
-    if not supports(m, n, k, has_bias=False, a_per_row=True, config=cfg):
-        raise ValueError(f"int8_matmul_mgpu: shape M={m}, N={n}, K={k} is not a multiple of the tile {cfg}")
-    a_scale = jnp.reshape(a_scale, (m,)).astype(jnp.float32)
+    if not supports(m, n, k, config=cfg):
+        raise ValueError(f"int8_matmul_mgpu: M={m}, N={n}, K={k} must be multiples of the CTA tile "
+                         f"{cfg.cta_shape()} and tile_k={cfg.tile_k} (config {cfg})")
+    a_scale = jnp.broadcast_to(jnp.reshape(a_scale, (-1,)), (m,)).astype(jnp.float32)
+    has_bias = bias is not None
+    operands = (a, w, a_scale, w_scale) + ((jnp.reshape(bias, (n,)).astype(jnp.float32),) if has_bias else ())
     w_scale = jnp.reshape(w_scale, (n,)).astype(jnp.float32)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     cm, cn = cfg.cta_shape()
@@ -104,7 +107,8 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
     out_swz = plgpu.find_swizzle(epi_n * out_bytes * 8)
     out_t = (plgpu.TilingTransform((8, out_swz // out_bytes)), plgpu.SwizzleTransform(out_swz))
 
-    def body(a_gmem, w_gmem, as_gmem, ws_gmem, o_gmem):
+    def body(a_gmem, w_gmem, as_gmem, ws_gmem, *rest):
+        b_gmem, o_gmem = rest if has_bias else (None, rest[0])
         def pipeline(step, ctx):
             return plgpu.emit_pipeline_warp_specialized(
                 step, grid=(k_iters,), memory_registers=40,
@@ -119,8 +123,8 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
             allocs=pipeline(nothing, nothing).get_allocations(a_gmem, w_gmem),
             o_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype, transforms=out_t),
             as_smem=plgpu.SMEM((2, tm), jnp.float32),
-            ws_smem=plgpu.SMEM((2, tn), jnp.float32),
-            bar=plgpu.Barrier(num_barriers=2, num_arrivals=2),
+            ws_smem=plgpu.SMEM((2, 1 + has_bias, tn), jnp.float32),
+            bar=plgpu.Barrier(num_barriers=2, num_arrivals=2 + has_bias),
             collective_axes="wg",
         )
         def scope(allocs, o_smem, as_smem, ws_smem, bar):
@@ -138,7 +142,9 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
                 def ctx(run):
                     # the scales of this warpgroup's tile, fetched while the main loop runs
                     plgpu.copy_gmem_to_smem(as_gmem.at[rows], as_smem.at[wg], bar.at[wg])
-                    plgpu.copy_gmem_to_smem(ws_gmem.at[wg_cols], ws_smem.at[wg], bar.at[wg])
+                    plgpu.copy_gmem_to_smem(ws_gmem.at[wg_cols], ws_smem.at[wg, 0], bar.at[wg])
+                    if has_bias:
+                        plgpu.copy_gmem_to_smem(b_gmem.at[wg_cols], ws_smem.at[wg, 1], bar.at[wg])
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
                     def _(acc_ref):
@@ -146,9 +152,13 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
                         acc = acc_ref[...]
                         plgpu.barrier_wait(bar.at[wg])
                         sa = plgpu.load(as_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                        sw = plgpu.load(ws_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        col = lambda v: lax.broadcast_in_dim(
+                            plgpu.load(v, (), layout=plgpu.Layout.WGMMA.reduce(0)), (tm, tn), (1,))
                         y = acc.astype(jnp.float32) * lax.broadcast_in_dim(sa, (tm, tn), (0,))
-                        y = (y * lax.broadcast_in_dim(sw, (tm, tn), (1,))).astype(out_dtype)
+                        y = y * col(ws_smem.at[wg, 0])
+                        if has_bias:
+                            y = y + col(ws_smem.at[wg, 1])
+                        y = y.astype(out_dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         for e in range(tn // epi_n):
                             slot = e % 2
@@ -176,5 +186,5 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="jaxquant_w8a8_gemm_mgpu",
     )
-    return f(a, w, a_scale, w_scale)
+    return f(*operands)
 

@@ -57,6 +57,7 @@ from jaxquant import reference as ref
 from jaxquant.pallas import affine as affine_k
 from jaxquant.pallas import dynamic as dynamic_k
 from jaxquant.pallas import int8_matmul as mm_k
+from jaxquant.pallas import int8_matmul_mgpu as mg_k
 from jaxquant.pallas.int8_matmul import Config
 from jaxquant.primitives._register import register
 
@@ -131,6 +132,48 @@ def _split_n(fn, w, w_scale, bias, n, k):
     return jnp.concatenate(outs, axis=1)
 
 
+_HOPPER = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kind, interpret) -> bool:
+    """Whether the int8 GEMM of an ``[m, k] x [n, k]`` problem runs the Mosaic GPU kernel.
+
+    An explicit ``int8_matmul_mgpu.Config`` always does (its shape must fit it). With no config: on
+    Hopper (``device_kind`` names an H100 / H200 / H800 / H20), with both scales (a float
+    epilogue), when the shape is a multiple of its tile and gives at least one CTA tile per SM
+    (below that the Triton kernel's smaller tiles keep more SMs busy). Otherwise Triton.
+    """
+    if isinstance(config, mg_k.Config):
+        if interpret:
+            raise ValueError("config: an int8_matmul_mgpu.Config has no interpret mode (Mosaic GPU runs on "
+                             "Hopper GPUs only); use a jaxquant.pallas.int8_matmul.Config")
+        if not (has_a_scale and has_w_scale and np.dtype(out_dtype) != np.int32):
+            raise ValueError("config: an int8_matmul_mgpu.Config needs the float epilogue (a_scale and w_scale)")
+        if not mg_k.supports(m, n, k, config=config):
+            cm, cn = config.cta_shape()
+            raise ValueError(f"config: {config} needs M, N multiples of {cm}, {cn} and K of {config.tile_k}; "
+                             f"got M={m}, N={n}, K={k}")
+        return True
+    if config is not None or interpret or not device_kind or not any(h in device_kind.split() for h in _HOPPER):
+        return False
+    if not (has_a_scale and has_w_scale) or np.dtype(out_dtype) == np.int32:
+        return False
+    cfg = mg_k.heuristics(m, n, k)
+    cm, cn = cfg.cta_shape()
+    return mg_k.supports(m, n, k, config=cfg) and (m // cm) * (n // cn) >= mg_k.NUM_SMS
+
+
+def _gemm(q, w, s, ws, b, *, out_dtype, config, device_kind, interpret):
+    """The int8 GEMM with its epilogue: Mosaic GPU (``use_mgpu``) or Triton."""
+    m, k = q.shape
+    if use_mgpu(m, w.shape[0], k, has_a_scale=s is not None, has_w_scale=ws is not None, out_dtype=out_dtype,
+                config=config, device_kind=device_kind, interpret=interpret):
+        return mg_k.int8_matmul_mgpu(q, w, s, ws, b, out_dtype=out_dtype,
+                                     config=config if isinstance(config, mg_k.Config) else None)
+    return mm_k.int8_matmul(q, w, a_scale=s, w_scale=ws, bias=b, a_mode="int8", out_dtype=out_dtype, config=config,
+                            device_kind=device_kind, interpret=interpret)
+
+
 def _quantize_rows_kernel(x2, act_scale, interpret):
     """int8 codes + scale of ``x2`` with the fused dynamic kernel, or the affine kernel (static)."""
     if act_scale is None:
@@ -156,7 +199,10 @@ def linear_kernel(x2, codes, w_scale, bias=None, act_scale=None, *, out_dtype, c
     n = codes.shape[0]
     dk = device_kind if device_kind is not None else (None if interpret else _device_kind())
     if fuse is None:
-        fuse = m <= mm_k.fused_quantize_max_m(dk)
+        fuse = m <= mm_k.fused_quantize_max_m(dk) and not isinstance(config, mg_k.Config)
+    if fuse and isinstance(config, mg_k.Config):
+        raise ValueError("config: the Mosaic GPU GEMM (int8_matmul_mgpu.Config) takes int8 activations; "
+                         "fuse=True needs a jaxquant.pallas.int8_matmul.Config or None")
     if fuse and m * k <= mm_k.MAX_ELEMENTS:
         mode = "dynamic" if act_scale is None else "static"
         a_s = None if act_scale is None else jnp.reshape(act_scale, (1, 1)).astype(jnp.float32)
@@ -168,9 +214,8 @@ def linear_kernel(x2, codes, w_scale, bias=None, act_scale=None, *, out_dtype, c
     for r0, r1 in _row_chunks(m, max(k, n)):
         xr = x2 if (r0, r1) == (0, m) else x2[r0:r1]
         q, s = _quantize_rows_kernel(xr, act_scale, interpret)
-        outs.append(_split_n(lambda w, ws, b: mm_k.int8_matmul(q, w, a_scale=s, w_scale=ws, bias=b, a_mode="int8",
-                                                               out_dtype=out_dtype, config=config, device_kind=dk,
-                                                               interpret=interpret),
+        outs.append(_split_n(lambda w, ws, b: _gemm(q, w, s, ws, b, out_dtype=out_dtype, config=config,
+                                                    device_kind=dk, interpret=interpret),
                              codes, w_scale, bias, n, k))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -186,9 +231,8 @@ def int8_matmul_kernel(a2, w, a_scale2=None, w_scale=None, bias=None, *, out_dty
         sr = a_scale2
         if a_scale2 is not None and a_scale2.shape[0] != 1 and (r0, r1) != (0, m):
             sr = a_scale2[r0:r1]
-        outs.append(_split_n(lambda w_, ws, b: mm_k.int8_matmul(ar, w_, a_scale=sr, w_scale=ws, bias=b,
-                                                                a_mode="int8", out_dtype=out_dtype, config=config,
-                                                                device_kind=dk, interpret=interpret),
+        outs.append(_split_n(lambda w_, ws, b: _gemm(ar, w_, sr, ws, b, out_dtype=out_dtype, config=config,
+                                                     device_kind=dk, interpret=interpret),
                              w, w_scale, bias, n, k))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -378,8 +422,9 @@ def _linear_fn(spec: _Spec):
 
 
 def _check_config(config):
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(f"config: expected a jaxquant.pallas.int8_matmul.Config or None, got {config!r}")
+    if config is not None and not isinstance(config, (Config, mg_k.Config)):
+        raise TypeError("config: expected a jaxquant.pallas.int8_matmul.Config, a "
+                        f"jaxquant.pallas.int8_matmul_mgpu.Config or None, got {config!r}")
     return config
 
 
