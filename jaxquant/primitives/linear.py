@@ -135,13 +135,19 @@ def _split_n(fn, w, w_scale, bias, n, k):
 _HOPPER = ("H100", "H200", "H800", "H20", "GH200")
 
 
-def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kind, interpret) -> bool:
+def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kind, interpret,
+             has_bias=False) -> bool:
     """Whether the int8 GEMM of an ``[m, k] x [n, k]`` problem runs the Mosaic GPU kernel.
 
     An explicit ``int8_matmul_mgpu.Config`` always does (its shape must fit it). With no config: on
     Hopper (``device_kind`` names an H100 / H200 / H800 / H20), with both scales (a float
-    epilogue), when the shape is a multiple of its tile and gives at least one CTA tile per SM
-    (below that the Triton kernel's smaller tiles keep more SMs busy). Otherwise Triton.
+    epilogue) and no bias, when the shape is a multiple of its tile and gives at least one CTA tile
+    per SM (below that the Triton kernel's smaller tiles keep more SMs busy). Otherwise Triton.
+
+    No bias: Mosaic GPU contracts the epilogue's ``(y * w_scale) + bias`` into one FMA, which
+    under cancellation moved float32 results by up to ~3e5 ulps from the reference's two roundings
+    on an H200 (``tests/test_linear.py::test_mgpu_gemm_equals_reference``); the Triton kernel
+    keeps them apart (``mul.rn``) and stays bit-exact, so a layer with a bias runs there.
     """
     if isinstance(config, mg_k.Config):
         if interpret:
@@ -149,6 +155,9 @@ def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kin
                              "Hopper GPUs only); use a jaxquant.pallas.int8_matmul.Config")
         if not (has_a_scale and has_w_scale and np.dtype(out_dtype) != np.int32):
             raise ValueError("config: an int8_matmul_mgpu.Config needs the float epilogue (a_scale and w_scale)")
+        if has_bias:
+            raise ValueError("config: an int8_matmul_mgpu.Config takes no bias (its epilogue would contract "
+                             "the bias add into an FMA: not bit-exact); use a jaxquant.pallas.int8_matmul.Config")
         if not mg_k.supports(m, n, k, config=config):
             cm, cn = config.cta_shape()
             raise ValueError(f"config: {config} needs M, N multiples of {cm}, {cn} and K of {config.tile_k}; "
@@ -156,7 +165,7 @@ def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kin
         return True
     if config is not None or interpret or not device_kind or not any(h in device_kind.split() for h in _HOPPER):
         return False
-    if not (has_a_scale and has_w_scale) or np.dtype(out_dtype) == np.int32:
+    if not (has_a_scale and has_w_scale) or has_bias or np.dtype(out_dtype) == np.int32:
         return False
     cfg = mg_k.heuristics(m, n, k)
     cm, cn = cfg.cta_shape()
@@ -167,8 +176,8 @@ def _gemm(q, w, s, ws, b, *, out_dtype, config, device_kind, interpret):
     """The int8 GEMM with its epilogue: Mosaic GPU (``use_mgpu``) or Triton."""
     m, k = q.shape
     if use_mgpu(m, w.shape[0], k, has_a_scale=s is not None, has_w_scale=ws is not None, out_dtype=out_dtype,
-                config=config, device_kind=device_kind, interpret=interpret):
-        return mg_k.int8_matmul_mgpu(q, w, s, ws, b, out_dtype=out_dtype,
+                config=config, device_kind=device_kind, interpret=interpret, has_bias=b is not None):
+        return mg_k.int8_matmul_mgpu(q, w, s, ws, out_dtype=out_dtype,
                                      config=config if isinstance(config, mg_k.Config) else None)
     return mm_k.int8_matmul(q, w, a_scale=s, w_scale=ws, bias=b, a_mode="int8", out_dtype=out_dtype, config=config,
                             device_kind=device_kind, interpret=interpret)
