@@ -4,7 +4,7 @@
    the Triton GEMM, for several shapes and output dtypes.
 2. Timing at prefill shapes: the Triton GEMM, Mosaic GPU tiles, and XLA's int8 dot alone
    (``lax.dot_general(int8, int8) -> int32``, no epilogue), all on the same int8 codes.
-Writes OUT/mgpu.json; prints one line per shape. Usage: python3 scripts/diag_mgpu.py OUT [check|time|all]
+Writes OUT/mgpu.json; prints one line per shape. Usage: python3 scripts/diag_mgpu.py OUT [check|time|all|mid]
 """
 import json, os, sys, traceback
 
@@ -61,8 +61,13 @@ TILES = [None, CG(stages=3, epi_n=64), CG(grid_tile_width=4), CG(grid_tile_width
          CG(tile_k=64, stages=6), CG(tile_n=64, stages=5, epi_n=64)]
 
 
-def time_all(rows):
-    for (m, n, k) in TIMING_SHAPES:
+# mid M: where the CTA tiles number about one wave or less (use_mgpu's threshold)
+MID_SHAPES = [(512, 8192, 8192), (512, 4096, 14336), (512, 4096, 4096), (1024, 4096, 4096), (1024, 8192, 8192),
+              (256, 14336, 4096), (256, 8192, 8192)]
+
+
+def time_all(rows, shapes=TIMING_SHAPES, tiles=TILES):
+    for (m, n, k) in shapes:
         a, w, sa, sw = operands(m, n, k, 0)
         ops = 2.0 * m * n * k
         tri = jax.jit(lambda a, w, sa, sw: MM.int8_matmul(a, w, a_scale=sa, w_scale=sw, out_dtype=jnp.bfloat16))
@@ -72,7 +77,7 @@ def time_all(rows):
         line = [f"triton {ops / t_tri / 1e12:.0f}", f"xla-dot {ops / t_xla / 1e12:.0f}"]
         rows.append(dict(kind="time", shape=[m, n, k], op="triton", us=t_tri * 1e6, tops=ops / t_tri / 1e12))
         rows.append(dict(kind="time", shape=[m, n, k], op="xla_int8_dot", us=t_xla * 1e6, tops=ops / t_xla / 1e12))
-        for c in TILES:
+        for c in tiles:
             try:
                 f = jax.jit(lambda a, w, sa, sw, c=c: MG.int8_matmul_mgpu(a, w, sa, sw, out_dtype=jnp.bfloat16, config=c))
                 t = timeit(f, [(a, w, sa, sw)])
@@ -94,6 +99,8 @@ if __name__ == "__main__":
             check(rows)
         if what in ("time", "all"):
             time_all(rows)
+        if what == "mid":
+            time_all(rows, MID_SHAPES, [None, CG(tile_n=64)])
     finally:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
                   open(os.path.join(out, "mgpu.json"), "w"), indent=1)
