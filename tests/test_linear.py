@@ -531,7 +531,9 @@ def test_mgpu_dispatch():
     assert not use(2047, 4096, 4096)   # ragged M: Triton (its tiles are masked)
     assert not use(2048, 4000, 4096)   # N not a multiple of the 256-wide CTA tile
     assert not use(2048, 4096, 4000)   # K not a multiple of tile_k
-    assert not use(512, 4096, 4096)    # 64 CTA tiles < 132 SMs: Triton's smaller tiles fill the GPU
+    assert use(512, 4096, 4096) and use(512, 8192, 8192)  # 128 CTA tiles of 128 x 128 / 128 x 256
+    assert not use(256, 4096, 4096) and not use(128, 14336, 4096)  # 64 / 112 tiles: Triton fills the GPU
+    assert mg_k.heuristics(512, 8192, 8192) == mg_k.Config() and mg_k.heuristics(512, 4096, 14336).tile_n == 64
     assert not use(2048, 4096, 4096, scales=False, out=jnp.int32)  # the raw int32 accumulator: Triton
     assert not use(2048, 4096, 4096, config=mm_k.Config(128, 128, 128))  # an explicit Triton tile
     assert not use(2048, 4096, 4096, interpret=True)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["Config", "heuristics", "supports", "int8_matmul_mgpu", "NUM_SMS"]
+__all__ = ["Config", "heuristics", "supports", "enough_tiles", "int8_matmul_mgpu", "NUM_SMS", "MIN_TILES"]
 
 NUM_SMS = 132  # H100 / H200 SXM
 SMEM_BUDGET = 220 * 1024  # of the 227 KiB a CTA may use on Hopper (barriers, scales and bias need ~8 KiB)
@@ -55,10 +55,30 @@ class Config:
         return self.tile_m, 2 * self.tile_n
 
 
+# Fewer CTA tiles than this and the Triton kernel's smaller tiles keep more of the 132 SMs busy.
+MIN_TILES = 100
+
+
 def heuristics(m: int, n: int, k: int) -> Config:
-    """Pure function of the shape: the tile for ``[m, k] @ [n, k]^T``."""
-    del m, n, k
-    return Config()
+    """Pure function of the shape: the tile for ``[m, k] @ [n, k]^T``.
+
+    128 x 256 CTA tiles (two 128 x 128 warpgroup tiles) when they number at least ``MIN_TILES``,
+    else 128 x 128 (two 128 x 64). Measured on an H200 (``scripts/diag_mgpu.py``, GEMM alone, int8
+    TOP/s, Triton's tile in brackets): 512x8192x8192 1299 (849), 1024x4096x4096 1212 (812),
+    2048x4096x14336 1554 (1373); with 128 x 128: 512x4096x14336 1149 (1075), 256x8192x8192 839 (691).
+    """
+    del k
+    if (m // 128) * (n // 256) >= MIN_TILES:
+        return Config()
+    return Config(tile_n=64)
+
+
+def enough_tiles(m: int, n: int, cfg: Config) -> bool:
+    """Whether ``cfg``'s CTA tiles of an ``[m, n]`` output number at least ``MIN_TILES``, with M >= 256
+    (at smaller M the layer streams its weights, where the Triton tiles were measured; this
+    kernel was not)."""
+    cm, cn = cfg.cta_shape()
+    return m >= 256 and (m // cm) * (n // cn) >= MIN_TILES
 
 
 def supports(m: int, n: int, k: int, *, config: Config | None = None) -> bool:

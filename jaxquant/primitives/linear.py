@@ -141,8 +141,9 @@ def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kin
 
     An explicit ``int8_matmul_mgpu.Config`` always does (its shape must fit it). With no config: on
     Hopper (``device_kind`` names an H100 / H200 / H800 / H20), with both scales (a float
-    epilogue) and no bias, when the shape is a multiple of its tile and gives at least one CTA tile
-    per SM (below that the Triton kernel's smaller tiles keep more SMs busy). Otherwise Triton.
+    epilogue) and no bias, when the shape is a multiple of its tile and gives at least
+    ``int8_matmul_mgpu.MIN_TILES`` CTA tiles (below that the Triton kernel's smaller tiles keep more
+    SMs busy). Otherwise Triton.
 
     No bias: Mosaic GPU contracts the epilogue's ``(y * w_scale) + bias`` into one FMA, which
     under cancellation moved float32 results by up to ~3e5 ulps from the reference's two roundings
@@ -168,8 +169,7 @@ def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kin
     if not (has_a_scale and has_w_scale) or has_bias or np.dtype(out_dtype) == np.int32:
         return False
     cfg = mg_k.heuristics(m, n, k)
-    cm, cn = cfg.cta_shape()
-    return mg_k.supports(m, n, k, config=cfg) and (m // cm) * (n // cn) >= mg_k.NUM_SMS
+    return mg_k.supports(m, n, k, config=cfg) and mg_k.enough_tiles(m, n, cfg)
 
 
 def _gemm(q, w, s, ws, b, *, out_dtype, config, device_kind, interpret):
