@@ -534,6 +534,10 @@ def test_mgpu_dispatch():
     assert use(512, 4096, 4096) and use(512, 8192, 8192)  # 128 CTA tiles of 128 x 128 / 128 x 256
     assert not use(256, 4096, 4096) and not use(128, 14336, 4096)  # 64 / 112 tiles: Triton fills the GPU
     assert mg_k.heuristics(512, 8192, 8192) == mg_k.Config() and mg_k.heuristics(512, 4096, 14336).tile_n == 64
+    # what the benchmarks report as the tile in use
+    assert L.gemm_config(2048, 4096, 14336, device_kind=H200) == mg_k.Config()
+    assert isinstance(L.gemm_config(2048, 4096, 14336, device_kind=H200, has_bias=True), mm_k.Config)
+    assert isinstance(L.gemm_config(1000, 11008, 4000, device_kind=H200), mm_k.Config)
     assert not use(2048, 4096, 4096, scales=False, out=jnp.int32)  # the raw int32 accumulator: Triton
     assert not use(2048, 4096, 4096, config=mm_k.Config(128, 128, 128))  # an explicit Triton tile
     assert not use(2048, 4096, 4096, interpret=True)

@@ -144,7 +144,7 @@ def run(ctx: Context) -> list[dict]:
                    ms=t * 1e3, bf16_ms=tb * 1e3, jnp_ms=tj * 1e3, vs_bf16=tb / t, vs_jnp=tj / t,
                    chain_layers=layers, chain_ms=tc * 1e3, bf16_chain_ms=tbc * 1e3, jnp_chain_ms=tjc * 1e3,
                    vs_bf16_chain=vb, vs_jnp_chain=vj, tops=flops / tc / 1e12,
-                   config=str(mm_k.heuristics(m, n, k, device_kind=ctx.device)), target=desc,
+                   config=str(L.gemm_config(m, n, k, device_kind=ctx.device)), target=desc,
                    met=bool(vb >= want_b and (want_j is None or vj >= want_j)))
         if m >= 2048 and ctx.platform != "cpu":
             x, qw, _ = sets[0]

@@ -28,11 +28,14 @@ parameters (train float weights with ``jaxquant.fake_quantize`` for QAT instead)
 in x's dtype with a float32 accumulator (float32 x: ``precision=HIGHEST``). The VJP is linear in
 ``dy``, so it can itself be differentiated (``jax.test_util.check_grads`` on it passes).
 
-Lowering: CPU -> the plain-jnp reference (``linear_reference``); CUDA -> Pallas
-(``jaxquant.pallas.int8_matmul``): the fused per-token quantization kernel
-(``jaxquant.pallas.dynamic``; static scale: ``jaxquant.pallas.affine``) writes int8 codes + scales,
-then the GEMM kernel applies the epilogue in registers — the int32 ``[M, N]`` accumulator never
-reaches device memory. For ``M <= fused_quantize_max_m(device)`` one kernel would quantize the
+Lowering: CPU -> the plain-jnp reference (``linear_reference``); CUDA -> Pallas: the fused
+per-token quantization kernel (``jaxquant.pallas.dynamic``; static scale:
+``jaxquant.pallas.affine``) writes int8 codes + scales, then the GEMM kernel applies the epilogue
+in registers — the int32 ``[M, N]`` accumulator never reaches device memory. The GEMM is the
+Triton kernel (``jaxquant.pallas.int8_matmul``: any shape, masked edges, split K at decode) or,
+on Hopper for prefill shapes that fit its tile and have no bias, the Mosaic GPU kernel
+(``jaxquant.pallas.int8_matmul_mgpu``: warp-specialised, TMA-fed; ``use_mgpu`` decides). Both
+are bit-exact with the reference epilogue. For ``M <= fused_quantize_max_m(device)`` one kernel would quantize the
 activation tiles itself (one launch); on the H200 that measured slower at every M, so it is off
 there (``linear_kernel(..., fuse=True)`` forces it). Batching (``vmap``) folds batch dimensions of x into M
 (one launch); a batched weight falls back to ``lax.map`` over the batch.
@@ -170,6 +173,15 @@ def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kin
         return False
     cfg = mg_k.heuristics(m, n, k)
     return mg_k.supports(m, n, k, config=cfg) and mg_k.enough_tiles(m, n, cfg)
+
+
+def gemm_config(m, n, k, *, device_kind, has_bias=False, out_dtype=np.float32):
+    """The GEMM tile ``quantized_linear`` picks for ``[m, k] x [n, k]`` with no explicit config
+    (an ``int8_matmul_mgpu.Config`` or an ``int8_matmul.Config``): what benchmarks report."""
+    if use_mgpu(m, n, k, has_a_scale=True, has_w_scale=True, out_dtype=out_dtype, config=None,
+                device_kind=device_kind, interpret=False, has_bias=has_bias):
+        return mg_k.heuristics(m, n, k)
+    return mm_k.heuristics(m, n, k, device_kind=device_kind)
 
 
 def _gemm(q, w, s, ws, b, *, out_dtype, config, device_kind, interpret):
@@ -484,7 +496,9 @@ def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, c
       out_dtype: float16 / bfloat16 / float32; default x's dtype.
       act_scale: None for dynamic symmetric per-token activation scales (computed from x), or a
         float32 scalar (> 0, finite) for a static per-tensor scale (SmoothQuant-static style).
-      config: a ``jaxquant.pallas.int8_matmul.Config`` overriding the GEMM tile heuristics.
+      config: overrides the GEMM choice: a ``jaxquant.pallas.int8_matmul.Config`` (the Triton
+        GEMM with that tile) or a ``jaxquant.pallas.int8_matmul_mgpu.Config`` (the Mosaic GPU GEMM,
+        Hopper only: no bias, M / N / K multiples of its tile). Default: ``use_mgpu`` decides.
 
     Returns ``[..., N]`` in ``out_dtype``. Forward and backward math: the module docstring —
     ``y = (f32(sum_k q[m,k] codes[n,k]) * s[m]) * w_scale[n] + bias[n]`` with ``q`` the int8 codes
@@ -522,6 +536,7 @@ def int8_matmul(a, w, a_scale=None, w_scale=None, bias=None, *, out_dtype=None, 
       w_scale: None or float32 ``[N]``; bias: None or float ``[N]``.
       out_dtype: default int32 (the exact accumulator) when there is no scale and no bias,
         float32 otherwise; int32 is only allowed without an epilogue.
+      config: as in ``quantized_linear``.
 
     Epilogue: ``(f32(acc) * a_scale) * w_scale (+ f32(bias))`` in float32, inside the kernel.
     Not differentiable (integer inputs).
