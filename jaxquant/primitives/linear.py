@@ -35,9 +35,9 @@ in registers — the int32 ``[M, N]`` accumulator never reaches device memory. T
 Triton kernel (``jaxquant.pallas.int8_matmul``: any shape, masked edges, split K at decode) or,
 on Hopper for prefill shapes that fit its tile and have no bias, the Mosaic GPU kernel
 (``jaxquant.pallas.int8_matmul_mgpu``: warp-specialised, TMA-fed; ``use_mgpu`` decides). Both
-are bit-exact with the reference epilogue. For ``M <= fused_quantize_max_m(device)`` one kernel would quantize the
-activation tiles itself (one launch); on the H200 that measured slower at every M, so it is off
-there (``linear_kernel(..., fuse=True)`` forces it). Batching (``vmap``) folds batch dimensions of x into M
+are bit-exact with the reference epilogue. For ``M <= fused_quantize_max_m(device)`` one kernel
+would quantize the activation tiles itself (one launch); on the H200 that measured slower at every
+M, so it is off there (``linear_kernel(..., fuse=True)`` forces it). Batching (``vmap``) folds batch dimensions of x into M
 (one launch); a batched weight falls back to ``lax.map`` over the batch.
 """
 
@@ -112,6 +112,16 @@ def _device_kind():
         return devs[0].device_kind if devs else None
     except RuntimeError:
         return None
+
+
+def _num_sms():
+    """Streaming multiprocessors of the GPU in use (the Mosaic GPU GEMM's persistent grid); 132
+    (H100 / H200 SXM) when no GPU is visible (CUDA lowering on a CPU machine)."""
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        devs = []
+    return int(getattr(devs[0], "core_count", 0) or mg_k.NUM_SMS) if devs else mg_k.NUM_SMS
 
 
 def _row_chunks(m, per_row_elems):
@@ -190,7 +200,8 @@ def _gemm(q, w, s, ws, b, *, out_dtype, config, device_kind, interpret):
     if use_mgpu(m, w.shape[0], k, has_a_scale=s is not None, has_w_scale=ws is not None, out_dtype=out_dtype,
                 config=config, device_kind=device_kind, interpret=interpret, has_bias=b is not None):
         return mg_k.int8_matmul_mgpu(q, w, s, ws, out_dtype=out_dtype,
-                                     config=config if isinstance(config, mg_k.Config) else None)
+                                     config=config if isinstance(config, mg_k.Config) else None,
+                                     num_sms=_num_sms())
     return mm_k.int8_matmul(q, w, a_scale=s, w_scale=ws, bias=b, a_mode="int8", out_dtype=out_dtype, config=config,
                             device_kind=device_kind, interpret=interpret)
 
