@@ -555,6 +555,16 @@ def test_mgpu_dispatch():
         quantized_linear(jnp.ones((2, 8)), quantize_weight(jnp.ones((4, 8)), bits=8), config="fast")
 
 
+@pytest.mark.parametrize("bad,match", [(dict(tile_m=32), "tile_m: expected a power of two >= 64, got 32"),
+                                       (dict(tile_n=96), "tile_n: expected a power of two"),
+                                       (dict(tile_k=256), "tile_k <= 128"),
+                                       (dict(stages=1), "stages: expected an int >= 2, got 1"),
+                                       (dict(grid_tile_width=0), "grid_tile_width: expected an int >= 1")])
+def test_mgpu_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        mg_k.Config(**bad)
+
+
 def test_mgpu_stages_fit_shared_memory():
     for cfg in [mg_k.Config(), mg_k.Config(stages=8), mg_k.Config(tile_k=64, stages=6), mg_k.Config(tile_n=64)]:
         for dt in (jnp.bfloat16, jnp.float32):

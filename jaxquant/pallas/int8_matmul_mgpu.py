@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxquant.pallas.common import check_positive, check_pow2
+
 __all__ = ["Config", "heuristics", "supports", "enough_tiles", "int8_matmul_mgpu", "NUM_SMS", "MIN_TILES"]
 
 NUM_SMS = 132  # H100 / H200 SXM
@@ -65,6 +67,19 @@ class Config:
     epi_n: int = 32
     grid_tile_width: int = 8
     minor_n: bool = True  # the snake walks N fastest
+
+    def __post_init__(self):
+        # wgmma: 64-row warpgroup tiles, N a multiple of 8 up to 256, s8 K steps of 32 bytes
+        check_pow2("int8_matmul_mgpu", "tile_m", self.tile_m, 64)
+        check_pow2("int8_matmul_mgpu", "tile_n", self.tile_n, 16)
+        check_pow2("int8_matmul_mgpu", "tile_k", self.tile_k, 32)
+        check_pow2("int8_matmul_mgpu", "epi_n", self.epi_n, 8)
+        check_positive("int8_matmul_mgpu", "grid_tile_width", self.grid_tile_width)
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 2:
+            raise ValueError(f"int8_matmul_mgpu Config.stages: expected an int >= 2, got {self.stages!r}")
+        if self.tile_n > 256 or self.tile_k > 128:
+            raise ValueError(f"int8_matmul_mgpu Config: expected tile_n <= 256 (wgmma's N) and tile_k <= 128 "
+                             f"(one 128-byte swizzled row), got tile_n={self.tile_n}, tile_k={self.tile_k}")
 
     def cta_shape(self):
         return self.tile_m, 2 * self.tile_n
