@@ -613,7 +613,7 @@ MGPU_CASES = [  # (x shape, N, config): explicit tiles on small shapes, then the
 def test_mgpu_gemm_equals_reference(rng, xshape, n, cfg, dtype):
     """Mosaic GPU W8A8 == the reference bit for bit (a NaN row, a zero row; dynamic and static scales)."""
     dk = jax.devices()[0].device_kind
-    if not any(h in dk.split() for h in L._HOPPER):
+    if not L.is_hopper(dk):
         pytest.skip(f"Mosaic GPU GEMM: Hopper only, got {dk}")
     k = xshape[-1]
     _, qw = make_layer(rng, n, k)

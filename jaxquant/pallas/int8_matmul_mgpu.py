@@ -98,17 +98,20 @@ def heuristics(m: int, n: int, k: int) -> Config:
     2048x4096x14336 1554 (1373); with 128 x 128: 512x4096x14336 1149 (1075), 256x8192x8192 839 (691).
     """
     del k
-    if (m // 128) * (n // 256) >= MIN_TILES:
-        return Config()
-    return Config(tile_n=64)
+    wide = Config()
+    return wide if _cta_tiles(m, n, wide) >= MIN_TILES else Config(tile_n=64)
+
+
+def _cta_tiles(m: int, n: int, cfg: Config) -> int:
+    cm, cn = cfg.cta_shape()
+    return (m // cm) * (n // cn)
 
 
 def enough_tiles(m: int, n: int, cfg: Config) -> bool:
     """Whether ``cfg``'s CTA tiles of an ``[m, n]`` output number at least ``MIN_TILES``, with M >= 256
     (at smaller M the layer streams its weights, where the Triton tiles were measured; this
     kernel was not)."""
-    cm, cn = cfg.cta_shape()
-    return m >= 256 and (m // cm) * (n // cn) >= MIN_TILES
+    return m >= 256 and _cta_tiles(m, n, cfg) >= MIN_TILES
 
 
 def supports(m: int, n: int, k: int, *, config: Config | None = None) -> bool:

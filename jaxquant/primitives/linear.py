@@ -106,22 +106,25 @@ def linear_reference(x2, codes, w_scale, bias=None, act_scale=None, *, out_dtype
 # ------------------------------------------------------------------------------------------
 
 
-def _device_kind():
+def _gpu():
+    """The first visible GPU device, or None (a CPU machine, e.g. lowering for CUDA there)."""
     try:
         devs = jax.devices("gpu")
-        return devs[0].device_kind if devs else None
     except RuntimeError:
         return None
+    return devs[0] if devs else None
+
+
+def _device_kind():
+    gpu = _gpu()
+    return gpu.device_kind if gpu is not None else None
 
 
 def _num_sms():
     """Streaming multiprocessors of the GPU in use (the Mosaic GPU GEMM's persistent grid); 132
     (H100 / H200 SXM) when no GPU is visible (CUDA lowering on a CPU machine)."""
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        devs = []
-    return int(getattr(devs[0], "core_count", 0) or mg_k.NUM_SMS) if devs else mg_k.NUM_SMS
+    gpu = _gpu()
+    return int(getattr(gpu, "core_count", 0) or mg_k.NUM_SMS) if gpu is not None else mg_k.NUM_SMS
 
 
 def _row_chunks(m, per_row_elems):
@@ -146,6 +149,11 @@ def _split_n(fn, w, w_scale, bias, n, k):
 
 
 _HOPPER = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def is_hopper(device_kind) -> bool:
+    """Whether a device kind (e.g. "NVIDIA H200") names a Hopper GPU, where Mosaic GPU's wgmma runs."""
+    return bool(device_kind) and any(h in device_kind.split() for h in _HOPPER)
 
 
 def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kind, interpret,
@@ -177,7 +185,7 @@ def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kin
             raise ValueError(f"config: {config} needs M, N multiples of {cm}, {cn} and K of {config.tile_k}; "
                              f"got M={m}, N={n}, K={k}")
         return True
-    if config is not None or interpret or not device_kind or not any(h in device_kind.split() for h in _HOPPER):
+    if config is not None or interpret or not is_hopper(device_kind):
         return False
     if not (has_a_scale and has_w_scale) or has_bias or np.dtype(out_dtype) == np.int32:
         return False
@@ -199,9 +207,8 @@ def _gemm(q, w, s, ws, b, *, out_dtype, config, device_kind, interpret):
     m, k = q.shape
     if use_mgpu(m, w.shape[0], k, has_a_scale=s is not None, has_w_scale=ws is not None, out_dtype=out_dtype,
                 config=config, device_kind=device_kind, interpret=interpret, has_bias=b is not None):
-        return mg_k.int8_matmul_mgpu(q, w, s, ws, out_dtype=out_dtype,
-                                     config=config if isinstance(config, mg_k.Config) else None,
-                                     num_sms=_num_sms())
+        # (use_mgpu is False for a Triton config: config here is an int8_matmul_mgpu.Config or None)
+        return mg_k.int8_matmul_mgpu(q, w, s, ws, out_dtype=out_dtype, config=config, num_sms=_num_sms())
     return mm_k.int8_matmul(q, w, a_scale=s, w_scale=ws, bias=b, a_mode="int8", out_dtype=out_dtype, config=config,
                             device_kind=device_kind, interpret=interpret)
 
