@@ -7,6 +7,7 @@ only to *lower* kernels for CUDA) does not try to initialise.
 """
 
 import os
+import re
 import shutil
 import zlib
 
@@ -127,3 +128,16 @@ def make_x(rng, shape, dtype, scale_b, zp_b, *, qmin, qmax, specials=True):
             flat[rng.integers(0, n)] = v
         x = flat.reshape(shape)
     return jnp.asarray(x.astype(np.float32)).astype(dtype)
+
+
+def cuda_kernels(f, *args):
+    """Names of the jaxquant kernels in ``f``'s program lowered for CUDA (works on a CPU machine), in order."""
+    try:
+        hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # pragma: no cover - a machine without jax-cuda12-plugin
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"CUDA lowering unavailable: {e}")
+        raise
+    # Triton calls carry their name; a Mosaic GPU call carries it inside its serialized module
+    return [a or re.sub(r"_\d+$", "", b) for a, b in re.findall(r'name = "(jaxquant_\w+)"|custom_call @mosaic_gpu\w*\([^\n]*?(jaxquant_\w+?)\\00',
+                                          hlo)]

@@ -10,7 +10,6 @@ Exactness contract (see ``jaxquant.primitives.linear``):
   the rounded ``out_dtype`` value by <= 1 of its ulps. The activation codes and scales are exact.
 """
 
-import re
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from jaxquant.pallas import int8_matmul_mgpu as mg_k
 from jaxquant.primitives import linear as L
 from jaxquant.primitives.linear import int8_matmul, quantized_linear
 from jaxquant.weights import QuantizedWeight, quantize_weight
-from conftest import assert_same_bits, run_impl
+from conftest import assert_same_bits, cuda_kernels, run_impl
 
 DN = (((1,), (1,)), ((), ()))
 
@@ -299,18 +298,6 @@ def test_vmap_of_grad_and_remat(rng):
 # ------------------------------------------------------------------------------------------
 # CUDA lowering (no GPU needed) and launch counts.
 # ------------------------------------------------------------------------------------------
-
-
-def cuda_kernels(f, *args):
-    try:
-        hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    except RuntimeError as e:  # pragma: no cover - a machine without jax-cuda12-plugin
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"CUDA lowering unavailable: {e}")
-        raise
-    # Triton calls carry their name; a Mosaic GPU call carries it inside its serialized module
-    return [a or re.sub(r"_\d+$", "", b) for a, b in re.findall(r'name = "(jaxquant_\w+)"|custom_call @mosaic_gpu\w*\([^\n]*?(jaxquant_\w+?)\\00',
-                                          hlo)]
 
 
 @pytest.mark.lowering

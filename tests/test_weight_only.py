@@ -22,9 +22,12 @@ from jax.test_util import check_grads
 import jaxquant as jq
 from jaxquant import shapes
 from jaxquant.pallas import weight_only as K
+from jaxquant.pallas import weight_only_mgpu as WM
+from jaxquant.pallas.mgpu_common import is_hopper
+from jaxquant.primitives import weight_only as P
 from jaxquant.primitives.weight_only import reference_weight_only_linear, weight_only_linear
 from jaxquant.weights import QuantizedWeight, dequantize_weight, quantize_weight
-from conftest import run_impl
+from conftest import cuda_kernels, run_impl
 
 # (M-shape, N, K, bits, group, symmetric, x dtype, bias, config): ragged M/N, split-K, K-masking.
 CASES = [
@@ -323,3 +326,143 @@ def test_small_groups_take_xla(tier, rng, dtype):
     with pytest.raises(ValueError, match=r"group_size=16 with bits=4: expected per-channel or >= 32"):
         K.weight_only_matmul(x, qw.codes, qw.scale, qw.zero_point, bits=4, group_size=16, symmetric=False, k=64,
                              interpret=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The Mosaic GPU prefill kernel (Hopper; jaxquant.pallas.weight_only_mgpu). It has no interpret
+# mode: its dispatch and CUDA lowering are tested here, its results on the GPU.
+# ----------------------------------------------------------------------------------------
+
+H200 = "NVIDIA H200"
+
+
+def test_mgpu_dispatch():
+    def use(m, n=4096, k=4096, bits=4, group=128, dt=jnp.bfloat16, dk=H200, config=None, interpret=False):
+        return P.use_mgpu(m, n, k, bits=bits, group_size=group, x_dtype=np.dtype(dt), config=config,
+                          device_kind=dk, interpret=interpret)
+
+    assert use(2048) and use(256) and use(8192, 14336, 4096, 8, None) and use(300, group=64) and use(2048, group=256)
+    assert use(2048, dk="NVIDIA H100 80GB HBM3") and use(2047)  # ragged M: padded to the tile
+    assert not use(255)  # decode and skinny M: the Triton kernel's split-K tiles
+    assert not use(2048, dk="NVIDIA A100-SXM4-80GB") and not use(2048, dk=None)
+    assert not use(2048, dt=jnp.float16) and not use(2048, dt=jnp.float32)  # bfloat16 x only
+    assert not use(2048, group=32)  # 32-wide groups: Triton
+    assert not use(2048, n=4000) and not use(2048, k=4000, group=None)  # N / 128, K / 128
+    assert not use(2048, config=K.Config(64, 128, 128)) and not use(2048, interpret=True)
+    assert use(16, 256, 128, dk=None, config=WM.Config())  # an explicit Mosaic GPU tile: any M, device kind
+    assert use(16, 256, 128, group=None, config=WM.Config(tile_n=128, tile_m=128))
+    with pytest.raises(ValueError, match=r"config: .*N a multiple of 128.*got x bfloat16, bits=4, group_size=128, "
+                                         r"M=16, N=200, K=128"):
+        use(16, 200, 128, config=WM.Config())
+    with pytest.raises(ValueError, match=r"config: .*got x float16"):
+        use(16, 256, 128, dt=jnp.float16, config=WM.Config())
+    with pytest.raises(ValueError, match=r"config: .*group_size=32"):
+        use(16, 256, 128, group=32, config=WM.Config())
+    with pytest.raises(ValueError, match="accumulator registers"):  # group-wise: partial + carry would not fit
+        use(16, 256, 128, config=WM.Config(tile_n=128, tile_m=128))
+    with pytest.raises(ValueError, match="no interpret mode"):
+        use(16, 256, 128, config=WM.Config(), interpret=True)
+    x = jnp.ones((2, 128), jnp.bfloat16)
+    with pytest.raises(TypeError, match="weight_only_mgpu.Config"):
+        weight_only_linear(x, quantize_weight(jnp.ones((256, 128)), bits=4), config=(64, 128))
+    for (n, k) in shapes.LINEAR_NK:
+        for m in shapes.TOKENS_M:
+            for bits, group in ((4, 128), (4, None), (8, None)):
+                c = WM.heuristics(m, n, k, bits, group)
+                assert c == WM.heuristics(m, n, k, bits, group)  # pure
+                assert WM.supports(m, n, k, bits, group, jnp.bfloat16, config=c), (m, n, k, bits, group, c)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(tile_n=32), "tile_n: expected a power of two >= 64, got 32"),
+                                       (dict(tile_m=4), "tile_m: expected a power of two >= 8"),
+                                       (dict(tile_m=512), r"tile_m: expected <= 256"),
+                                       (dict(stages=1), "stages: expected an int >= 2, got 1"),
+                                       (dict(grid_tile_width=0), "grid_tile_width: expected an int >= 1")])
+def test_mgpu_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        WM.Config(**bad)
+
+
+def test_mgpu_stages_fit_shared_memory():
+    for cfg in [WM.Config(), WM.Config(stages=8), WM.Config(tile_m=256, stages=4), WM.Config(tile_n=128)]:
+        for bits, group in ((4, 128), (4, 64), (4, None), (8, None), (8, 256)):
+            st = WM.fit_stages(cfg, bits, group)
+            cn, tm = cfg.cta_shape()
+            ring = cn * WM.TILE_K * bits // 8 + tm * WM.TILE_K * 2
+            used = st * ring + 4 * cfg.tile_n * min(cfg.epi_m, tm) * 2
+            assert 2 <= st <= cfg.stages and used <= WM.SMEM_BUDGET, (cfg, bits, group, st)
+
+
+def _abstract_qw(n, k, bits, group, sym):
+    return jax.eval_shape(lambda w: quantize_weight(w, bits=bits, group_size=group, symmetric=sym),
+                          jax.ShapeDtypeStruct((n, k), jnp.float32))
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("bits,group,sym,cfg", [
+    (4, 128, True, WM.Config()), (4, 128, False, WM.Config(stages=3)), (4, 64, False, WM.Config(tile_m=64)),
+    (4, 256, True, WM.Config()), (4, None, True, WM.Config(tile_m=256, stages=2)),
+    (4, None, False, WM.Config(tile_n=128)), (8, None, True, WM.Config()), (8, 128, False, WM.Config()),
+])
+def test_mgpu_lowers_for_cuda(bits, group, sym, cfg):
+    n, k = 512, 1024
+    qw = _abstract_qw(n, k, bits, group, sym)
+    x = jax.ShapeDtypeStruct((3, 100, k), jnp.bfloat16)  # M = 300: padded to the tile
+    b = jax.ShapeDtypeStruct((n,), jnp.bfloat16)
+    name = f"jaxquant_weight_only_w{bits}_mgpu"
+    assert cuda_kernels(lambda x, qw, b: weight_only_linear(x, qw, b, config=cfg), x, qw, b) == [name]
+    assert cuda_kernels(lambda x, qw: weight_only_linear(x, qw, config=cfg), x, qw) == [name]
+    assert cuda_kernels(jax.vmap(lambda x, qw: weight_only_linear(x, qw, config=cfg), (0, None)), x, qw) == [name]
+
+
+@pytest.mark.lowering
+def test_mgpu_heuristic_choice_lowers(monkeypatch):
+    """As on an H200: prefill bfloat16 -> Mosaic GPU; decode, float16 x, 32-wide groups, ragged N -> Triton."""
+    monkeypatch.setattr(P, "_device_kind", lambda: H200)
+    for (m, n, k, bits, group, dt, want) in [
+        (2048, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4_mgpu"),
+        (1000, 768, 640, 8, None, jnp.bfloat16, "jaxquant_weight_only_w8_mgpu"),
+        (16, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4"),
+        (2048, 1024, 512, 4, 128, jnp.float16, "jaxquant_weight_only_w4"),
+        (2048, 1024, 512, 4, 32, jnp.bfloat16, "jaxquant_weight_only_w4"),
+        (2048, 1000, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4"),
+    ]:
+        qw = _abstract_qw(n, k, bits, group, True)
+        got = cuda_kernels(lambda x, qw: weight_only_linear(x, qw), jax.ShapeDtypeStruct((m, k), dt), qw)
+        assert got == [want], (m, n, k, bits, group, dt, got)
+
+
+MGPU_CASES = [  # (leading dims, N, K, bits, group, symmetric, bias, config)
+    ((256,), 256, 512, 4, 128, True, False, None),
+    ((300,), 256, 512, 4, 128, False, True, WM.Config()),  # ragged M (padded), asymmetric, bias
+    ((2, 160), 384, 768, 4, 64, True, True, WM.Config(stages=3)),
+    ((256,), 256, 1024, 4, 256, False, False, WM.Config(tile_m=64)),
+    ((1024,), 512, 512, 4, None, True, True, None),  # per channel: 64 x 256 tiles
+    ((384,), 256, 640, 4, None, False, False, WM.Config(tile_n=128)),
+    ((512,), 256, 512, 8, None, True, True, WM.Config(tile_m=256, stages=2)),
+    ((300,), 256, 512, 8, None, False, False, None),
+    ((256,), 256, 512, 8, 128, False, True, None),
+    ((2048,), 2304, 1024, 4, 128, True, False, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MGPU_CASES, ids=lambda c: f"{c[0]}-n{c[1]}-k{c[2]}-w{c[3]}-g{c[4]}-"
+                                                          f"{'sym' if c[5] else 'asym'}{'-bias' if c[6] else ''}")
+def test_mgpu_matches_reference(rng, case):
+    """The Mosaic GPU kernel is within the float32 bound of the reference (zero rows included), and a
+    vmapped call equals the per-slice calls bit for bit (rows are independent)."""
+    dk = jax.devices()[0].device_kind
+    if not is_hopper(dk):
+        pytest.skip(f"Mosaic GPU weight-only kernel: Hopper only, got {dk}")
+    lead, n, k, bits, group, sym, bias, cfg = case
+    x, qw, b = _make(rng, lead, n, k, bits, group, sym, jnp.bfloat16, bias)
+    x = x.reshape(-1, k).at[1].set(0).reshape(x.shape)
+    f = lambda x, qw, b: weight_only_linear(x, qw, b, config=cfg)
+    assert "mosaic_gpu" in jax.jit(f).lower(x, qw, b).as_text(), "the Mosaic GPU kernel was not used"
+    y = run_impl("pallas", f, x, qw, b)
+    ref = run_impl("reference", f, x, qw, b)
+    assert_within_bound(y, ref, x, qw, b)
+    xs = jnp.stack([x, x[::-1]])
+    yv = jax.jit(jax.vmap(f, (0, None, None)))(xs, qw, b)
+    np.testing.assert_array_equal(np.asarray(yv[0], np.float32), np.asarray(y, np.float32))

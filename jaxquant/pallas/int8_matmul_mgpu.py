@@ -49,11 +49,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.mgpu_common import NUM_SMS, SMEM_BUDGET, store_tiles
 
 __all__ = ["Config", "heuristics", "supports", "enough_tiles", "int8_matmul_mgpu", "NUM_SMS", "MIN_TILES"]
 
-NUM_SMS = 132  # H100 / H200 SXM
-SMEM_BUDGET = 220 * 1024  # of the 227 KiB a CTA may use on Hopper (the scales and barriers need a little)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,15 +201,8 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
                         sw = plgpu.load(ws_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
                         y = acc.astype(jnp.float32) * lax.broadcast_in_dim(sa, (tm, tn), (0,))
                         y = (y * lax.broadcast_in_dim(sw, (tm, tn), (1,))).astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for e in range(tn // epi_n):
-                            slot = e % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            o_smem[wg, slot] = y[:, e * epi_n:(e + 1) * epi_n]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                o_smem.at[wg, slot],
-                                o_gmem.at[rows, pl.ds(ni * cn + wg * tn + e * epi_n, epi_n)])
+                        store_tiles(y, o_smem, wg, lambda e: o_gmem.at[rows, pl.ds(ni * cn + wg * tn + e * epi_n, epi_n)],
+                                    epi_n)
 
                 def step(_, a_smem, w_smem, acc_ref):
                     plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(w_smem.at[pl.ds(wg * tn, tn)], (1, 0)))

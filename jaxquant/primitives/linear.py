@@ -62,6 +62,7 @@ from jaxquant.pallas import dynamic as dynamic_k
 from jaxquant.pallas import int8_matmul as mm_k
 from jaxquant.pallas import int8_matmul_mgpu as mg_k
 from jaxquant.pallas.int8_matmul import Config
+from jaxquant.pallas.mgpu_common import device_kind as _device_kind, is_hopper, num_sms as _num_sms
 from jaxquant.primitives._register import register
 
 __all__ = ["quantized_linear", "int8_matmul", "linear_reference", "int8_matmul_reference",
@@ -106,27 +107,6 @@ def linear_reference(x2, codes, w_scale, bias=None, act_scale=None, *, out_dtype
 # ------------------------------------------------------------------------------------------
 
 
-def _gpu():
-    """The first visible GPU device, or None (a CPU machine, e.g. lowering for CUDA there)."""
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    return devs[0] if devs else None
-
-
-def _device_kind():
-    gpu = _gpu()
-    return gpu.device_kind if gpu is not None else None
-
-
-def _num_sms():
-    """Streaming multiprocessors of the GPU in use (the Mosaic GPU GEMM's persistent grid); 132
-    (H100 / H200 SXM) when no GPU is visible (CUDA lowering on a CPU machine)."""
-    gpu = _gpu()
-    return int(getattr(gpu, "core_count", 0) or mg_k.NUM_SMS) if gpu is not None else mg_k.NUM_SMS
-
-
 def _row_chunks(m, per_row_elems):
     """Row ranges keeping every per-call array under 2**31 elements (module limit of the kernels)."""
     step = max(1, mm_k.MAX_ELEMENTS // max(1, per_row_elems))
@@ -146,14 +126,6 @@ def _split_n(fn, w, w_scale, bias, n, k):
     outs = [fn(w[c0:c1], None if w_scale is None else w_scale[c0:c1], None if bias is None else bias[c0:c1])
             for c0, c1 in chunks]
     return jnp.concatenate(outs, axis=1)
-
-
-_HOPPER = ("H100", "H200", "H800", "H20", "GH200")
-
-
-def is_hopper(device_kind) -> bool:
-    """Whether a device kind (e.g. "NVIDIA H200") names a Hopper GPU, where Mosaic GPU's wgmma runs."""
-    return bool(device_kind) and any(h in device_kind.split() for h in _HOPPER)
 
 
 def use_mgpu(m, n, k, *, has_a_scale, has_w_scale, out_dtype, config, device_kind, interpret,

@@ -2,9 +2,10 @@
 
 The primitive ``jaxquant_weight_only_linear`` takes ``x [..., K]``, the weight's ``codes``,
 ``scale``, optional ``zero_point`` and optional ``bias [N]``, and returns ``y [..., N]`` in
-x's dtype. Lowering: CUDA -> the fused dequant-matmul Pallas kernel of
-``jaxquant.pallas.weight_only`` (one ``pallas_call``; plus one small XLA reduction when K is
-split); CPU -> the plain-jnp reference below (``jaxquant.backend`` overrides the choice).
+x's dtype. Lowering: CUDA -> the fused dequant-matmul Pallas kernel: ``jaxquant.pallas.weight_only``
+(Triton; one ``pallas_call``, plus one small XLA reduction when K is split) or, for prefill on
+Hopper, ``jaxquant.pallas.weight_only_mgpu`` (Mosaic GPU; ``use_mgpu`` decides); CPU -> the
+plain-jnp reference below (``jaxquant.backend`` overrides the choice).
 Batching: a batched ``x`` folds its batch axis into the leading (M) dimensions, so ``vmap``
 is still one kernel launch; a batched weight maps the op over the weights (``lax.map``).
 
@@ -36,9 +37,11 @@ from jax.interpreters import mlir
 from jaxquant import backend
 from jaxquant import weights as W
 from jaxquant.pallas import weight_only as kernels
+from jaxquant.pallas import weight_only_mgpu as wm_k
+from jaxquant.pallas.mgpu_common import device_kind as _device_kind, is_hopper, num_sms as _num_sms
 from jaxquant.primitives._register import register
 
-__all__ = ["weight_only_linear", "weight_only_linear_p", "reference_weight_only_linear"]
+__all__ = ["weight_only_linear", "weight_only_linear_p", "reference_weight_only_linear", "use_mgpu", "kernel_config"]
 
 _X_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 
@@ -79,13 +82,56 @@ def _lowering(platform):
                 return reference_weight_only_linear(x, codes, scale, zp, bias, bits=bits, group_size=group_size,
                                                     symmetric=symmetric)
             lead = x.shape[:-1]
-            x2 = jnp.reshape(x, (math.prod(lead), k))
-            y = kernels.weight_only_matmul(x2, codes, scale, zp, bias, bits=bits, group_size=group_size,
-                                           symmetric=symmetric, k=k, config=config, interpret=use == "interpret")
+            m = math.prod(lead)
+            x2 = jnp.reshape(x, (m, k))
+            interpret = use == "interpret"
+            mgpu = use_mgpu(m, codes.shape[0], k, bits=bits, group_size=group_size, x_dtype=x.dtype, config=config,
+                            device_kind=None if interpret else _device_kind(), interpret=interpret)
+            if mgpu:
+                y = wm_k.weight_only_matmul_mgpu(x2, codes, scale, zp, bias, bits=bits, group_size=group_size,
+                                                 symmetric=symmetric, k=k, config=config, num_sms=_num_sms())
+            else:
+                y = kernels.weight_only_matmul(x2, codes, scale, zp, bias, bits=bits, group_size=group_size,
+                                               symmetric=symmetric, k=k, config=config, interpret=interpret)
             return jnp.reshape(y, lead + (codes.shape[0],))
 
         return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
     return rule
+
+
+def use_mgpu(m, n, k, *, bits, group_size, x_dtype, config, device_kind, interpret) -> bool:
+    """Whether an ``[m, k] x [n, k]`` weight-only matmul runs the Mosaic GPU kernel
+    (``jaxquant.pallas.weight_only_mgpu``) rather than the Triton one.
+
+    An explicit ``weight_only_mgpu.Config`` always does (the problem must fit it: else a
+    ValueError naming ``config``). With no config: on Hopper (``device_kind`` names an H100 / H200
+    / H800 / H20), for M >= ``weight_only_mgpu.MIN_M`` (prefill; decode keeps the Triton kernel's
+    split-K tiles, which stream the weights on every SM) when the kernel supports the problem
+    (bfloat16 x, bits 4 / 8, per channel or groups of 64 / 128 / 256, N a multiple of its CTA
+    rows, K of 128). Otherwise Triton.
+    """
+    if isinstance(config, wm_k.Config):
+        if interpret:
+            raise ValueError("config: a weight_only_mgpu.Config has no interpret mode (Mosaic GPU runs on Hopper "
+                             "GPUs only); use a jaxquant.pallas.weight_only.Config")
+        if not wm_k.supports(m, n, k, bits, group_size, x_dtype, config=config):
+            raise ValueError(
+                f"config: {config} needs bfloat16 x, bits 4 or 8, group_size in {wm_k.GROUPS}, N a multiple of "
+                f"{config.cta_shape()[0]}, K a multiple of {wm_k.TILE_K} and tile_n * tile_m within the accumulator "
+                f"registers; got x {np.dtype(x_dtype).name}, bits={bits}, group_size={group_size}, M={m}, N={n}, K={k}")
+        return True
+    if config is not None or interpret or not is_hopper(device_kind):
+        return False
+    return m >= wm_k.MIN_M and wm_k.supports(m, n, k, bits, group_size, x_dtype)
+
+
+def kernel_config(m, n, k, *, bits, group_size, x_dtype, device_kind):
+    """The kernel tile ``weight_only_linear`` picks with no explicit config on ``device_kind``
+    (a ``weight_only_mgpu.Config`` or a ``weight_only.Config``): what benchmarks report."""
+    if use_mgpu(m, n, k, bits=bits, group_size=group_size, x_dtype=x_dtype, config=None, device_kind=device_kind,
+                interpret=False):
+        return wm_k.heuristics(m, n, k, bits, group_size)
+    return kernels.heuristics(m, n, k, bits, group_size)
 
 
 def _batch(args, dims, **params):
@@ -113,7 +159,7 @@ class _Spec:
     shape: tuple
     has_zp: bool
     has_bias: bool
-    config: kernels.Config | None
+    config: kernels.Config | wm_k.Config | None
     impl: str
 
 
@@ -149,7 +195,7 @@ def _linear_fn(spec: _Spec):
     return f
 
 
-def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | None = None):
+def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | wm_k.Config | None = None):
     """``y = x @ dequant(qweight)^T (+ bias)``, in x's dtype, with the dequantization fused in the matmul.
 
     Args:
@@ -157,10 +203,13 @@ def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | None =
       qweight: a ``jaxquant.QuantizedWeight`` of shape ``(N, K)`` (bits 4 or 8, any group size,
         symmetric or not) from ``jaxquant.quantize_weight``.
       bias: optional float ``[N]``, added in float32 before the cast.
-      config: a ``jaxquant.pallas.weight_only.Config`` overriding the tuned tile heuristics.
+      config: a ``jaxquant.pallas.weight_only.Config`` (the Triton kernel) or a
+        ``jaxquant.pallas.weight_only_mgpu.Config`` (the Hopper prefill kernel) overriding the
+        heuristics, which pick the kernel (``use_mgpu``) and its tile.
 
     Forward: on a GPU one Pallas kernel streams the packed codes and dequantizes them in
-    registers (float32 accumulation); on the CPU the reference dequantize-then-``dot``.
+    registers (float32 accumulation): on Hopper at M >= 256 with bfloat16 x the warp-specialised
+    Mosaic GPU kernel, else the Triton kernel; on the CPU the reference dequantize-then-``dot``.
     Groups smaller than ``jaxquant.pallas.weight_only.MIN_GROUP`` (32 for int4, 16 for int8) take
     XLA's dequantize-then-dot. float32 x on a GPU follows ``jax.default_matmul_precision`` as XLA's float32 matmuls do there:
     TF32 tensor-core products by default, ~float32 (three TF32 products) under
@@ -191,8 +240,9 @@ def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | None =
             raise TypeError(f"bias: expected a float16, bfloat16 or float32 array, got {np.dtype(bias.dtype).name}")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias: expected shape ({n},) (N of qweight {qweight.shape}), got {tuple(bias.shape)}")
-    if config is not None and not isinstance(config, kernels.Config):
-        raise TypeError(f"config: expected a jaxquant.pallas.weight_only.Config or None, got {config!r}")
+    if config is not None and not isinstance(config, (kernels.Config, wm_k.Config)):
+        raise TypeError(f"config: expected a jaxquant.pallas.weight_only.Config, a "
+                        f"jaxquant.pallas.weight_only_mgpu.Config or None, got {config!r}")
     spec = _Spec(qweight.bits, qweight.group_size, qweight.symmetric, qweight.shape,
                  qweight.zero_point is not None, bias is not None, config, backend.current_implementation())
     return _linear_fn(spec)(x, qweight.codes, qweight.scale, qweight.zero_point, bias)

@@ -1,0 +1,322 @@
+"""Weight-only dequant-matmul for prefill on Hopper (Pallas Mosaic GPU): ``y = x @ dequant(W)^T``.
+
+The math of ``jaxquant.pallas.weight_only`` (the Triton kernel, which serves every other case),
+for bfloat16 x and large M, where the Triton kernel reached only 0.42-0.48x XLA's bfloat16 matmul
+on an H200 (its per-group float32 partial sums serialise Triton's wgmma pipeline)::
+
+    group-wise:   y[m, n] = sum_groups  s[n, grp] * sum_{k in grp} x[m, k] * (q[n, k] - z[n, grp])
+    per-channel:  y[m, n] = s[n] * sum_k x[m, k] * (q[n, k] - z[n])
+    y = (y + bias[n]) cast to bfloat16
+
+``q - z`` is an integer with ``|q - z| <= 255``, exact in bfloat16, so each product with x is exact
+in float32 and the tensor-core dot differs from the reference (dequantize to float32, float32
+dot) only by float32 summation order: the bound of ``tests/test_weight_only.py`` holds unchanged.
+
+Structure (the skeleton of ``jaxquant.pallas.int8_matmul_mgpu``): persistent (one CTA per SM walks
+the output tiles in a planar snake) and warp-specialised: a memory warpgroup TMA-copies, per
+128-wide step of K, the ``[2 tile_n, 128]`` tile of codes, x's ``[tile_m, 128]`` tile and the
+step's scales (and zero points) into a ``stages``-deep shared-memory ring; two compute
+warpgroups each own ``tile_n`` rows of W and compute the TRANSPOSED tile ``y^T [tile_n, tile_m]``:
+
+* the codes go shared memory -> registers and are converted there to bfloat16 ``q - z``:
+  4-bit codes are viewed as ``int4 [N, K]`` (XLA's int4 packing puts the even element in the low
+  nibble: the byte layout of ``jaxquant.weights``, so the view is a bitcast) and Mosaic GPU
+  converts int4 -> bfloat16 two values an instruction (``prmt`` + ``lop3`` + one packed
+  subtract); asymmetric 4-bit codes ``u in 0..15`` are first mapped to ``u - 8`` (each nibble's
+  top bit flipped, one XLA pass over the codes) and their zero points to ``z - 8``, which leaves
+  ``q - z`` unchanged; 8-bit codes convert directly;
+* ``wgmma`` takes them as its A operand from registers and x's tile (transposed view of the
+  K-major shared-memory tile) as B, accumulating in float32;
+* group-wise: each group's partial sum is a fresh accumulator, multiplied by its row's scale and
+  added to a float32 carry in registers (the other warpgroup's wgmma runs meanwhile); per
+  channel: one accumulator over all of K, scaled once;
+* epilogue: (scale,) bias, cast, and ``[tile_n, epi_m]`` TMA stores of ``y^T``; XLA transposes
+  ``y^T [N, M]`` to ``y`` (~3% of the time at M = 2048 on 8192^2).
+
+Scope (``supports``): bfloat16 x, bits 4 or 8, per channel or groups of 64 / 128 / 256, symmetric
+or not, N a multiple of the CTA's ``2 tile_n`` rows, K of 128. M is padded to ``tile_m`` (zero
+rows; their outputs are dropped). ``jaxquant.primitives.weight_only`` picks this kernel on Hopper
+GPUs at M >= ``MIN_M`` and the Triton kernel otherwise. No interpret mode (Mosaic GPU's
+interpreter does not run ``plgpu.load``): results are tested on the GPU, dispatch and CUDA
+lowering on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.mgpu_common import NUM_SMS, SMEM_BUDGET, store_tiles
+
+__all__ = ["Config", "heuristics", "supports", "fit_stages", "weight_only_matmul_mgpu", "GROUPS", "TILE_K", "MIN_M"]
+
+TILE_K = 128  # k a pipeline step (one wgmma of K = 128, or two / one half of a group)
+GROUPS = (None, 64, 128, 256)
+MIN_M = 256  # below this the Triton kernel's decode / skinny tiles were measured, this kernel was not
+# float32 registers a compute thread may spend on accumulators: tile_n * tile_m / 128 threads each
+# (group-wise needs two: the fresh partial and the carry). 128 leaves room for the converted
+# weights within the 232 registers of a compute thread (the memory warpgroup keeps 40).
+_ACC_REGS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One compute warpgroup's tile of ``y^T``: ``tile_n`` rows of W x ``tile_m`` rows of x.
+
+    The CTA computes ``2 tile_n x tile_m``. ``tile_n`` is a multiple of wgmma's 64 rows,
+    ``tile_m`` is wgmma's N (<= 256); ``epi_m`` the width of a TMA store of the epilogue.
+    """
+
+    tile_n: int = 64
+    tile_m: int = 128
+    stages: int = 4
+    grid_tile_width: int = 8
+    epi_m: int = 32
+
+    def __post_init__(self):
+        check_pow2("weight_only_mgpu", "tile_n", self.tile_n, 64)
+        check_pow2("weight_only_mgpu", "tile_m", self.tile_m, 8)
+        check_pow2("weight_only_mgpu", "epi_m", self.epi_m, 8)
+        check_positive("weight_only_mgpu", "grid_tile_width", self.grid_tile_width)
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 2:
+            raise ValueError(f"weight_only_mgpu Config.stages: expected an int >= 2, got {self.stages!r}")
+        if self.tile_m > 256:
+            raise ValueError(f"weight_only_mgpu Config.tile_m: expected <= 256 (wgmma's N), got {self.tile_m}")
+
+    def tag(self) -> str:
+        """Compact form for tables: ``mgpu:TNxTM/stSTAGES``."""
+        return f"mgpu:{self.tile_n}x{self.tile_m}/st{self.stages}"
+
+    def cta_shape(self):
+        """``(rows of W, rows of x)`` of a CTA's tile."""
+        return 2 * self.tile_n, self.tile_m
+
+    def acc_regs(self, grouped: bool) -> int:
+        """float32 accumulator registers a compute thread holds (x2 group-wise: partial + carry)."""
+        return (2 if grouped else 1) * self.tile_n * self.tile_m // 128
+
+
+def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None) -> Config:
+    """Pure function of the problem: the tile for ``x [m, k] @ W [n, k]^T``.
+
+    Group-wise: 64 x 128 warpgroup tiles (partial + carry fill the 128 accumulator registers).
+    Per channel: 64 x 256 (one accumulator; wgmma's widest N) with 2 stages (x's 64 KB tile a
+    stage) once M fills them, else 64 x 128. Measured on an H200 (2048 x 8192 x 8192, bare
+    kernel, TFLOP/s): int4 g128 64x128 550 (Triton 335); int4 per channel 64x256 720, 128x128 635,
+    64x128 590; int8 per channel 128x128 597, 64x128 548 (``scripts/proto_w4_mgpu.py``).
+    """
+    del n, k, bits
+    if group_size is None and m >= 1024:
+        return Config(tile_n=64, tile_m=256, stages=2)
+    return Config()
+
+
+def supports(m: int, n: int, k: int, bits: int, group_size: int | None, x_dtype, *,
+             config: Config | None = None) -> bool:
+    """Whether this kernel handles the problem (see the module docstring's scope)."""
+    if jnp.dtype(x_dtype) != jnp.bfloat16 or bits not in (4, 8) or group_size not in GROUPS:
+        return False
+    cfg = config or heuristics(m, n, k, bits, group_size)
+    cn, _ = cfg.cta_shape()
+    return (m > 0 and n > 0 and k > 0 and n % cn == 0 and k % TILE_K == 0
+            and cfg.acc_regs(group_size is not None) <= _ACC_REGS)
+
+
+def fit_stages(cfg: Config, bits: int, group_size: int | None) -> int:
+    """``cfg.stages``, lowered until the ring and the epilogue buffers fit in shared memory (>= 2)."""
+    cn, tm = cfg.cta_shape()
+    rows = 1 if group_size is None else max(1, TILE_K // group_size)
+    ring = cn * TILE_K * bits // 8 + tm * TILE_K * 2 + 2 * rows * cn * 4  # codes, x, scales + zero points
+    epilogue = 2 * 2 * cfg.tile_n * min(cfg.epi_m, cfg.tile_m) * 2
+    return max(2, min(cfg.stages, (SMEM_BUDGET - epilogue) // ring))
+
+
+def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits: int, group_size: int | None,
+                            symmetric: bool, k: int, config: Config | None = None, num_sms: int = NUM_SMS):
+    """``x [M, K] @ dequant(codes, scale, zero_point)^T + bias`` in bfloat16 (module docstring).
+
+    Operands as ``jaxquant.pallas.weight_only.weight_only_matmul`` (the layout of
+    ``jaxquant.weights``); inputs are assumed validated, the problem must satisfy ``supports``.
+    """
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # GPU backend: imported where it is used
+
+    m = x.shape[0]
+    n = codes.shape[0]
+    cfg = config or heuristics(m, n, k, bits, group_size)
+    if not supports(m, n, k, bits, group_size, x.dtype, config=cfg):
+        raise ValueError(
+            f"weight_only_mgpu: expected bfloat16 x, bits 4 / 8, group_size in {GROUPS}, N a multiple of "
+            f"{cfg.cta_shape()[0]}, K of {TILE_K} and at most {_ACC_REGS} accumulator registers, got "
+            f"x {x.dtype}, bits={bits}, group_size={group_size}, N={n}, K={k}, config {cfg}")
+    grouped = group_size is not None
+    has_zp = zero_point is not None
+    has_bias = bias is not None
+    tn, tm = cfg.tile_n, cfg.tile_m
+    cn = 2 * tn
+    mp = pl.cdiv(m, tm) * tm
+    m_iters, n_iters, k_iters = mp // tm, n // cn, k // TILE_K
+    epi = min(cfg.epi_m, tm)
+    stages = fit_stages(cfg, bits, group_size)
+
+    xp = x if mp == m else jnp.pad(x, ((0, mp - m), (0, 0)))
+    if bits == 4:
+        # asymmetric: u in 0..15 -> u - 8 as signed int4 (flip each nibble's top bit), z -> z - 8
+        c = codes if symmetric else codes ^ jnp.int8(-0x78)
+        c = lax.bitcast_convert_type(c, jnp.int4).reshape(n, k)
+    else:
+        c = codes
+    n_groups = 1 if not grouped else k // group_size
+    st = jnp.reshape(scale, (n, n_groups)).T.astype(jnp.float32)  # [groups, N]: a step's rows are contiguous
+    zt = None
+    if has_zp:
+        shift = 8 if bits == 4 else 0
+        zt = (jnp.reshape(zero_point, (n, n_groups)).T - shift).astype(jnp.float32)  # small integers: exact
+        if not grouped:
+            # one row a step (Mosaic GPU pipelines only blocks that move with the grid): k / 128 x N floats
+            zt = jnp.broadcast_to(zt, (k // TILE_K, n))
+
+    c_swz = plgpu.find_swizzle(TILE_K * bits)
+    c_t = (plgpu.TilingTransform((8, c_swz * 8 // bits)), plgpu.SwizzleTransform(c_swz))
+    x_swz = plgpu.find_swizzle(TILE_K * 16)
+    x_t = (plgpu.TilingTransform((8, x_swz // 2)), plgpu.SwizzleTransform(x_swz))
+    o_swz = plgpu.find_swizzle(epi * 16)
+    o_t = (plgpu.TilingTransform((8, o_swz // 2)), plgpu.SwizzleTransform(o_swz))
+
+    sub = TILE_K if not grouped else min(group_size, TILE_K)  # k of one wgmma
+    n_sub = TILE_K // sub
+    if grouped:
+        # the step's group rows of the [groups, N] scales (group 256: one row, every other step)
+        rows = max(1, TILE_K // group_size)
+        per = max(1, group_size // TILE_K)
+        p_spec = plgpu.BlockSpec((rows, cn), lambda kk: (kk // per, 0))
+    else:
+        p_spec = plgpu.BlockSpec((1, cn), lambda kk: (kk, 0))  # zero points: the step's copy of the row
+    in_specs = [plgpu.BlockSpec((cn, TILE_K), lambda kk: (0, kk), transforms=c_t),
+                plgpu.BlockSpec((tm, TILE_K), lambda kk: (0, kk), transforms=x_t)]
+    if grouped:
+        in_specs.append(p_spec)
+    if has_zp:
+        in_specs.append(p_spec)
+    # per-tile vectors fetched once per tile (the epilogue's): per-channel scales, bias
+    n_copies = int(not grouped) + int(has_bias)
+    bias32 = bias.astype(jnp.float32) if has_bias else None
+
+    def body(c_gmem, x_gmem, s_gmem, *rest):
+        z_gmem = rest[0] if has_zp else None
+        b_gmem = rest[int(has_zp)] if has_bias else None
+        o_gmem = rest[-1]
+
+        def pipeline(step, ctx):
+            return plgpu.emit_pipeline_warp_specialized(
+                step, grid=(k_iters,), memory_registers=40, in_specs=in_specs,
+                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=ctx)
+
+        nothing = lambda *_, **__: None
+        piped = [c_gmem, x_gmem] + ([s_gmem] if grouped else []) + ([z_gmem] if has_zp else [])
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(nothing, nothing).get_allocations(*piped),
+            o_smem=plgpu.SMEM((2, 2, tn, epi), jnp.bfloat16, transforms=o_t),
+            v_smem=plgpu.SMEM((2, 2, tn), jnp.float32),  # [wg, scale / bias, tn]
+            bar=plgpu.Barrier(num_barriers=2, num_arrivals=max(1, n_copies)),
+            collective_axes="wg",
+        )
+        def scope(allocs, o_smem, v_smem, bar):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def tiles(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, cfg.grid_tile_width)
+                wg_rows = pl.ds(ni * cn + wg * tn, tn)
+
+                def row_vec(ref):  # a [tn] vector over this warpgroup's rows, broadcast along m
+                    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+                def finish(y):
+                    if n_copies:
+                        plgpu.barrier_wait(bar.at[wg])
+                    if not grouped:
+                        y = y * lax.broadcast_in_dim(row_vec(v_smem.at[wg, 0]), (tn, tm), (0,))
+                    if has_bias:
+                        y = y + lax.broadcast_in_dim(row_vec(v_smem.at[wg, 1]), (tn, tm), (0,))
+                    store_tiles(y.astype(jnp.bfloat16), o_smem, wg,
+                                lambda e: o_gmem.at[wg_rows, pl.ds(mi * tm + e * epi, epi)], epi)
+
+                def ctx(run):
+                    # the epilogue's vectors, fetched while the main loop runs
+                    if not grouped:
+                        plgpu.copy_gmem_to_smem(s_gmem.at[0, wg_rows], v_smem.at[wg, 0], bar.at[wg])
+                    if has_bias:
+                        plgpu.copy_gmem_to_smem(b_gmem.at[wg_rows], v_smem.at[wg, 1], bar.at[wg])
+                    if grouped:
+                        zero = plgpu.layout_cast(jnp.full((tn, tm), 0, jnp.float32), plgpu.Layout.WGMMA)
+                        finish(run(zero))
+                        return
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, tm), jnp.float32))
+                    def _(acc_ref):
+                        run(acc_ref)
+                        finish(acc_ref[...])
+
+                def weights(c_smem, z_smem, j):
+                    """bfloat16 q - z of sub-step j: [tn, sub], exact."""
+                    w = c_smem[pl.ds(wg * tn, tn)].astype(jnp.bfloat16)
+                    if n_sub > 1:
+                        w = w[:, j * sub:(j + 1) * sub]
+                    if z_smem is not None:
+                        z = row_vec(z_smem.at[j if grouped else 0, pl.ds(wg * tn, tn)]).astype(jnp.bfloat16)
+                        w = w - lax.broadcast_in_dim(z, (tn, sub), (0,))
+                    return w
+
+                def step(_, c_smem, x_smem, *rest):
+                    rest = list(rest)
+                    s_smem = rest.pop(0) if grouped else None
+                    z_smem = rest.pop(0) if has_zp else None
+                    (carry,) = rest
+                    xt = plgpu.transpose_ref(x_smem, (1, 0))  # [128, tm]: wgmma's B
+                    if not grouped:
+                        plgpu.wgmma(carry, weights(c_smem, z_smem, 0), xt)
+                        plgpu.wgmma_wait(0)
+                        return carry
+                    total = carry
+                    for j in range(n_sub):
+                        w = weights(c_smem, z_smem, j)
+                        xj = xt if n_sub == 1 else plgpu.transpose_ref(x_smem.at[:, pl.ds(j * sub, sub)], (1, 0))
+
+                        def one_group(acc_ref, w=w, xj=xj):
+                            plgpu.wgmma(acc_ref, w, xj)
+                            return acc_ref[...]
+
+                        part = pl.run_scoped(one_group, plgpu.ACC((tn, tm), jnp.float32))
+                        s = row_vec(s_smem.at[j, pl.ds(wg * tn, tn)])
+                        total = total + part * lax.broadcast_in_dim(s, (tn, tm), (0,))
+                    return total
+
+                views = [c_gmem.at[pl.ds(ni * cn, cn), :], x_gmem.at[pl.ds(mi * tm, tm), :]]
+                if grouped:
+                    views.append(s_gmem.at[:, pl.ds(ni * cn, cn)])
+                if has_zp:
+                    views.append(z_gmem.at[:, pl.ds(ni * cn, cn)])
+                pipeline(step, ctx)(*views, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    f = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((n, mp), jnp.bfloat16),
+        grid=(num_sms,), grid_names=("sm",),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=f"jaxquant_weight_only_w{bits}_mgpu",
+    )
+    operands = [c, xp, st] + ([zt] if has_zp else []) + ([bias32] if has_bias else [])
+    y_t = f(*operands)
+    return (y_t if mp == m else y_t[:, :m]).T
