@@ -1,0 +1,48 @@
+"""Tile sweep of weight_only_linear at mid M (GPU): the Triton tile the heuristics pick against
+Mosaic GPU tiles (``jaxquant.pallas.weight_only_mgpu``), chains of layers in one jit (bench method).
+
+    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT
+"""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import jaxquant as jq
+from jaxquant.bench.harness import CHAIN_LAYERS, chain, timeit
+from jaxquant.pallas import weight_only_mgpu as WM
+
+CONFIGS = [None, WM.Config(tile_m=64), WM.Config(tile_m=128)]
+
+
+def main(out):
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for (n, k) in [(8192, 8192), (4096, 14336)]:
+        for bits, group in ((4, 128), (4, None)):
+            key = jax.random.PRNGKey(0)
+            ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+                  for i in range(CHAIN_LAYERS)]
+            qws = [jq.quantize_weight(w, bits=bits, group_size=group) for w in ws]
+            for m in (64, 128, 256, 512):
+                xs = tuple(jax.random.normal(jax.random.PRNGKey(100 + i), (m, k), jnp.bfloat16)
+                           for i in range(CHAIN_LAYERS))
+                tb = timeit(chain(jax.jit(lambda x, w: x @ w.T)), [(xs, *((w,) for w in ws))]) / CHAIN_LAYERS
+                for cfg in CONFIGS:
+                    row = dict(shape=[m, n, k], bits=bits, group=group, config=None if cfg is None else cfg.tag())
+                    try:
+                        f = jax.jit(lambda x, qw, cfg=cfg: jq.weight_only_linear(x, qw, config=cfg))
+                        t = timeit(chain(f), [(xs, *((q,) for q in qws))]) / CHAIN_LAYERS
+                        row.update(us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t)
+                    except Exception as e:  # report, do not stop the sweep
+                        row.update(error=str(e)[:300])
+                    print(row, flush=True)
+                    rows.append(row)
+                    json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
+                              open(os.path.join(out, "wo_mgpu_mid.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
