@@ -1,7 +1,7 @@
 """Tile sweep of weight_only_linear at mid M (GPU): the Triton tile the heuristics pick against
 Mosaic GPU tiles (``jaxquant.pallas.weight_only_mgpu``), chains of layers in one jit (bench method).
 
-    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT
+    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT [mid|pc]
 """
 import json
 import os
@@ -12,25 +12,33 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant.bench.harness import CHAIN_LAYERS, chain, timeit
+from jaxquant.pallas import weight_only as K
 from jaxquant.pallas import weight_only_mgpu as WM
 
 CONFIGS = [None, WM.Config(tile_m=64), WM.Config(tile_m=128)]
+# second pass (``pc``): per-channel at M = 512 / 1024, the Triton tile against 64 x 128 and 64 x 256
+PC_CONFIGS = ["triton", WM.Config(tile_m=128), WM.Config(tile_m=256, stages=2)]
 
 
-def main(out):
+def main(out, mode="mid"):
     os.makedirs(out, exist_ok=True)
     rows = []
+    variants, ms, configs = ((4, 128), (4, None)), (64, 128, 256, 512), CONFIGS
+    if mode == "pc":
+        variants, ms, configs = ((4, None), (8, None)), (512, 1024), PC_CONFIGS
     for (n, k) in [(8192, 8192), (4096, 14336)]:
-        for bits, group in ((4, 128), (4, None)):
+        for bits, group in variants:
             key = jax.random.PRNGKey(0)
             ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
                   for i in range(CHAIN_LAYERS)]
             qws = [jq.quantize_weight(w, bits=bits, group_size=group) for w in ws]
-            for m in (64, 128, 256, 512):
+            for m in ms:
                 xs = tuple(jax.random.normal(jax.random.PRNGKey(100 + i), (m, k), jnp.bfloat16)
                            for i in range(CHAIN_LAYERS))
                 tb = timeit(chain(jax.jit(lambda x, w: x @ w.T)), [(xs, *((w,) for w in ws))]) / CHAIN_LAYERS
-                for cfg in CONFIGS:
+                for cfg in configs:
+                    if cfg == "triton":
+                        cfg = K.heuristics(m, n, k, bits, group)
                     row = dict(shape=[m, n, k], bits=bits, group=group, config=None if cfg is None else cfg.tag())
                     try:
                         f = jax.jit(lambda x, qw, cfg=cfg: jq.weight_only_linear(x, qw, config=cfg))
@@ -41,8 +49,8 @@ def main(out):
                     print(row, flush=True)
                     rows.append(row)
                     json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows),
-                              open(os.path.join(out, "wo_mgpu_mid.json"), "w"), indent=1)
+                              open(os.path.join(out, f"wo_mgpu_{mode}.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
