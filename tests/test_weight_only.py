@@ -343,7 +343,14 @@ def test_mgpu_dispatch():
 
     assert use(2048) and use(256) and use(8192, 14336, 4096, 8, None) and use(300, group=64) and use(2048, group=256)
     assert use(2048, dk="NVIDIA H100 80GB HBM3") and use(2047)  # ragged M: padded to the tile
-    assert not use(255)  # decode and skinny M: the Triton kernel's split-K tiles
+    assert not use(127, 8192, 8192)  # decode: the Triton kernel's split-K tiles
+    # enough CTA tiles (>= MIN_TILES): 2 x 64 of 128 x 64 at M = 128 on N = 8192; 2 x 32 on N = 4096 is too few
+    assert use(128, 8192, 8192) and not use(128, 4096, 14336) and use(256, 4096, 14336)
+    assert WM.heuristics(128, 8192, 8192, 4, 128).tile_m == 64 and WM.heuristics(512, 8192, 8192, 4, 128).tile_m == 128
+    assert WM.heuristics(256, 4096, 14336, 4, 128).tile_m == 64 and WM.heuristics(2048, 4096, 14336, 4, 128).tile_m == 128
+    assert WM.heuristics(512, 8192, 8192, 4, None) == WM.Config(tile_m=256, stages=2)  # per channel: one accumulator
+    assert WM.heuristics(512, 4096, 14336, 8, None).tile_m == 128  # 64 tiles of 64 x 256: too few
+    assert not use(64, 8192, 8192, config=None) and WM.heuristics(64, 8192, 8192, 4, 128).tile_m == 64
     assert not use(2048, dk="NVIDIA A100-SXM4-80GB") and not use(2048, dk=None)
     assert not use(2048, dt=jnp.float16) and not use(2048, dt=jnp.float32)  # bfloat16 x only
     assert not use(2048, group=32)  # 32-wide groups: Triton
@@ -417,32 +424,35 @@ def test_mgpu_lowers_for_cuda(bits, group, sym, cfg):
 
 @pytest.mark.lowering
 def test_mgpu_heuristic_choice_lowers(monkeypatch):
-    """As on an H200: prefill bfloat16 -> Mosaic GPU; decode, float16 x, 32-wide groups, ragged N -> Triton."""
+    """As on an H200: prefill bfloat16 -> Mosaic GPU; decode, too few tiles, float16 x, 32-wide groups,
+    ragged N -> Triton."""
     monkeypatch.setattr(P, "_device_kind", lambda: H200)
     for (m, n, k, bits, group, dt, want) in [
-        (2048, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4_mgpu"),
-        (1000, 768, 640, 8, None, jnp.bfloat16, "jaxquant_weight_only_w8_mgpu"),
+        (8192, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4_mgpu"),
+        (8000, 768, 640, 8, None, jnp.bfloat16, "jaxquant_weight_only_w8_mgpu"),
+        (256, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4"),  # 32 tiles: Triton's split K
         (16, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4"),
-        (2048, 1024, 512, 4, 128, jnp.float16, "jaxquant_weight_only_w4"),
-        (2048, 1024, 512, 4, 32, jnp.bfloat16, "jaxquant_weight_only_w4"),
-        (2048, 1000, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4"),
+        (8192, 1024, 512, 4, 128, jnp.float16, "jaxquant_weight_only_w4"),
+        (8192, 1024, 512, 4, 32, jnp.bfloat16, "jaxquant_weight_only_w4"),
+        (8192, 1000, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4"),
     ]:
         qw = _abstract_qw(n, k, bits, group, True)
         got = cuda_kernels(lambda x, qw: weight_only_linear(x, qw), jax.ShapeDtypeStruct((m, k), dt), qw)
         assert got == [want], (m, n, k, bits, group, dt, got)
 
 
-MGPU_CASES = [  # (leading dims, N, K, bits, group, symmetric, bias, config)
-    ((256,), 256, 512, 4, 128, True, False, None),
+MGPU_CASES = [  # (leading dims, N, K, bits, group, symmetric, bias, config): explicit tiles, then the heuristic
+    ((256,), 256, 512, 4, 128, True, False, WM.Config()),
     ((300,), 256, 512, 4, 128, False, True, WM.Config()),  # ragged M (padded), asymmetric, bias
     ((2, 160), 384, 768, 4, 64, True, True, WM.Config(stages=3)),
     ((256,), 256, 1024, 4, 256, False, False, WM.Config(tile_m=64)),
-    ((1024,), 512, 512, 4, None, True, True, None),  # per channel: 64 x 256 tiles
+    ((1024,), 512, 512, 4, None, True, True, WM.Config(tile_m=256, stages=2)),  # per channel, widest tile
     ((384,), 256, 640, 4, None, False, False, WM.Config(tile_n=128)),
     ((512,), 256, 512, 8, None, True, True, WM.Config(tile_m=256, stages=2)),
-    ((300,), 256, 512, 8, None, False, False, None),
-    ((256,), 256, 512, 8, 128, False, True, None),
-    ((2048,), 2304, 1024, 4, 128, True, False, None),
+    ((300,), 256, 512, 8, None, False, False, WM.Config(tile_m=64)),
+    ((256,), 256, 512, 8, 128, False, True, WM.Config(epi_m=64)),
+    ((2048,), 2304, 1024, 4, 128, True, False, None),  # 288 tiles of 128 x 128
+    ((1000,), 2304, 512, 8, None, False, True, None),  # 144 tiles of 128 x 128 (M padded)
 ]
 
 

@@ -36,7 +36,7 @@ warpgroups each own ``tile_n`` rows of W and compute the TRANSPOSED tile ``y^T [
 Scope (``supports``): bfloat16 x, bits 4 or 8, per channel or groups of 64 / 128 / 256, symmetric
 or not, N a multiple of the CTA's ``2 tile_n`` rows, K of 128. M is padded to ``tile_m`` (zero
 rows; their outputs are dropped). ``jaxquant.primitives.weight_only`` picks this kernel on Hopper
-GPUs at M >= ``MIN_M`` and the Triton kernel otherwise. No interpret mode (Mosaic GPU's
+GPUs at M >= ``MIN_M`` when its tiles fill the GPU (``enough_tiles``), the Triton kernel otherwise. No interpret mode (Mosaic GPU's
 interpreter does not run ``plgpu.load``): results are tested on the GPU, dispatch and CUDA
 lowering on the CPU.
 """
@@ -54,11 +54,12 @@ from jax.experimental import pallas as pl
 from jaxquant.pallas.common import check_positive, check_pow2
 from jaxquant.pallas.mgpu_common import NUM_SMS, SMEM_BUDGET, store_tiles
 
-__all__ = ["Config", "heuristics", "supports", "fit_stages", "weight_only_matmul_mgpu", "GROUPS", "TILE_K", "MIN_M"]
+__all__ = ["Config", "heuristics", "supports", "enough_tiles", "fit_stages", "weight_only_matmul_mgpu", "GROUPS",
+           "TILE_K", "MIN_M", "MIN_TILES"]
 
 TILE_K = 128  # k a pipeline step (one wgmma of K = 128, or two / one half of a group)
 GROUPS = (None, 64, 128, 256)
-MIN_M = 256  # below this the Triton kernel's decode / skinny tiles were measured, this kernel was not
+MIN_M = 128  # below it, decode: the Triton kernel's split-K tiles (faster at M = 64 on an H200)
 # float32 registers a compute thread may spend on accumulators: tile_n * tile_m / 128 threads each
 # (group-wise needs two: the fresh partial and the carry). 128 leaves room for the converted
 # weights within the 232 registers of a compute thread (the memory warpgroup keeps 40).
@@ -102,19 +103,34 @@ class Config:
         return (2 if grouped else 1) * self.tile_n * self.tile_m // 128
 
 
+# Fewer CTA tiles than this and the Triton kernel (split K) keeps more of the 132 SMs busy.
+MIN_TILES = 100
+
+
+def _cta_tiles(m: int, n: int, cfg: Config) -> int:
+    cn, tm = cfg.cta_shape()
+    return pl.cdiv(m, tm) * (n // cn)
+
+
+def enough_tiles(m: int, n: int, cfg: Config) -> bool:
+    """Whether ``cfg``'s CTA tiles of an ``[m, n]`` output number at least ``MIN_TILES``."""
+    return _cta_tiles(m, n, cfg) >= MIN_TILES
+
+
 def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None) -> Config:
     """Pure function of the problem: the tile for ``x [m, k] @ W [n, k]^T``.
 
-    Group-wise: 64 x 128 warpgroup tiles (partial + carry fill the 128 accumulator registers).
-    Per channel: 64 x 256 (one accumulator; wgmma's widest N) with 2 stages (x's 64 KB tile a
-    stage) once M fills them, else 64 x 128. Measured on an H200 (2048 x 8192 x 8192, bare
-    kernel, TFLOP/s): int4 g128 64x128 550 (Triton 335); int4 per channel 64x256 720, 128x128 635,
-    64x128 590; int8 per channel 128x128 597, 64x128 548 (``scripts/proto_w4_mgpu.py``).
+    The widest ``tile_m`` whose CTA tiles number at least ``MIN_TILES`` (else the narrowest):
+    per channel 256 (2 stages: x's tile is 64 KB a stage), 128, 64; group-wise 128, 64 (the fresh
+    partial and the carry fill the 128 accumulator registers at 64 x 128). Measured on an H200,
+    chains of layers vs XLA's bf16 matmul (``benchmarks/results/session7/``): wider tiles win
+    whenever they still fill the GPU (per channel, M = 512, 8192^2: 64x256 1.06x, 64x128 0.88x;
+    M = 512, N = 4096: 64 tiles of 64x256 0.55x, 128 tiles of 64x128 0.87x).
     """
-    del n, k, bits
-    if group_size is None and m >= 1024:
-        return Config(tile_n=64, tile_m=256, stages=2)
-    return Config()
+    del k, bits
+    widths = (256, 128, 64) if group_size is None else (128, 64)
+    cands = [Config(tile_m=w, stages=2 if w == 256 else 4) for w in widths]
+    return next((c for c in cands if enough_tiles(m, n, c)), cands[-1])
 
 
 def supports(m: int, n: int, k: int, bits: int, group_size: int | None, x_dtype, *,
