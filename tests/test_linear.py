@@ -157,7 +157,11 @@ def _fused_vs_reference(tier, cfg, dtype, x, qw, b, act):
         L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
     g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
                                  L.linear_reference(x, c, s, None, act, out_dtype=dtype))
-    return jax.jit(f)(x, qw.codes, qw.scale, b, act), jax.jit(g)(x, qw.codes, qw.scale, b, act)
+    args = (x, qw.codes, qw.scale, b, act)
+    # The reference runs on the CPU, as run_impl's: XLA:GPU's float32 division x / s is not
+    # correctly rounded, and one activation code off by one at a near-.5 quotient moved 15 of 40
+    # outputs (H200, JAXQUANT_TEST_SEED=3525758735); the kernels divide with correctly rounded PTX.
+    return jax.jit(f)(*args), jax.jit(g)(*jax.device_put(args, jax.devices("cpu")[0]))
 
 
 @pytest.mark.parametrize("xshape,n,cfg", CASES[:3], ids=[f"{c[0]}x{c[1]}" for c in CASES[:3]])
