@@ -358,6 +358,7 @@ def test_mgpu_dispatch():
     assert not use(2048, config=K.Config(64, 128, 128)) and not use(2048, interpret=True)
     assert use(16, 256, 128, dk=None, config=WM.Config())  # an explicit Mosaic GPU tile: any M, device kind
     assert use(16, 256, 128, group=None, config=WM.Config(tile_n=128, tile_m=128))
+    assert not use(0, 256, 128, config=WM.Config()) and not use(16, 256, 0, config=WM.Config())  # empty: no kernel
     with pytest.raises(ValueError, match=r"config: .*N a multiple of 128.*got x bfloat16, bits=4, group_size=128, "
                                          r"M=16, N=200, K=128"):
         use(16, 200, 128, config=WM.Config())
@@ -372,6 +373,10 @@ def test_mgpu_dispatch():
     x = jnp.ones((2, 128), jnp.bfloat16)
     with pytest.raises(TypeError, match="weight_only_mgpu.Config"):
         weight_only_linear(x, quantize_weight(jnp.ones((256, 128)), bits=4), config=(64, 128))
+    # empty problems with an explicit Mosaic GPU tile: the shape of the result, no kernel
+    qw = quantize_weight(jnp.ones((256, 128)), bits=4, group_size=128)
+    y = weight_only_linear(jnp.ones((0, 128), jnp.bfloat16), qw, jnp.ones((256,)), config=WM.Config())
+    assert y.shape == (0, 256) and y.dtype == jnp.bfloat16
     for (n, k) in shapes.LINEAR_NK:
         for m in shapes.TOKENS_M:
             for bits, group in ((4, 128), (4, None), (8, None)):

@@ -112,6 +112,8 @@ def use_mgpu(m, n, k, *, bits, group_size, x_dtype, config, device_kind, interpr
     fills the GPU better: M = 128 on N = 4096 was 0.63x bf16 with Triton, 0.50x here). Otherwise
     Triton.
     """
+    if m == 0 or n == 0 or k == 0:
+        return False  # an empty problem: no kernel runs (the Triton path returns zeros / the bias)
     if isinstance(config, wm_k.Config):
         if interpret:
             raise ValueError("config: a weight_only_mgpu.Config has no interpret mode (Mosaic GPU runs on Hopper "
