@@ -139,5 +139,5 @@ def cuda_kernels(f, *args):
             pytest.skip(f"CUDA lowering unavailable: {e}")
         raise
     # Triton calls carry their name; a Mosaic GPU call carries it inside its serialized module
-    return [a or re.sub(r"_\d+$", "", b) for a, b in re.findall(r'name = "(jaxquant_\w+)"|custom_call @mosaic_gpu\w*\([^\n]*?(jaxquant_\w+?)\\00',
-                                          hlo)]
+    pattern = r'name = "(jaxquant_\w+)"|custom_call @mosaic_gpu\w*\([^\n]*?(jaxquant_\w+?)\\00'
+    return [a or re.sub(r"_\d+$", "", b) for a, b in re.findall(pattern, hlo)]

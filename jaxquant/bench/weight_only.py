@@ -4,7 +4,7 @@ For each variant (W4A16 group 128, W4A16 per channel, W8A16 per channel), shape 
 ``jaxquant.shapes`` and token count M, one run times, side by side:
 
 * ours: ``weight_only_linear(x, qweight)`` (the fused Pallas kernel on a GPU: Triton, or the
-  Mosaic GPU prefill kernel on Hopper at M >= 256; ``config`` names the tile in use),
+  Mosaic GPU prefill kernel on Hopper where ``use_mgpu`` picks it; ``config`` names the tile in use),
 * ``bf16``: XLA's ``x @ w.T`` with ``w`` bfloat16 ``[N, K]`` (what a bf16 model runs),
 * ``jnp``: plain jnp dequantize-then-matmul under ``jax.jit`` (``dequantize_weight`` in bf16,
   then ``x @ w.T``: what a JAX user writes today without a fused kernel).
@@ -37,7 +37,6 @@ from jaxquant import shapes
 from jaxquant.bench import harness
 from jaxquant.bench.harness import CHAIN_LAYERS, Context, chain, nbytes, rotations, timeit
 from jaxquant.pallas import weight_only as K
-from jaxquant.pallas.mgpu_common import device_kind
 from jaxquant.primitives.weight_only import kernel_config, weight_only_linear
 from jaxquant.weights import dequantize_weight, quantize_weight
 
@@ -115,8 +114,7 @@ def run(ctx: Context) -> list[dict]:
             tjc = timeit(chain(plain), qc, repeats=ctx.repeats, min_time=min_time) / layers
             moved = nbytes(qws[0]) + m * k * 2 + m * n * 2
             gbps = moved / tc / 1e9
-            cfg = kernel_config(m, n, k, bits=bits, group_size=group, x_dtype=jnp.bfloat16,
-                                device_kind=None if ctx.platform == "cpu" else device_kind())
+            cfg = kernel_config(m, n, k, bits=bits, group_size=group, x_dtype=jnp.bfloat16, device_kind=ctx.device)
             tgt = _target(variant, (n, k), m)
             met = None
             if tgt is not None:

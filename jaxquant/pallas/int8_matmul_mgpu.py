@@ -54,7 +54,6 @@ from jaxquant.pallas.mgpu_common import NUM_SMS, SMEM_BUDGET, store_tiles
 __all__ = ["Config", "heuristics", "supports", "enough_tiles", "int8_matmul_mgpu", "NUM_SMS", "MIN_TILES"]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tile of one compute warpgroup (``tile_m x tile_n``; the CTA computes ``tile_m x 2 tile_n``)."""
@@ -201,8 +200,8 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
                         sw = plgpu.load(ws_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
                         y = acc.astype(jnp.float32) * lax.broadcast_in_dim(sa, (tm, tn), (0,))
                         y = (y * lax.broadcast_in_dim(sw, (tm, tn), (1,))).astype(out_dtype)
-                        store_tiles(y, o_smem, wg, lambda e: o_gmem.at[rows, pl.ds(ni * cn + wg * tn + e * epi_n, epi_n)],
-                                    epi_n)
+                        store_tiles(y, o_smem, wg,
+                                    lambda e: o_gmem.at[rows, pl.ds(ni * cn + wg * tn + e * epi_n, epi_n)], epi_n)
 
                 def step(_, a_smem, w_smem, acc_ref):
                     plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(w_smem.at[pl.ds(wg * tn, tn)], (1, 0)))

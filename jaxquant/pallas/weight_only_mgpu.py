@@ -43,9 +43,9 @@ and the carry then fill the accumulator registers.
 Scope (``supports``): bfloat16 x, bits 4 or 8, per channel or groups of 64 / 128 / 256, symmetric
 or not, N a multiple of the CTA's ``2 tile_n`` rows, K of 128. M is padded to ``tile_m`` (zero
 rows; their outputs are dropped). ``jaxquant.primitives.weight_only`` picks this kernel on Hopper
-GPUs at M >= ``MIN_M`` when its tiles fill the GPU (``enough_tiles``), the Triton kernel otherwise. No interpret mode (Mosaic GPU's
-interpreter does not run ``plgpu.load``): results are tested on the GPU, dispatch and CUDA
-lowering on the CPU.
+GPUs at M >= ``MIN_M`` when its tiles fill the GPU (``enough_tiles``), the Triton kernel
+otherwise. No interpret mode (Mosaic GPU's interpreter does not run ``plgpu.load``): results are
+tested on the GPU, dispatch and CUDA lowering on the CPU.
 """
 
 from __future__ import annotations

@@ -214,7 +214,8 @@ def weight_only_linear(x, qweight, bias=None, *, config: kernels.Config | wm_k.C
 
     Forward: on a GPU one Pallas kernel streams the packed codes and dequantizes them in
     registers (float32 accumulation): on Hopper with bfloat16 x and prefill shapes (``use_mgpu``)
-    the warp-specialised Mosaic GPU kernel, else the Triton kernel; on the CPU the reference dequantize-then-``dot``.
+    the warp-specialised Mosaic GPU kernel, else the Triton kernel; on the CPU the reference
+    dequantize-then-``dot``.
     Groups smaller than ``jaxquant.pallas.weight_only.MIN_GROUP`` (32 for int4, 16 for int8) take
     XLA's dequantize-then-dot. float32 x on a GPU follows ``jax.default_matmul_precision`` as XLA's float32 matmuls do there:
     TF32 tensor-core products by default, ~float32 (three TF32 products) under
