@@ -1,12 +1,17 @@
 """Tile sweep of weight_only_linear at mid M (GPU): the Triton tile the heuristics pick against
 Mosaic GPU tiles (``jaxquant.pallas.weight_only_mgpu``), chains of layers in one jit (bench method).
 
-    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT [mid|pc]
+    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT [mid|pc|wide]
+
+``wide`` (session 8): group-wise 64 x 256 tiles whose partial sums span part_m = 128 / 64 of the 256
+x rows, against the 64 x 128 tile of the heuristics, at M = 512..8192; each variant is first checked
+against the float64 dequantize-then-matmul on 64 rows (the test suite's float32 bound).
 """
 import json
 import os
 import sys
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -18,15 +23,33 @@ from jaxquant.pallas import weight_only_mgpu as WM
 CONFIGS = [None, WM.Config(tile_m=64), WM.Config(tile_m=128)]
 # second pass (``pc``): per-channel at M = 512 / 1024, the Triton tile against 64 x 128 and 64 x 256
 PC_CONFIGS = ["triton", WM.Config(tile_m=128), WM.Config(tile_m=256, stages=2)]
+WIDE_CONFIGS = [None, WM.Config(tile_m=256, part_m=128, stages=2), WM.Config(tile_m=256, part_m=64, stages=2),
+                WM.Config(tile_m=128, part_m=64)]
+
+
+def _worst_vs_bound(f, x, qw):
+    """max |y - ref| / bound over x's first 64 rows (float64 reference; the tests' float32 bound)."""
+    y = np.asarray(f(x, qw), np.float64)[:64]
+    xr = np.asarray(x[:64], np.float64)
+    w = np.asarray(jq.dequantize_weight(qw), np.float64)
+    ref = xr @ w.T
+    mag = np.abs(xr) @ np.abs(w).T
+    k = x.shape[1]
+    bound = 2 * (k + 2) * 2.0**-24 * mag + 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ref), 1e-30))) - 7)
+    return float((np.abs(y - ref) / bound).max())
 
 
 def main(out, mode="mid"):
     os.makedirs(out, exist_ok=True)
     rows = []
     variants, ms, configs = ((4, 128), (4, None)), (64, 128, 256, 512), CONFIGS
+    shapes = [(8192, 8192), (4096, 14336)]
     if mode == "pc":
         variants, ms, configs = ((4, None), (8, None)), (512, 1024), PC_CONFIGS
-    for (n, k) in [(8192, 8192), (4096, 14336)]:
+    if mode == "wide":
+        variants, ms, configs = ((4, 128),), (512, 2048, 8192), WIDE_CONFIGS
+        shapes = [(8192, 8192), (4096, 14336), (14336, 4096)]
+    for (n, k) in shapes:
         for bits, group in variants:
             key = jax.random.PRNGKey(0)
             ws = [(jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
@@ -42,6 +65,8 @@ def main(out, mode="mid"):
                     row = dict(shape=[m, n, k], bits=bits, group=group, config=None if cfg is None else cfg.tag())
                     try:
                         f = jax.jit(lambda x, qw, cfg=cfg: jq.weight_only_linear(x, qw, config=cfg))
+                        if mode == "wide":
+                            row.update(worst_vs_bound=_worst_vs_bound(f, xs[0], qws[0]))
                         t = timeit(chain(f), [(xs, *((q,) for q in qws))]) / CHAIN_LAYERS
                         row.update(us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t)
                     except Exception as e:  # report, do not stop the sweep

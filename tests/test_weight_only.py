@@ -367,7 +367,14 @@ def test_mgpu_dispatch():
     with pytest.raises(ValueError, match=r"config: .*group_size=32"):
         use(16, 256, 128, group=32, config=WM.Config())
     with pytest.raises(ValueError, match="accumulator registers"):  # group-wise: partial + carry would not fit
-        use(16, 256, 128, config=WM.Config(tile_n=128, tile_m=128))
+        use(16, 256, 128, config=WM.Config(tile_n=128, tile_m=256, stages=2))
+    # a partial of part_m rows: 64 x 256 tiles hold 128 + 64 accumulator registers (2 x 128 without it)
+    assert WM.Config(tile_m=256, part_m=128).acc_regs(True) == 192 and WM.Config(tile_m=256).acc_regs(True) == 256
+    assert WM.Config(tile_m=256, part_m=128).acc_regs(False) == 128 and WM.Config(tile_m=256, part_m=128).tag() == \
+        "mgpu:64x256/p128/st4"
+    assert use(16, 256, 128, config=WM.Config(tile_m=256, part_m=128, stages=2))
+    with pytest.raises(ValueError, match="accumulator registers"):
+        use(16, 256, 128, config=WM.Config(tile_m=256, stages=2))
     with pytest.raises(ValueError, match="no interpret mode"):
         use(16, 256, 128, config=WM.Config(), interpret=True)
     x = jnp.ones((2, 128), jnp.bfloat16)
@@ -389,7 +396,9 @@ def test_mgpu_dispatch():
                                        (dict(tile_m=4), "tile_m: expected a power of two >= 8"),
                                        (dict(tile_m=512), r"tile_m: expected <= 256"),
                                        (dict(stages=1), "stages: expected an int >= 2, got 1"),
-                                       (dict(grid_tile_width=0), "grid_tile_width: expected an int >= 1")])
+                                       (dict(grid_tile_width=0), "grid_tile_width: expected an int >= 1"),
+                                       (dict(part_m=12), "part_m: expected a power of two >= 8, got 12"),
+                                       (dict(tile_m=64, part_m=128), "part_m: expected a divisor of tile_m=64, got 128")])
 def test_mgpu_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         WM.Config(**bad)
@@ -415,6 +424,7 @@ def _abstract_qw(n, k, bits, group, sym):
     (4, 128, True, WM.Config()), (4, 128, False, WM.Config(stages=3)), (4, 64, False, WM.Config(tile_m=64)),
     (4, 256, True, WM.Config()), (4, None, True, WM.Config(tile_m=256, stages=2)),
     (4, None, False, WM.Config(tile_n=128)), (8, None, True, WM.Config()), (8, 128, False, WM.Config()),
+    (4, 128, True, WM.Config(tile_m=256, part_m=128, stages=2)), (4, 64, False, WM.Config(tile_m=256, part_m=64)),
 ])
 def test_mgpu_lowers_for_cuda(bits, group, sym, cfg):
     n, k = 512, 1024
@@ -456,6 +466,9 @@ MGPU_CASES = [  # (leading dims, N, K, bits, group, symmetric, bias, config): ex
     ((512,), 256, 512, 8, None, True, True, WM.Config(tile_m=256, stages=2)),
     ((300,), 256, 512, 8, None, False, False, WM.Config(tile_m=64)),
     ((256,), 256, 512, 8, 128, False, True, WM.Config(epi_m=64)),
+    ((512,), 256, 1024, 4, 128, True, True, WM.Config(tile_m=256, part_m=128, stages=2)),  # partials of 128 rows
+    ((300,), 384, 512, 4, 64, False, False, WM.Config(tile_m=256, part_m=64, stages=2)),
+    ((256,), 256, 1024, 8, 256, True, True, WM.Config(tile_m=128, part_m=64, stages=3)),
     ((2048,), 2304, 1024, 4, 128, True, False, None),  # 288 tiles of 128 x 128
     ((1000,), 2304, 512, 8, None, False, True, None),  # 144 tiles of 128 x 128 (M padded)
 ]

@@ -67,10 +67,11 @@ __all__ = ["Config", "heuristics", "supports", "enough_tiles", "fit_stages", "we
 TILE_K = 128  # k a pipeline step (one wgmma of K = 128, or two / one half of a group)
 GROUPS = (None, 64, 128, 256)
 MIN_M = 128  # below it, decode: the Triton kernel's split-K tiles (faster at M = 64 on an H200)
-# float32 registers a compute thread may spend on accumulators: tile_n * tile_m / 128 threads each
-# (group-wise needs two: the fresh partial and the carry). 128 leaves room for the converted
-# weights within the 232 registers of a compute thread (the memory warpgroup keeps 40).
-_ACC_REGS = 128
+# float32 registers a compute thread may spend on accumulators: tile_n * tile_m / 128 threads
+# (group-wise: the carry, plus tile_n * part_m / 128 for the fresh partial). 192 leaves 40 of the
+# 232 registers of a compute thread (the memory warpgroup keeps 40) for the converted weights
+# (32 at tile_n = 64) and addresses.
+_ACC_REGS = 192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,10 @@ class Config:
     stages: int = 4
     grid_tile_width: int = 8
     epi_m: int = 32
+    # group-wise: x rows of one fresh partial accumulator (a divisor of tile_m; None: tile_m). The
+    # carry spans tile_m, each group's partial sums part_m of it at a time (one wgmma each), so a
+    # 64 x 256 tile holds 128 + 64 accumulator registers with part_m = 128 instead of 2 x 128.
+    part_m: int | None = None
 
     def __post_init__(self):
         check_pow2("weight_only_mgpu", "tile_n", self.tile_n, 64)
@@ -96,18 +101,29 @@ class Config:
             raise ValueError(f"weight_only_mgpu Config.stages: expected an int >= 2, got {self.stages!r}")
         if self.tile_m > 256:
             raise ValueError(f"weight_only_mgpu Config.tile_m: expected <= 256 (wgmma's N), got {self.tile_m}")
+        if self.part_m is not None:
+            check_pow2("weight_only_mgpu", "part_m", self.part_m, 8)
+            if self.part_m > self.tile_m:
+                raise ValueError(f"weight_only_mgpu Config.part_m: expected a divisor of tile_m={self.tile_m}, "
+                                 f"got {self.part_m}")
 
     def tag(self) -> str:
-        """Compact form for tables: ``mgpu:TNxTM/stSTAGES``."""
-        return f"mgpu:{self.tile_n}x{self.tile_m}/st{self.stages}"
+        """Compact form for tables: ``mgpu:TNxTM[/pPART]/stSTAGES``."""
+        part = "" if self.part_m in (None, self.tile_m) else f"/p{self.part_m}"
+        return f"mgpu:{self.tile_n}x{self.tile_m}{part}/st{self.stages}"
 
     def cta_shape(self):
         """``(rows of W, rows of x)`` of a CTA's tile."""
         return 2 * self.tile_n, self.tile_m
 
+    def part_width(self) -> int:
+        """x rows of a group's fresh partial accumulator."""
+        return self.part_m or self.tile_m
+
     def acc_regs(self, grouped: bool) -> int:
-        """float32 accumulator registers a compute thread holds (x2 group-wise: partial + carry)."""
-        return (2 if grouped else 1) * self.tile_n * self.tile_m // 128
+        """float32 accumulator registers a compute thread holds (group-wise: carry + one partial)."""
+        width = self.tile_m + (self.part_width() if grouped else 0)
+        return self.tile_n * width // 128
 
 
 # Fewer CTA tiles than this and the Triton kernel (split K) keeps more of the 132 SMs busy.
@@ -212,6 +228,8 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
     o_t = (plgpu.TilingTransform((8, o_swz // 2)), plgpu.SwizzleTransform(o_swz))
 
     sub = TILE_K if not grouped else min(group_size, TILE_K)  # k of one wgmma
+    pm = cfg.part_width() if grouped else tm  # x rows of one partial accumulator (group-wise)
+    n_parts = tm // pm
     n_sub = TILE_K // sub
     if grouped:
         # the step's group rows of the [groups, N] scales (group 256: one row, every other step)
@@ -263,15 +281,19 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                 def row_vec(ref):  # a [tn] vector over this warpgroup's rows, broadcast along m
                     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
 
-                def finish(y):
+                def finish(ys):
+                    """Epilogue of the tile, given as ``n_parts`` column blocks ``[tn, tm / n_parts]``."""
                     if n_copies:
                         plgpu.barrier_wait(bar.at[wg])
-                    if not grouped:
-                        y = y * lax.broadcast_in_dim(row_vec(v_smem.at[wg, 0]), (tn, tm), (0,))
-                    if has_bias:
-                        y = y + lax.broadcast_in_dim(row_vec(v_smem.at[wg, 1]), (tn, tm), (0,))
-                    store_tiles(y.astype(jnp.bfloat16), o_smem, wg,
-                                lambda e: o_gmem.at[wg_rows, pl.ds(mi * tm + e * epi, epi)], epi)
+                    for p, y in enumerate(ys):
+                        width = y.shape[1]
+                        if not grouped:
+                            y = y * lax.broadcast_in_dim(row_vec(v_smem.at[wg, 0]), (tn, width), (0,))
+                        if has_bias:
+                            y = y + lax.broadcast_in_dim(row_vec(v_smem.at[wg, 1]), (tn, width), (0,))
+                        store_tiles(y.astype(jnp.bfloat16), o_smem, wg,
+                                    lambda e, p=p, width=width: o_gmem.at[wg_rows, pl.ds(mi * tm + p * width + e * epi,
+                                                                                          epi)], epi)
 
                 def ctx(run):
                     # the epilogue's vectors, fetched while the main loop runs
@@ -280,14 +302,14 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                     if has_bias:
                         plgpu.copy_gmem_to_smem(b_gmem.at[wg_rows], v_smem.at[wg, 1], bar.at[wg])
                     if grouped:
-                        zero = plgpu.layout_cast(jnp.full((tn, tm), 0, jnp.float32), plgpu.Layout.WGMMA)
-                        finish(run(zero))
+                        zero = plgpu.layout_cast(jnp.full((tn, pm), 0, jnp.float32), plgpu.Layout.WGMMA)
+                        finish(run((zero,) * n_parts))
                         return
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, tm), jnp.float32))
                     def _(acc_ref):
                         run(acc_ref)
-                        finish(acc_ref[...])
+                        finish((acc_ref[...],))
 
                 def weights(c_smem, z_smem, j):
                     """bfloat16 q - z of sub-step j: [tn, sub], exact."""
@@ -309,19 +331,23 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                         plgpu.wgmma(carry, weights(c_smem, z_smem, 0), xt)
                         plgpu.wgmma_wait(0)
                         return carry
-                    total = carry
+                    total = list(carry)
                     for j in range(n_sub):
                         w = weights(c_smem, z_smem, j)
-                        xj = xt if n_sub == 1 else plgpu.transpose_ref(x_smem.at[:, pl.ds(j * sub, sub)], (1, 0))
+                        s = lax.broadcast_in_dim(row_vec(s_smem.at[j, pl.ds(wg * tn, tn)]), (tn, pm), (0,))
+                        for p in range(n_parts):  # the group's partial sum, part_m rows of x at a time
+                            xs = x_smem
+                            if n_parts > 1 or n_sub > 1:
+                                xs = x_smem.at[pl.ds(p * pm, pm), pl.ds(j * sub, sub)]
+                            xj = plgpu.transpose_ref(xs, (1, 0))
 
-                        def one_group(acc_ref, w=w, xj=xj):
-                            plgpu.wgmma(acc_ref, w, xj)
-                            return acc_ref[...]
+                            def one_group(acc_ref, w=w, xj=xj):
+                                plgpu.wgmma(acc_ref, w, xj)
+                                return acc_ref[...]
 
-                        part = pl.run_scoped(one_group, plgpu.ACC((tn, tm), jnp.float32))
-                        s = row_vec(s_smem.at[j, pl.ds(wg * tn, tn)])
-                        total = total + part * lax.broadcast_in_dim(s, (tn, tm), (0,))
-                    return total
+                            part = pl.run_scoped(one_group, plgpu.ACC((tn, pm), jnp.float32))
+                            total[p] = total[p] + part * s
+                    return tuple(total)
 
                 views = [c_gmem.at[pl.ds(ni * cn, cn), :], x_gmem.at[pl.ds(mi * tm, tm), :]]
                 if grouped:
