@@ -346,8 +346,11 @@ def test_mgpu_dispatch():
     assert not use(127, 8192, 8192)  # decode: the Triton kernel's split-K tiles
     # enough CTA tiles (>= MIN_TILES): 2 x 64 of 128 x 64 at M = 128 on N = 8192; 2 x 32 on N = 4096 is too few
     assert use(128, 8192, 8192) and not use(128, 4096, 14336) and use(256, 4096, 14336)
-    assert WM.heuristics(128, 8192, 8192, 4, 128).tile_m == 64 and WM.heuristics(512, 8192, 8192, 4, 128).tile_m == 128
-    assert WM.heuristics(256, 4096, 14336, 4, 128).tile_m == 64 and WM.heuristics(2048, 4096, 14336, 4, 128).tile_m == 128
+    assert WM.heuristics(128, 8192, 8192, 4, 128).tile_m == 64 and WM.heuristics(512, 4096, 14336, 4, 128).tile_m == 128
+    assert WM.heuristics(256, 4096, 14336, 4, 128).tile_m == 64
+    # group-wise 64 x 256 tiles sum each group over 128 of their 256 x rows at a time
+    assert WM.heuristics(2048, 4096, 14336, 4, 128) == WM.Config(tile_m=256, part_m=128, stages=2)
+    assert WM.heuristics(512, 8192, 8192, 4, 128) == WM.Config(tile_m=256, part_m=128, stages=2)
     assert WM.heuristics(512, 8192, 8192, 4, None) == WM.Config(tile_m=256, stages=2)  # per channel: one accumulator
     assert WM.heuristics(512, 4096, 14336, 8, None).tile_m == 128  # 64 tiles of 64 x 256: too few
     assert not use(64, 8192, 8192, config=None) and WM.heuristics(64, 8192, 8192, 4, 128).tile_m == 64
@@ -469,7 +472,7 @@ MGPU_CASES = [  # (leading dims, N, K, bits, group, symmetric, bias, config): ex
     ((512,), 256, 1024, 4, 128, True, True, WM.Config(tile_m=256, part_m=128, stages=2)),  # partials of 128 rows
     ((300,), 384, 512, 4, 64, False, False, WM.Config(tile_m=256, part_m=64, stages=2)),
     ((256,), 256, 1024, 8, 256, True, True, WM.Config(tile_m=128, part_m=64, stages=3)),
-    ((2048,), 2304, 1024, 4, 128, True, False, None),  # 288 tiles of 128 x 128
+    ((2048,), 2304, 1024, 4, 128, True, False, None),  # 144 tiles of 128 x 256 (128-row partials)
     ((1000,), 2304, 512, 8, None, False, True, None),  # 144 tiles of 128 x 128 (M padded)
 ]
 

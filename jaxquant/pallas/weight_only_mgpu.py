@@ -27,18 +27,20 @@ warpgroups each own ``tile_n`` rows of W and compute the TRANSPOSED tile ``y^T [
   ``q - z`` unchanged; 8-bit codes convert directly;
 * ``wgmma`` takes them as its A operand from registers and x's tile (transposed view of the
   K-major shared-memory tile) as B, accumulating in float32;
-* group-wise: each group's partial sum is a fresh accumulator, multiplied by its row's scale and
-  added to a float32 carry in registers (the other warpgroup's wgmma runs meanwhile); per
-  channel: one accumulator over all of K, scaled once;
+* group-wise: each group's partial sum is a fresh accumulator (``part_m`` of the ``tile_m`` x
+  rows at a time, one wgmma each), multiplied by its row's scale and added to a float32 carry in
+  registers (the other warpgroup's wgmma runs meanwhile); per channel: one accumulator over all
+  of K, scaled once;
 * epilogue: (scale,) bias, cast, and ``[tile_n, epi_m]`` TMA stores of ``y^T``; XLA transposes
   ``y^T [N, M]`` to ``y`` (~3% of the time at M = 2048 on 8192^2).
 
 Measured on an H200 (jax 0.11.2; ``benchmarks/results/session7/``). Bare kernel, 2048 x 8192 x
 8192: int4 g128 550 TFLOP/s (Triton 335), int4 per channel 720 with 64 x 256 tiles, int8 per
 channel 597 with 128 x 128. In ``weight_only_linear``, chained layers vs XLA's bf16 matmul: int4
-g128 0.72-0.85x at M = 512..8192 (Triton: 0.40-0.50x), 0.94-0.98x at M = 128 on N >= 8192; per
-channel int4 / int8 0.99-1.06x at M = 128..2048. Group-wise tiles stop at 64 x 128: the partial
-and the carry then fill the accumulator registers.
+g128 0.72-0.85x at M = 512..8192 with 64 x 128 tiles (Triton: 0.40-0.50x), 0.94-0.98x at M = 128
+on N >= 8192; per channel int4 / int8 0.99-1.06x at M = 128..2048. Group-wise 64 x 256 tiles
+(session 8, ``Config.part_m = 128``: each group's partial sum covers half of the tile's x rows
+at a time, so carry + partial take 192 accumulator registers, not 256): 0.88-0.92x at M >= 2048.
 
 Scope (``supports``): bfloat16 x, bits 4 or 8, per channel or groups of 64 / 128 / 256, symmetric
 or not, N a multiple of the CTA's ``2 tile_n`` rows, K of 128. M is padded to ``tile_m`` (zero
@@ -143,16 +145,18 @@ def enough_tiles(m: int, n: int, cfg: Config) -> bool:
 def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None) -> Config:
     """Pure function of the problem: the tile for ``x [m, k] @ W [n, k]^T``.
 
-    The widest ``tile_m`` whose CTA tiles number at least ``MIN_TILES`` (else the narrowest):
-    per channel 256 (2 stages: x's tile is 64 KB a stage), 128, 64; group-wise 128, 64 (the fresh
-    partial and the carry fill the 128 accumulator registers at 64 x 128). Measured on an H200,
-    chains of layers vs XLA's bf16 matmul (``benchmarks/results/session7/``): wider tiles win
-    whenever they still fill the GPU (per channel, M = 512, 8192^2: 64x256 1.06x, 64x128 0.88x;
-    M = 512, N = 4096: 64 tiles of 64x256 0.55x, 128 tiles of 64x128 0.87x).
+    The widest ``tile_m`` whose CTA tiles number at least ``MIN_TILES`` (else the narrowest): 256
+    (2 stages: x's tile is 64 KB a stage; group-wise with partial sums over 128 of the 256 rows),
+    128, 64. Measured on an H200, chains of layers vs XLA's bf16 matmul: wider tiles win whenever
+    they still fill the GPU. Per channel (``benchmarks/results/session7/``), M = 512, 8192^2:
+    64x256 1.06x, 64x128 0.88x; M = 512, N = 4096: 64 tiles of 64x256 0.55x, 128 tiles of 64x128
+    0.87x. Int4 g128 (``session8/wo_mgpu_wide.json``), M = 2048 / 8192: 64x256 with 128-row
+    partials 0.88-0.92x on 8192^2, 4096x14336 and 14336x4096, against 0.77-0.81x for 64x128
+    and 0.79-0.85x with 64-row partials.
     """
     del k, bits
-    widths = (256, 128, 64) if group_size is None else (128, 64)
-    cands = [Config(tile_m=w, stages=2 if w == 256 else 4) for w in widths]
+    wide = Config(tile_m=256, stages=2, part_m=None if group_size is None else 128)
+    cands = [wide, Config(tile_m=128), Config(tile_m=64)]
     return next((c for c in cands if enough_tiles(m, n, c)), cands[-1])
 
 
