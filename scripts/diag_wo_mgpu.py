@@ -1,11 +1,12 @@
 """Tile sweep of weight_only_linear at mid M (GPU): the Triton tile the heuristics pick against
 Mosaic GPU tiles (``jaxquant.pallas.weight_only_mgpu``), chains of layers in one jit (bench method).
 
-    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT [mid|pc|wide]
+    PYTHONPATH=. python3 scripts/diag_wo_mgpu.py OUT [mid|pc|wide|wide2]
 
 ``wide`` (session 8): group-wise 64 x 256 tiles whose partial sums span part_m = 128 / 64 of the 256
 x rows, against the 64 x 128 tile of the heuristics, at M = 512..8192; each variant is first checked
-against the float64 dequantize-then-matmul on 64 rows (the test suite's float32 bound).
+against the float64 dequantize-then-matmul on 64 rows (the test suite's float32 bound). ``wide2``:
+that tile's launch order (grid_tile_width) and epilogue store width (epi_m) at M = 2048 / 8192.
 """
 import json
 import os
@@ -25,6 +26,9 @@ CONFIGS = [None, WM.Config(tile_m=64), WM.Config(tile_m=128)]
 PC_CONFIGS = ["triton", WM.Config(tile_m=128), WM.Config(tile_m=256, stages=2)]
 WIDE_CONFIGS = [None, WM.Config(tile_m=256, part_m=128, stages=2), WM.Config(tile_m=256, part_m=64, stages=2),
                 WM.Config(tile_m=128, part_m=64)]
+_W = dict(tile_m=256, part_m=128, stages=2)
+WIDE2_CONFIGS = [WM.Config(**_W), WM.Config(**_W, grid_tile_width=4), WM.Config(**_W, grid_tile_width=16),
+                 WM.Config(**_W, epi_m=64)]
 
 
 def _worst_vs_bound(f, x, qw):
@@ -46,9 +50,11 @@ def main(out, mode="mid"):
     shapes = [(8192, 8192), (4096, 14336)]
     if mode == "pc":
         variants, ms, configs = ((4, None), (8, None)), (512, 1024), PC_CONFIGS
-    if mode == "wide":
+    if mode in ("wide", "wide2"):
         variants, ms, configs = ((4, 128),), (512, 2048, 8192), WIDE_CONFIGS
         shapes = [(8192, 8192), (4096, 14336), (14336, 4096)]
+    if mode == "wide2":
+        ms, configs = (2048, 8192), WIDE2_CONFIGS
     for (n, k) in shapes:
         for bits, group in variants:
             key = jax.random.PRNGKey(0)
@@ -62,10 +68,11 @@ def main(out, mode="mid"):
                 for cfg in configs:
                     if cfg == "triton":
                         cfg = K.heuristics(m, n, k, bits, group)
-                    row = dict(shape=[m, n, k], bits=bits, group=group, config=None if cfg is None else cfg.tag())
+                    tag = None if cfg is None else cfg.tag() + (f"/w{cfg.grid_tile_width}/e{cfg.epi_m}" if mode == "wide2" else "")
+                    row = dict(shape=[m, n, k], bits=bits, group=group, config=tag)
                     try:
                         f = jax.jit(lambda x, qw, cfg=cfg: jq.weight_only_linear(x, qw, config=cfg))
-                        if mode == "wide":
+                        if mode in ("wide", "wide2"):
                             row.update(worst_vs_bound=_worst_vs_bound(f, xs[0], qws[0]))
                         t = timeit(chain(f), [(xs, *((q,) for q in qws))]) / CHAIN_LAYERS
                         row.update(us=t * 1e6, bf16_us=tb * 1e6, vs_bf16=tb / t)
