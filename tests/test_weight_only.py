@@ -349,8 +349,8 @@ def test_mgpu_dispatch():
     assert WM.heuristics(128, 8192, 8192, 4, 128).tile_m == 64 and WM.heuristics(512, 4096, 14336, 4, 128).tile_m == 128
     assert WM.heuristics(256, 4096, 14336, 4, 128).tile_m == 64
     # group-wise 64 x 256 tiles sum each group over 128 of their 256 x rows at a time
-    assert WM.heuristics(2048, 4096, 14336, 4, 128) == WM.Config(tile_m=256, part_m=128, stages=2)
-    assert WM.heuristics(512, 8192, 8192, 4, 128) == WM.Config(tile_m=256, part_m=128, stages=2)
+    wide = WM.Config(tile_m=256, part_m=128, stages=2, grid_tile_width=16)
+    assert WM.heuristics(2048, 4096, 14336, 4, 128) == wide and WM.heuristics(512, 8192, 8192, 4, 128) == wide
     # never taller than M (112 tiles of 128 x 256 at M = 128 would be half padding)
     assert WM.heuristics(128, 14336, 4096, 4, 128) == WM.Config(tile_m=128)
     assert WM.heuristics(200, 14336, 4096, 4, None) == WM.Config(tile_m=128)

@@ -152,12 +152,14 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None) -> Con
     64x256 1.06x, 64x128 0.88x; M = 512, N = 4096: 64 tiles of 64x256 0.55x, 128 tiles of 64x128
     0.87x. Int4 g128 (``session8/wo_mgpu_wide.json``), M = 2048 / 8192: 64x256 with 128-row
     partials 0.88-0.92x on 8192^2, 4096x14336 and 14336x4096, against 0.77-0.81x for 64x128
-    and 0.79-0.85x with 64-row partials.
+    and 0.79-0.85x with 64-row partials; launched 16 tiles wide (``grid_tile_width``), 0.89-0.97x
+    against 0.88-0.93x at 8 in the same run (``session8/wo_mgpu_wide2.json``).
     A tile taller than M is never picked (its rows past M are padding: 14336x4096 g128 at M = 128
     ran 0.59x with 64x256 tiles, 0.98x with 64x128).
     """
     del k, bits
-    wide = Config(tile_m=256, stages=2, part_m=None if group_size is None else 128)
+    wide = Config(tile_m=256, stages=2) if group_size is None else Config(tile_m=256, stages=2, part_m=128,
+                                                                           grid_tile_width=16)
     cands = [c for c in (wide, Config(tile_m=128)) if c.tile_m <= m] + [Config(tile_m=64)]
     return next((c for c in cands if enough_tiles(m, n, c)), cands[-1])
 
