@@ -38,9 +38,11 @@ Measured on an H200 (jax 0.11.2; ``benchmarks/results/session7/``). Bare kernel,
 8192: int4 g128 550 TFLOP/s (Triton 335), int4 per channel 720 with 64 x 256 tiles, int8 per
 channel 597 with 128 x 128. In ``weight_only_linear``, chained layers vs XLA's bf16 matmul: int4
 g128 0.72-0.85x at M = 512..8192 with 64 x 128 tiles (Triton: 0.40-0.50x), 0.94-0.98x at M = 128
-on N >= 8192; per channel int4 / int8 0.99-1.06x at M = 128..2048. Group-wise 64 x 256 tiles
+on N >= 8192; per channel int4 / int8 0.95-1.06x at M = 128..2048. Group-wise 64 x 256 tiles
 (session 8, ``Config.part_m = 128``: each group's partial sum covers half of the tile's x rows
-at a time, so carry + partial take 192 accumulator registers, not 256): 0.88-0.92x at M >= 2048.
+at a time, so carry + partial take 192 accumulator registers, not 256), launched 16 tiles wide:
+int4 g128 0.91-0.96x at M = 2048 / 8192 on 8192^2 and 4096x14336, 0.88x on 14336x4096
+(``benchmarks/results/session8/bench-weight_only-h200-final.json``).
 
 Scope (``supports``): bfloat16 x, bits 4 or 8, per channel or groups of 64 / 128 / 256, symmetric
 or not, N a multiple of the CTA's ``2 tile_n`` rows, K of 128. M is padded to ``tile_m`` (zero
