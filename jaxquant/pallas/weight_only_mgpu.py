@@ -248,12 +248,15 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
         p_spec = plgpu.BlockSpec((rows, cn), lambda kk: (kk // per, 0))
     else:
         p_spec = plgpu.BlockSpec((1, cn), lambda kk: (kk, 0))  # zero points: the step's copy of the row
-    in_specs = [plgpu.BlockSpec((cn, TILE_K), lambda kk: (0, kk), transforms=c_t),
-                plgpu.BlockSpec((tm, TILE_K), lambda kk: (0, kk), transforms=x_t)]
+    # The pipelined operands, in the order of the step's arguments: the codes [cn, K] and x [tm, K]
+    # move along K; the group scales and zero points [rows, cn] along their group rows.
+    piped_specs = {"codes": plgpu.BlockSpec((cn, TILE_K), lambda kk: (0, kk), transforms=c_t),
+                   "x": plgpu.BlockSpec((tm, TILE_K), lambda kk: (0, kk), transforms=x_t)}
     if grouped:
-        in_specs.append(p_spec)
+        piped_specs["scale"] = p_spec
     if has_zp:
-        in_specs.append(p_spec)
+        piped_specs["zero_point"] = p_spec
+    in_specs = list(piped_specs.values())
     # per-tile vectors fetched once per tile (the epilogue's): per-channel scales, bias
     n_copies = int(not grouped) + int(has_bias)
     bias32 = bias.astype(jnp.float32) if has_bias else None
@@ -269,7 +272,17 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=ctx)
 
         nothing = lambda *_, **__: None
-        piped = [c_gmem, x_gmem] + ([s_gmem] if grouped else []) + ([z_gmem] if has_zp else [])
+        gmem = {"codes": c_gmem, "x": x_gmem, "scale": s_gmem, "zero_point": z_gmem}
+        piped = [gmem[name] for name in piped_specs]
+
+        def tile_view(name, mi, ni):
+            """The CTA's window of a pipelined operand: its x rows, or its W rows (codes: rows of
+            ``[N, K]``; scales / zero points: columns of ``[groups, N]``)."""
+            if name == "x":
+                return x_gmem.at[pl.ds(mi * tm, tm), :]
+            if name == "codes":
+                return c_gmem.at[pl.ds(ni * cn, cn), :]
+            return gmem[name].at[:, pl.ds(ni * cn, cn)]
 
         @functools.partial(
             pl.run_scoped,
@@ -331,11 +344,11 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                         w = w - lax.broadcast_in_dim(z, (tn, sub), (0,))
                     return w
 
-                def step(_, c_smem, x_smem, *rest):
-                    rest = list(rest)
-                    s_smem = rest.pop(0) if grouped else None
-                    z_smem = rest.pop(0) if has_zp else None
-                    (carry,) = rest
+                def step(_, *refs):
+                    smem = dict(zip(piped_specs, refs[:-1]))
+                    carry = refs[-1]
+                    c_smem, x_smem = smem["codes"], smem["x"]
+                    s_smem, z_smem = smem.get("scale"), smem.get("zero_point")
                     xt = plgpu.transpose_ref(x_smem, (1, 0))  # [128, tm]: wgmma's B
                     if not grouped:
                         plgpu.wgmma(carry, weights(c_smem, z_smem, 0), xt)
@@ -359,11 +372,7 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                             total[p] = total[p] + part * s
                     return tuple(total)
 
-                views = [c_gmem.at[pl.ds(ni * cn, cn), :], x_gmem.at[pl.ds(mi * tm, tm), :]]
-                if grouped:
-                    views.append(s_gmem.at[:, pl.ds(ni * cn, cn)])
-                if has_zp:
-                    views.append(z_gmem.at[:, pl.ds(ni * cn, cn)])
+                views = [tile_view(name, mi, ni) for name in piped_specs]
                 pipeline(step, ctx)(*views, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
