@@ -52,6 +52,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxquant import reference as ref
 from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2, recip, rne, to_code
+from jaxquant.pallas.mgpu_common import NUM_SMS
 
 __all__ = ["Config", "heuristics", "fused_quantize_max_m", "int8_matmul", "MAX_ELEMENTS", "TUNED"]
 
@@ -144,7 +145,6 @@ _DEFAULT_DEVICE = "NVIDIA H200"
 # ``linear_kernel(..., fuse=True)``) for devices where it pays.
 _FUSED_MAX_M = {"NVIDIA H200": 0}
 PROGRAMS_PER_SM = 8  # split-K target for decode tiles (see heuristics)
-_NUM_SMS = {"NVIDIA H200": 132, "NVIDIA H100 80GB HBM3": 132}
 
 
 def effective_split(split_k: int, k: int, bk: int, a_mode: str, m: int | None = None) -> int:
@@ -178,7 +178,7 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(MIN_BLOCK_K, min(cfg.block_k, next_pow2(k)))
-    sms = _NUM_SMS.get(device_kind or _DEFAULT_DEVICE, 132)
+    sms = NUM_SMS  # the tuned devices (H100 / H200 SXM) have 132
     # Fill at least half a wave of programs, shrinking the larger side first (not below 64 x 32).
     # Skinny (decode) tiles are not narrowed: measured slower (see the table's notes).
     while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms // 2:

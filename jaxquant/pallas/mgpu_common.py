@@ -1,4 +1,5 @@
-"""Pieces shared by the Mosaic GPU (Hopper) kernels and their dispatch: which GPU runs (is it a
+"""Pieces shared by the GPU kernels and their dispatch (the SM count also sizes the Triton split-K
+grids; the rest serves the Mosaic GPU kernels): which GPU runs (is it a
 Hopper, how many SMs has it), the persistent grid and the tiled TMA store."""
 
 from __future__ import annotations

@@ -93,10 +93,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.pallas.common import check_positive, check_pow2, next_pow2
+from jaxquant.pallas.mgpu_common import NUM_SMS  # H100 / H200 SXM: 132
 
 __all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "float32_dot_algorithm", "weight_only_matmul", "NUM_SMS", "MIN_GROUP", "supports"]
 
-NUM_SMS = 132  # H100 / H200 SXM
 
 
 @dataclasses.dataclass(frozen=True)
