@@ -9,7 +9,9 @@ large M where the Triton kernel tops out at ~1250 int8 TOP/s against XLA's 1498 
   warpgroups each own a ``[tile_m, tile_n]`` int32 accumulator and run ``wgmma`` (s8 x s8 -> s32,
   both operands K-major: the weight ``[N, K]`` is already the layout the instruction wants);
 * persistent: one CTA per SM walks the output tiles in a planar snake (``grid_tile_width`` tiles
-  of the minor dimension at a time, so neighbouring CTAs share operand tiles in L2);
+  of the minor dimension at a time, so neighbouring CTAs share operand tiles in L2); this
+  skeleton (pipeline, tile loop, kernel) is ``jaxquant.pallas.mgpu_common``'s, shared with the
+  weight-only kernel;
 * epilogue in registers: the accumulator is converted to float32, multiplied by the row scales
   then the column scales (two separate products, as the reference) and cast; tiles of
   ``[tile_m, epi_n]`` go out through shared memory with TMA stores.
@@ -49,7 +51,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxquant.pallas.common import check_positive, check_pow2
-from jaxquant.pallas.mgpu_common import NUM_SMS, SMEM_BUDGET, store_tiles
+from jaxquant.pallas.mgpu_common import (NUM_SMS, SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
+                                         tile_loop, warp_specialized_pipeline)
 
 __all__ = ["Config", "heuristics", "supports", "enough_tiles", "int8_matmul_mgpu", "NUM_SMS", "MIN_TILES"]
 
@@ -155,19 +158,14 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
     out_swz = plgpu.find_swizzle(epi_n * out_bytes * 8)
     out_t = (plgpu.TilingTransform((8, out_swz // out_bytes)), plgpu.SwizzleTransform(out_swz))
 
+    pipeline = warp_specialized_pipeline(
+        [plgpu.BlockSpec((cm, tk), lambda kk: (0, kk), transforms=in_t),
+         plgpu.BlockSpec((cn, tk), lambda kk: (0, kk), transforms=in_t)], k_iters, stages)
+
     def body(a_gmem, w_gmem, as_gmem, ws_gmem, o_gmem):
-        def pipeline(step, ctx):
-            return plgpu.emit_pipeline_warp_specialized(
-                step, grid=(k_iters,), memory_registers=40,
-                in_specs=[plgpu.BlockSpec((cm, tk), lambda kk: (0, kk), transforms=in_t),
-                          plgpu.BlockSpec((cn, tk), lambda kk: (0, kk), transforms=in_t)],
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=ctx)
-
-        nothing = lambda *_, **__: None
-
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(nothing, nothing).get_allocations(a_gmem, w_gmem),
+            allocs=pipeline_allocations(pipeline, a_gmem, w_gmem),
             o_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype, transforms=out_t),
             as_smem=plgpu.SMEM((2, tm), jnp.float32),
             ws_smem=plgpu.SMEM((2, tn), jnp.float32),
@@ -177,11 +175,8 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
         def scope(allocs, o_smem, as_smem, ws_smem, bar):
             wg = lax.axis_index("wg")
 
-            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-            def tiles(info):
-                (lin,) = info.index
-                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1 if cfg.minor_n else 0,
-                                            cfg.grid_tile_width)
+            @tile_loop(m_iters, n_iters, minor=1 if cfg.minor_n else 0, grid_tile_width=cfg.grid_tile_width)
+            def tile(mi, ni):
                 rows = pl.ds(mi * cm, cm)
                 cols = pl.ds(ni * cn, cn)
                 wg_cols = pl.ds(ni * cn + wg * tn, tn)
@@ -210,15 +205,7 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
 
                 pipeline(step, ctx)(a_gmem.at[rows, :], w_gmem.at[cols, :], allocations=allocs)
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    f = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_sms,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="jaxquant_w8a8_gemm_mgpu",
-    )
+    f = persistent_kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), kernel_name="jaxquant_w8a8_gemm_mgpu",
+                          num_sms=num_sms)
     return f(a, w, a_scale, w_scale)
 

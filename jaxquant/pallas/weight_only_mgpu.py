@@ -12,7 +12,7 @@ on an H200 (its per-group float32 partial sums serialise Triton's wgmma pipeline
 in float32 and the tensor-core dot differs from the reference (dequantize to float32, float32
 dot) only by float32 summation order: the bound of ``tests/test_weight_only.py`` holds unchanged.
 
-Structure (the skeleton of ``jaxquant.pallas.int8_matmul_mgpu``): persistent (one CTA per SM walks
+Structure (the skeleton of ``jaxquant.pallas.int8_matmul_mgpu``, in ``mgpu_common``): persistent (one CTA per SM walks
 the output tiles in a planar snake) and warp-specialised: a memory warpgroup TMA-copies, per
 128-wide step of K, the ``[2 tile_n, 128]`` tile of codes, x's ``[tile_m, 128]`` tile and the
 step's scales (and zero points) into a ``stages``-deep shared-memory ring; two compute
@@ -63,7 +63,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxquant.pallas.common import check_positive, check_pow2
-from jaxquant.pallas.mgpu_common import NUM_SMS, SMEM_BUDGET, store_tiles
+from jaxquant.pallas.mgpu_common import (NUM_SMS, SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
+                                         tile_loop, warp_specialized_pipeline)
 
 __all__ = ["Config", "heuristics", "supports", "enough_tiles", "fit_stages", "weight_only_matmul_mgpu", "GROUPS",
            "TILE_K", "MIN_M", "MIN_TILES"]
@@ -256,7 +257,7 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
         piped_specs["scale"] = p_spec
     if has_zp:
         piped_specs["zero_point"] = p_spec
-    in_specs = list(piped_specs.values())
+    pipeline = warp_specialized_pipeline(list(piped_specs.values()), k_iters, stages)
     # per-tile vectors fetched once per tile (the epilogue's): per-channel scales, bias
     n_copies = int(not grouped) + int(has_bias)
     bias32 = bias.astype(jnp.float32) if has_bias else None
@@ -266,12 +267,6 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
         b_gmem = rest[int(has_zp)] if has_bias else None
         o_gmem = rest[-1]
 
-        def pipeline(step, ctx):
-            return plgpu.emit_pipeline_warp_specialized(
-                step, grid=(k_iters,), memory_registers=40, in_specs=in_specs,
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=ctx)
-
-        nothing = lambda *_, **__: None
         gmem = {"codes": c_gmem, "x": x_gmem, "scale": s_gmem, "zero_point": z_gmem}
         piped = [gmem[name] for name in piped_specs]
 
@@ -286,7 +281,7 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
 
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(nothing, nothing).get_allocations(*piped),
+            allocs=pipeline_allocations(pipeline, *piped),
             o_smem=plgpu.SMEM((2, 2, tn, epi), jnp.bfloat16, transforms=o_t),
             v_smem=plgpu.SMEM((2, 2, tn), jnp.float32),  # [wg, scale / bias, tn]
             bar=plgpu.Barrier(num_barriers=2, num_arrivals=max(1, n_copies)),
@@ -295,10 +290,8 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
         def scope(allocs, o_smem, v_smem, bar):
             wg = lax.axis_index("wg")
 
-            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-            def tiles(info):
-                (lin,) = info.index
-                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, cfg.grid_tile_width)
+            @tile_loop(m_iters, n_iters, minor=1, grid_tile_width=cfg.grid_tile_width)
+            def tile(mi, ni):
                 wg_rows = pl.ds(ni * cn + wg * tn, tn)
 
                 def row_vec(ref):  # a [tn] vector over this warpgroup's rows, broadcast along m
@@ -375,16 +368,8 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                 views = [tile_view(name, mi, ni) for name in piped_specs]
                 pipeline(step, ctx)(*views, allocations=allocs)
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    f = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((n, mp), jnp.bfloat16),
-        grid=(num_sms,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name=f"jaxquant_weight_only_w{bits}_mgpu",
-    )
+    f = persistent_kernel(body, out_type=jax.ShapeDtypeStruct((n, mp), jnp.bfloat16),
+                          kernel_name=f"jaxquant_weight_only_w{bits}_mgpu", num_sms=num_sms)
     operands = [c, xp, st] + ([zt] if has_zp else []) + ([bias32] if has_bias else [])
     y_t = f(*operands)
     return (y_t if mp == m else y_t[:, :m]).T
