@@ -14,9 +14,9 @@ dot) only by float32 summation order: the bound of ``tests/test_weight_only.py``
 
 Structure (the skeleton of ``jaxquant.pallas.int8_matmul_mgpu``, in ``mgpu_common``): persistent
 (one CTA per SM walks the output tiles in a planar snake) and warp-specialised: a memory
-warpgroup TMA-copies, per
-128-wide step of K, the ``[2 tile_n, 128]`` tile of codes, x's ``[tile_m, 128]`` tile and the
-step's scales (and zero points) into a ``stages``-deep shared-memory ring; two compute
+warpgroup TMA-copies, per 128-wide step of K, the ``[2 tile_n, 128]`` tile of codes, x's
+``[tile_m, 128]`` tile and the step's scales (and zero points) into a ``stages``-deep
+shared-memory ring; two compute
 warpgroups each own ``tile_n`` rows of W and compute the TRANSPOSED tile ``y^T [tile_n, tile_m]``:
 
 * the codes go shared memory -> registers and are converted there to bfloat16 ``q - z``:
