@@ -16,8 +16,8 @@ Structure (the skeleton of ``jaxquant.pallas.int8_matmul_mgpu``, in ``mgpu_commo
 (one CTA per SM walks the output tiles in a planar snake) and warp-specialised: a memory
 warpgroup TMA-copies, per 128-wide step of K, the ``[2 tile_n, 128]`` tile of codes, x's
 ``[tile_m, 128]`` tile and the step's scales (and zero points) into a ``stages``-deep
-shared-memory ring; two compute
-warpgroups each own ``tile_n`` rows of W and compute the TRANSPOSED tile ``y^T [tile_n, tile_m]``:
+shared-memory ring; two compute warpgroups each own ``tile_n`` rows of W and compute the
+TRANSPOSED tile ``y^T [tile_n, tile_m]``:
 
 * the codes go shared memory -> registers and are converted there to bfloat16 ``q - z``:
   4-bit codes are viewed as ``int4 [N, K]`` (XLA's int4 packing puts the even element in the low
