@@ -35,10 +35,10 @@ def check_pow2(family: str, name: str, v, lo: int = 1) -> None:
         raise ValueError(f"{family} Config.{name}: expected a power of two >= {lo}, got {v!r}")
 
 
-def check_positive(family: str, name: str, v) -> None:
-    """Config validation shared by the kernel families: ``v`` is an int >= 1."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{family} Config.{name}: expected an int >= 1, got {v!r}")
+def check_positive(family: str, name: str, v, lo: int = 1) -> None:
+    """Config validation shared by the kernel families: ``v`` is an int >= ``lo`` (default 1)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{family} Config.{name}: expected an int >= {lo}, got {v!r}")
 
 
 def _ptx_unary(f32_asm: str, f64_asm: str, v):

@@ -76,8 +76,7 @@ class Config:
         check_pow2("int8_matmul_mgpu", "tile_k", self.tile_k, 32)
         check_pow2("int8_matmul_mgpu", "epi_n", self.epi_n, 8)
         check_positive("int8_matmul_mgpu", "grid_tile_width", self.grid_tile_width)
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 2:
-            raise ValueError(f"int8_matmul_mgpu Config.stages: expected an int >= 2, got {self.stages!r}")
+        check_positive("int8_matmul_mgpu", "stages", self.stages, 2)
         if self.tile_n > 256 or self.tile_k > 128:
             raise ValueError(f"int8_matmul_mgpu Config: expected tile_n <= 256 (wgmma's N) and tile_k <= 128 "
                              f"(one 128-byte swizzled row), got tile_n={self.tile_n}, tile_k={self.tile_k}")

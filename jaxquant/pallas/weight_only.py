@@ -98,7 +98,6 @@ from jaxquant.pallas.mgpu_common import NUM_SMS  # H100 / H200 SXM: 132
 __all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "float32_dot_algorithm", "weight_only_matmul", "NUM_SMS", "MIN_GROUP", "supports"]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A ``[block_m, block_n]`` output tile, ``block_k`` (unpacked) k per loop step, K split ``split_k`` ways."""

@@ -103,8 +103,7 @@ class Config:
         check_pow2("weight_only_mgpu", "tile_m", self.tile_m, 8)
         check_pow2("weight_only_mgpu", "epi_m", self.epi_m, 8)
         check_positive("weight_only_mgpu", "grid_tile_width", self.grid_tile_width)
-        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 2:
-            raise ValueError(f"weight_only_mgpu Config.stages: expected an int >= 2, got {self.stages!r}")
+        check_positive("weight_only_mgpu", "stages", self.stages, 2)
         if self.tile_m > 256:
             raise ValueError(f"weight_only_mgpu Config.tile_m: expected <= 256 (wgmma's N), got {self.tile_m}")
         if self.part_m is not None:
@@ -343,9 +342,8 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                     carry = refs[-1]
                     c_smem, x_smem = smem["codes"], smem["x"]
                     s_smem, z_smem = smem.get("scale"), smem.get("zero_point")
-                    xt = plgpu.transpose_ref(x_smem, (1, 0))  # [128, tm]: wgmma's B
-                    if not grouped:
-                        plgpu.wgmma(carry, weights(c_smem, z_smem, 0), xt)
+                    if not grouped:  # x's [128, tm] transposed view is wgmma's B
+                        plgpu.wgmma(carry, weights(c_smem, z_smem, 0), plgpu.transpose_ref(x_smem, (1, 0)))
                         plgpu.wgmma_wait(0)
                         return carry
                     total = list(carry)
