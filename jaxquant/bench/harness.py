@@ -71,6 +71,23 @@ def timeit(fn: Callable, args_sets: Sequence[tuple], *, repeats: int = 5, min_ti
 
 
 CHAIN_LAYERS = 4  # the fewest layers in a ``chain`` (one dispatch spread over them)
+# A chain streams at least this many bytes of bf16 weights (up to MAX_CHAIN_LAYERS layers): the
+# host's dispatch of one jitted call (~80-100 us on the H200 for a 4-layer decode chain) must stay
+# below its GPU time. 4096x4096 decode layers (~10 us of kernels each) timed as 4-layer chains were
+# host-bound (W8A8 at M = 16: 18.9 us a layer, bf16 13.4 us); from 16 layers on, both matched
+# their kernels' GPU time (10.5 / 12.0 us; benchmarks/results/session9/chain_len.json).
+MIN_CHAIN_BYTES = 512 << 20
+MAX_CHAIN_LAYERS = 32
+
+
+def chain_layers(bf16_weight_bytes: int, *, quick: bool = False) -> int:
+    """How many layers (distinct weight sets) a ``chain`` of layers with this many bytes of bf16
+    weights each needs: ``CHAIN_LAYERS``, or more until the chain streams ``MIN_CHAIN_BYTES``
+    (``quick``, the CPU smoke run: ``CHAIN_LAYERS``)."""
+    if quick:
+        return CHAIN_LAYERS
+    want = math.ceil(MIN_CHAIN_BYTES / max(bf16_weight_bytes, 1))
+    return max(CHAIN_LAYERS, min(MAX_CHAIN_LAYERS, want))
 
 
 def chain(f: Callable) -> Callable:

@@ -18,6 +18,9 @@ method) and as a chain of ``chain_layers`` layers with distinct weights in ONE j
 model's jitted forward. At decode one call per layer is bound by the host's dispatch (~25 us a
 call on the H200; bf16 4096x4096 at M = 1: 27 us per call, 12 us per layer in a chain), so the
 targets are judged on the chain ratios.
+A chain has enough layers to stream >= 512 MiB of bf16 weights (``harness.chain_layers``, 4 to 32):
+the dispatch of one jitted call must stay below its GPU time, which 4-layer chains of 4096x4096
+decode layers did not (``benchmarks/results/session9/chain_len.json``).
 
 Targets (H200): >= 1.6x bf16 at M >= 4096, >= 1.4x at M = 2048, >= 1.15x jnp for M >= 2048,
 >= 1.8x bf16 at M <= 16, never slower than bf16 (>= 1.0x) elsewhere.
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant import shapes
 from jaxquant.bench import harness
-from jaxquant.bench.harness import CHAIN_LAYERS, Context, chain, rotations, timeit
+from jaxquant.bench.harness import Context, chain, chain_layers, rotations, timeit
 from jaxquant.pallas import int8_matmul as mm_k
 from jaxquant.primitives import linear as L
 from jaxquant.weights import QuantizedWeight, quantize_weight
@@ -123,9 +126,10 @@ def run(ctx: Context) -> list[dict]:
         ours, plain, bf16, ours_chain, bf16_chain, plain_chain = _fns(auto, n, k)
         per_set = m * k * 2 + n * k * 3  # x bf16, codes int8, w bf16
         sets = rotations(functools.partial(_make_set, m=m, n=n, k=k), per_set)
-        # at least CHAIN_LAYERS distinct weight sets: a chain reusing one weight lets XLA merge
-        # the bf16 dots into one (its dot merger reads the weight once)
-        sets += [_make_set(i, m, n, k) for i in range(len(sets), CHAIN_LAYERS)]
+        # one distinct weight set per chained layer (harness.chain_layers: enough that the host's
+        # dispatch does not bound the chain); a chain reusing one weight lets XLA merge the bf16
+        # dots into one (its dot merger reads the weight once)
+        sets += [_make_set(i, m, n, k) for i in range(len(sets), chain_layers(n * k * 2, quick=ctx.quick))]
         q_sets = [(x, qw.codes, qw.scale) for x, qw, _ in sets]
         b_sets = [(x, w) for x, _, w in sets]
         t = timeit(ours, q_sets, repeats=ctx.repeats)

@@ -16,6 +16,9 @@ layer, ``vs_bf16_chain``, ``vs_jnp_chain``, ``gbps``): the GPU time per layer, a
 jitted forward. At decode a single-layer call is bound by the host's dispatch (~25 us a call on
 the H200: a bf16 4096x4096 GEMV took 27 us per call and 12 us per layer in a chain), so the
 per-call ratios there compare two dispatch floors; targets are judged on the chain ratios.
+A chain has enough layers to stream >= 512 MiB of bf16 weights (``harness.chain_layers``, 4 to 32):
+the dispatch of one jitted call must stay below its GPU time, which 4-layer chains of 4096x4096
+decode layers did not (``benchmarks/results/session9/chain_len.json``).
 Also reported: ``tops`` (2*M*N*K / chain time), ``gbps`` (weight bytes + x + y per chain time:
 the weight stream dominates at decode), ``copy_frac`` (gbps / device copy bandwidth).
 Targets (H200): W4A16 g128 on 8192x8192 and 4096x14336 >= 3.0x bf16 at M <= 16 (and >= 8x plain
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant import shapes
 from jaxquant.bench import harness
-from jaxquant.bench.harness import CHAIN_LAYERS, Context, chain, nbytes, rotations, timeit
+from jaxquant.bench.harness import Context, chain, chain_layers, nbytes, rotations, timeit
 from jaxquant.pallas import weight_only as K
 from jaxquant.primitives.weight_only import kernel_config, weight_only_linear
 from jaxquant.weights import dequantize_weight, quantize_weight
@@ -82,9 +85,9 @@ def run(ctx: Context) -> list[dict]:
     min_time = 0.01 if ctx.quick else 0.03
     for variant, bits, group, (n, k), ms in _plan(ctx):
         qbytes = n * k * bits // 8 + n * (k // (group or k)) * 4
-        # One weight set per chained layer (harness.chain), at least as many as rotate out of L2,
-        # the same count for both sides.
-        layers = max(CHAIN_LAYERS, len(rotations(lambda i: i, qbytes)), len(rotations(lambda i: i, n * k * 2)))
+        # One weight set per chained layer (harness.chain_layers: enough that the host's dispatch does
+        # not bound the chain), at least as many as rotate out of L2, the same count for both sides.
+        layers = max(chain_layers(n * k * 2, quick=ctx.quick), len(rotations(lambda i: i, qbytes)), len(rotations(lambda i: i, n * k * 2)))
         w_bf16 = _weights(n, k, layers)
         quant = jax.jit(lambda w: quantize_weight(w, bits=bits, group_size=group))
         qws = [quant(w) for w in w_bf16]
