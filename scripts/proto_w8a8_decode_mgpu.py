@@ -1,5 +1,9 @@
-"""Prototype (not library code; lowered for CUDA on the CPU, NOT yet run on a GPU): the W8A8 int8
-GEMM at decode (M <= 16) in Mosaic GPU, both operands streamed by TMA into shared memory.
+"""Prototype (not library code): the W8A8 int8 GEMM at decode (M <= 16) in Mosaic GPU, both
+operands streamed by TMA into shared memory.
+
+Result (H200, session 9, ``benchmarks/results/session9/w8a8_decode_mgpu.json``): bit-exact in all
+30 variants, but the GEMM alone streams 2.4-3.3 TB/s, below the Triton decode GEMM's 3.6-3.8:
+not a base for in-kernel activation quantization. Kept in git only.
 
 Question it answers (#3, decode >= 1.8x bf16): can a warp-specialised, TMA-fed GEMM stream int8
 weights faster than the Triton decode GEMM (3.6-3.8 TB/s on an H200, session 4 profile)?

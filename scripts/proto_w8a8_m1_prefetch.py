@@ -19,6 +19,10 @@ Here a program (one ``[bn, run]`` weight block, K split into ``K / run`` runs):
    (``jaxquant.reference.int8_epilogue`` on the exact int32 sum), as the library's split-K path.
 
 Result must equal ``jaxquant.quantized_linear`` bit for bit (checked per variant).
+
+Result (H200, session 9, ``benchmarks/results/session9/w8a8_m1_prefetch.json``): bit-exact, but by
+kernel time 0.65-0.84x the library's two kernels on 8192^2 / 4096x14336 / 14336x4096 (0.94-1.10x
+on 4096^2): unpipelined, the weights stream at ~2.6 TB/s. Kept in git only.
 Usage (H100 / H200): ``PYTHONPATH=. python3 scripts/proto_w8a8_m1_prefetch.py OUT``: per shape,
 chained timing (the bench's method) and the kernels' GPU time through PyTorch's CUPTI profiler
 (``diag_profile.kernels``), for bf16, the library and each variant; writes
