@@ -144,7 +144,7 @@ _DEFAULT_DEVICE = "NVIDIA H200"
 # of dependent loads before its weights stream). The fused modes stay available (``a_mode``, and
 # ``linear_kernel(..., fuse=True)``) for devices where it pays.
 # Session 9 (benchmarks/results/session9/w8a8_m1_prefetch.json, scripts/proto_w8a8_m1_prefetch.py
-# at commit "session 9 protos"): one program per weight block issuing its whole block before one
+# at commit 2ec09ad): one program per weight block issuing its whole block before one
 # wide load of the row for the statistics (no pipelined loop) was bit-exact but 0.65-0.84x the
 # two launches' kernel time on the three large shapes: the weights then stream at ~2.6 TB/s.
 _FUSED_MAX_M = {"NVIDIA H200": 0}
