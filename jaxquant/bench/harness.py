@@ -74,8 +74,9 @@ CHAIN_LAYERS = 4  # the fewest layers in a ``chain`` (one dispatch spread over t
 # A chain streams at least this many bytes of bf16 weights (up to MAX_CHAIN_LAYERS layers): the
 # host's dispatch of one jitted call (~80-100 us on the H200 for a 4-layer decode chain) must stay
 # below its GPU time. 4096x4096 decode layers (~10 us of kernels each) timed as 4-layer chains were
-# host-bound (W8A8 at M = 16: 18.9 us a layer, bf16 13.4 us); from 16 layers on, both matched
-# their kernels' GPU time (10.5 / 12.0 us; benchmarks/results/session9/chain_len.json).
+# host-bound (W8A8 at M = 16: 18.9 us a layer, bf16 13.4 us); 16-layer chains came to their
+# kernels' GPU time (10.5 / 12.0 us; benchmarks/results/session9/chain_len.json), though such
+# ~10 us layers still vary by 10-50% between identical runs (chain_len-run*.json).
 MIN_CHAIN_BYTES = 512 << 20
 MAX_CHAIN_LAYERS = 32
 

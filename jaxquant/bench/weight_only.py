@@ -87,7 +87,8 @@ def run(ctx: Context) -> list[dict]:
         qbytes = n * k * bits // 8 + n * (k // (group or k)) * 4
         # One weight set per chained layer (harness.chain_layers: enough that the host's dispatch does
         # not bound the chain), at least as many as rotate out of L2, the same count for both sides.
-        layers = max(chain_layers(n * k * 2, quick=ctx.quick), len(rotations(lambda i: i, qbytes)), len(rotations(lambda i: i, n * k * 2)))
+        layers = max(chain_layers(n * k * 2, quick=ctx.quick), len(rotations(lambda i: i, qbytes)),
+                     len(rotations(lambda i: i, n * k * 2)))
         w_bf16 = _weights(n, k, layers)
         quant = jax.jit(lambda w: quantize_weight(w, bits=bits, group_size=group))
         qws = [quant(w) for w in w_bf16]
