@@ -67,7 +67,7 @@ from jaxquant.pallas.common import check_positive, check_pow2
 from jaxquant.pallas.mgpu_common import (NUM_SMS, SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
 
-__all__ = ["Config", "heuristics", "supports", "enough_tiles", "fit_stages", "weight_only_matmul_mgpu", "GROUPS",
+__all__ = ["Config", "heuristics", "supports", "scope", "enough_tiles", "fit_stages", "weight_only_matmul_mgpu", "GROUPS",
            "TILE_K", "MIN_M", "MIN_TILES"]
 
 TILE_K = 128  # k a pipeline step (one wgmma of K = 128, or two / one half of a group)
@@ -178,6 +178,12 @@ def supports(m: int, n: int, k: int, bits: int, group_size: int | None, x_dtype,
             and cfg.acc_regs(group_size is not None) <= _ACC_REGS)
 
 
+def scope(cfg: Config) -> str:
+    """What ``supports`` asks of a problem with tile ``cfg``, in words (for error messages)."""
+    return (f"bfloat16 x, bits 4 or 8, group_size in {GROUPS}, N a multiple of {cfg.cta_shape()[0]}, K a multiple "
+            f"of {TILE_K} and at most {_ACC_REGS} accumulator registers (tile_n x (tile_m [+ part_m]) / 128)")
+
+
 def fit_stages(cfg: Config, bits: int, group_size: int | None) -> int:
     """``cfg.stages``, lowered until the ring and the epilogue buffers fit in shared memory (>= 2)."""
     cn, tm = cfg.cta_shape()
@@ -200,10 +206,8 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
     n = codes.shape[0]
     cfg = config or heuristics(m, n, k, bits, group_size)
     if not supports(m, n, k, bits, group_size, x.dtype, config=cfg):
-        raise ValueError(
-            f"weight_only_mgpu: expected bfloat16 x, bits 4 / 8, group_size in {GROUPS}, N a multiple of "
-            f"{cfg.cta_shape()[0]}, K of {TILE_K} and at most {_ACC_REGS} accumulator registers, got "
-            f"x {x.dtype}, bits={bits}, group_size={group_size}, N={n}, K={k}, config {cfg}")
+        raise ValueError(f"weight_only_mgpu: expected {scope(cfg)}, got x {x.dtype}, bits={bits}, "
+                         f"group_size={group_size}, N={n}, K={k}, config {cfg}")
     grouped = group_size is not None
     has_zp = zero_point is not None
     has_bias = bias is not None

@@ -119,10 +119,8 @@ def use_mgpu(m, n, k, *, bits, group_size, x_dtype, config, device_kind, interpr
             raise ValueError("config: a weight_only_mgpu.Config has no interpret mode (Mosaic GPU runs on Hopper "
                              "GPUs only); use a jaxquant.pallas.weight_only.Config")
         if not wm_k.supports(m, n, k, bits, group_size, x_dtype, config=config):
-            raise ValueError(
-                f"config: {config} needs bfloat16 x, bits 4 or 8, group_size in {wm_k.GROUPS}, N a multiple of "
-                f"{config.cta_shape()[0]}, K a multiple of {wm_k.TILE_K} and tile_n * tile_m within the accumulator "
-                f"registers; got x {np.dtype(x_dtype).name}, bits={bits}, group_size={group_size}, M={m}, N={n}, K={k}")
+            raise ValueError(f"config: {config} needs {wm_k.scope(config)}; got x {np.dtype(x_dtype).name}, "
+                             f"bits={bits}, group_size={group_size}, M={m}, N={n}, K={k}")
         return True
     if config is not None or interpret or not is_hopper(device_kind) or m < wm_k.MIN_M:
         return False
