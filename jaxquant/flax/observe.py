@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 
-from jaxquant.flax.geometry import Geometry
+from jaxquant.flax.geometry import Geometry, UnsupportedLayer
+from jaxquant.flax.layers import QATLayer, QuantizedLayer, geometry_of
 
 __all__ = ["Calibration", "InputStats", "CalibrationStat", "calibration_mask", "InputObserver", "observing",
            "collect_input_stats", "path_str"]
@@ -179,6 +180,13 @@ class InputObserver(nnx.Module):
         return InputStats(h, self.amax.get_value(), rows)
 
 
+def _geometry(node):
+    try:
+        return geometry_of(node)
+    except UnsupportedLayer:
+        return None
+
+
 def get_child(parent, key):
     return parent[key] if isinstance(key, int) or isinstance(parent, (dict, nnx.Dict)) else getattr(parent, key)
 
@@ -203,6 +211,9 @@ def observing(model: nnx.Module, layers: Sequence[tuple[tuple, Geometry]]):
     """Install an ``InputObserver`` in front of each ``(path, geometry)`` layer (in place) for the
     duration of the ``with`` block; yields the observers (in order) and restores the layers."""
     observers = []
+    if any(not path for path, _ in layers):
+        raise ValueError("calibration observes the layers of a model; this model is a single layer: wrap it in a "
+                         "module (e.g. nnx.Sequential(layer)) to calibrate it")
     try:
         for i, (path, geometry) in enumerate(layers):
             parent, key = resolve(model, path)
@@ -241,9 +252,14 @@ def calibration_pass(model, step, batches, record=False) -> _Recorder | None:
 
 
 def collect_input_stats(model: nnx.Module, calibration: Calibration,
-                        layers: Sequence[tuple[tuple, Geometry]]) -> dict[tuple, InputStats]:
-    """Run the calibration batches with an observer in front of each ``(path, geometry)`` layer;
-    return ``{path: InputStats}``. The model is left unchanged; layers never called get ``rows == 0``."""
+                        layers: Sequence[tuple[tuple, Geometry]] | None = None) -> dict[tuple, InputStats]:
+    """Run the calibration batches with an observer in front of each ``(path, geometry)`` layer
+    (default: every float layer ``quantize`` handles); return ``{path: InputStats}``. The model is
+    left unchanged; layers never called get ``rows == 0``."""
+    if layers is None:
+        layers = [(path, g) for path, node in nnx.iter_graph(model)
+                  if isinstance(node, nnx.Module) and not isinstance(node, (QATLayer, QuantizedLayer))
+                  and (g := _geometry(node)) is not None]
     with observing(model, layers) as observers:
         calibration_pass(model, runner(calibration.run, calibration.jit), calibration.batches)
         return {path: o.stats() for (path, _), o in zip(layers, observers)}

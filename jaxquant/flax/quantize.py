@@ -160,7 +160,7 @@ def _quantize_nnx(model, rules, mode, strict, calibration):
     gptq = {}
     if isinstance(calibration, GPTQ):
         float_layers = [(path, g, c) for path, node, g, c in plan if not isinstance(node, L.QATLayer)]
-        gptq = gptq_calibrate(model, calibration, float_layers)
+        gptq = gptq_calibrate(model, calibration, float_layers) if float_layers else {}
         stats = {path: st for path, (_, st) in gptq.items()}
     else:
         stats = _static_stats(model, plan, calibration)
