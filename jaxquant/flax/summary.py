@@ -10,7 +10,7 @@ or per ``nn.Dense`` / ``DenseGeneral`` / ``Einsum`` of a linen model quantized w
 
 ``float bytes``: the float kernel + bias; ``bytes``: what the layer holds or, for a QAT layer, will
 hold once served (codes + scales + zero points + bias + activation scale). ``str(s)`` is a plain
-text table; ``s.print()`` prints it with ``rich`` when it is installed.
+text table; ``s.print()`` prints it with ``rich`` when it is installed (and the output is a terminal).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import sys
 
 import numpy as np
 from flax import nnx
@@ -88,8 +89,8 @@ class Summary:
         return "\n".join([line(head), sep] + [line(r) for r in body] + [sep, line(total)])
 
     def print(self, title: str | None = None) -> None:
-        """Print the table (with ``rich`` when installed, else plain text)."""
-        if importlib.util.find_spec("rich") is None:
+        """Print the table: with ``rich`` when it is installed and the output is a terminal, else plain text."""
+        if importlib.util.find_spec("rich") is None or not sys.stdout.isatty():
             if title:
                 print(title)
             print(self)
