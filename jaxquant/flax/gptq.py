@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax

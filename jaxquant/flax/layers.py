@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 import jaxquant as jq
 from jaxquant import weights as W
@@ -178,6 +179,12 @@ def geometry_of(module) -> Geometry | None:
         return module.geometry
     if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
         return None
+    custom = [name for name, default in (("dot_general", (None, lax.dot_general)), ("dot_general_cls", (None,)),
+                                         ("einsum_op", (None, jnp.einsum)), ("preferred_element_type", (None,)),
+                                         ("promote_dtype", (None, dtypes.promote_dtype)))
+              if getattr(module, name, None) not in default]
+    if custom:
+        raise G.UnsupportedLayer(f"the layer sets {', '.join(custom)}, which the quantized layers do not reproduce")
     kshape = tuple(module.kernel.get_value().shape)
     bias = getattr(module, "bias", None)
     bshape = None if bias is None else tuple(bias.get_value().shape)

@@ -45,6 +45,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen import dtypes as linen_dtypes
 from flax import traverse_util
 
 from jaxquant.flax import geometry as G
@@ -66,8 +67,12 @@ def _tuple(v):
 def _geometry(module, args, kwargs) -> G.Geometry:
     """The geometry of a linen layer called on ``args[0]`` (raises ``UnsupportedLayer``)."""
     x = args[0]
-    if getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None:
-        raise G.UnsupportedLayer("the layer has a custom dot_general")
+    custom = [name for name, default in (("dot_general", (None,)), ("dot_general_cls", (None,)),
+                                         ("preferred_element_type", (None,)),
+                                         ("promote_dtype", (None, linen_dtypes.promote_dtype)))
+              if getattr(module, name, None) not in default]
+    if custom:
+        raise G.UnsupportedLayer(f"the layer sets {', '.join(custom)}, which the quantized layers do not reproduce")
     if type(module) is nn.Dense:
         return G.linear("Dense", (x.shape[-1], module.features), (module.features,) if module.use_bias else None)
     if type(module) is nn.DenseGeneral:
@@ -254,6 +259,10 @@ def linen_layers(qmodel: LinenQuantized, variables, *args, **kwargs) -> list[Lin
     ``params`` of ``variables``) and what ``qmodel`` does with each."""
     found: list[LinenLayer] = []
     seen = set()
+    # Serving variables (no float kernels) are traced through qmodel's own layers; float or QAT
+    # variables through the float module.
+    served = "quantized" in variables
+    inner = qmodel._interceptor if served else (lambda next_fun, a, kw, context: next_fun(*a, **kw))
 
     def record(next_fun, a, kw, context):
         module = context.module
@@ -268,21 +277,16 @@ def linen_layers(qmodel: LinenQuantized, variables, *args, **kwargs) -> list[Lin
                 config, from_qat, reason = qmodel.decide(path_str(path), module, geometry, unsupported)
                 found.append(LinenLayer(path, type(module).__name__, geometry, jnp.dtype(module.param_dtype), config,
                                         from_qat, reason))
-        return next_fun(*a, **kw)
+        return inner(next_fun, a, kw, context)
 
-    params_only = {c: v for c, v in variables.items() if c not in ("quantized", "quant_stats")}
+    if not served:
+        variables = {c: v for c, v in variables.items() if c != "quant_stats"}
 
     def run(v, *a):
         with nn.intercept_methods(record):
             return qmodel.module.apply(v, *a, **kwargs)
 
-    try:
-        jax.eval_shape(run, params_only, *args)
-    except Exception as e:   # a served variable set cannot run the float module: say what is needed
-        if "kernel" in str(e) and "params" in str(e):
-            raise ValueError("quantize_variables: the variables have no float kernels; pass the float or QAT "
-                             f"model's variables ({type(e).__name__}: {e})") from e
-        raise
+    jax.eval_shape(run, variables, *args)
     return found
 
 
@@ -354,6 +358,9 @@ def quantize_variables(qmodel: LinenQuantized, variables, *args, calibration: Ca
                         f"{type(qmodel).__name__}")
     if isinstance(calibration, GPTQ) and (calibration.sequential or qmodel.mode == "qat"):
         raise ValueError("linen GPTQ: only non-sequential GPTQ for serving is supported")
+    if "quantized" in variables:
+        raise ValueError("quantize_variables: these are serving variables already; pass the float or QAT "
+                         "model's variables")
     layers = [l for l in linen_layers(qmodel, variables, *args, **kwargs) if l.config is not None]
     needs = [l for l in layers if not l.from_qat and (l.config.activations == "static" or isinstance(calibration, GPTQ))]
     stats = {}

@@ -39,7 +39,6 @@ from flax import nnx
 
 from jaxquant.flax import layers as L
 from jaxquant.flax import linen as LQ
-from jaxquant.flax.config import QuantConfig
 from jaxquant.flax.geometry import UnsupportedLayer
 from jaxquant.flax.gptq import GPTQ, gptq_calibrate
 from jaxquant.flax.observe import Calibration, collect_input_stats, path_str, resolve, set_child
@@ -77,6 +76,8 @@ def quantize(model, rules=None, *, mode: str = "serve", strict: bool = False, ca
         return LQ.quantize_linen(model, as_rules(rules), mode=mode, strict=strict)
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model: expected a flax nnx.Module or linen Module, got {type(model).__name__}")
+    if rules is None and mode == "qat":
+        raise ValueError("quantize(model, mode='qat') needs rules, e.g. quantize(model, W8A8, mode='qat')")
     if isinstance(calibration, GPTQ) and mode == "qat":
         raise ValueError("calibration=GPTQ(...) rounds weights for serving; QAT trains them (use Calibration(...) "
                          "for static activation scales)")
@@ -104,7 +105,7 @@ def _plan(model, rules, mode, strict):
             if matched and config != have:
                 state = "trained with QAT" if isinstance(node, L.QATLayer) else "already served"
                 warnings.warn(f"quantize: layer {p!r} was {state} as {have}; the rules ask for "
-                              f"{config or 'float'}: keeping {have}", QuantizationWarning, stacklevel=3)
+                              f"{config or 'float'}: keeping {have}", QuantizationWarning, stacklevel=4)
             if isinstance(node, L.QATLayer) and serve:
                 plan.append((path, node, geometry, have))
             continue
@@ -125,7 +126,7 @@ def _plan(model, rules, mode, strict):
         raise ValueError(f"quantize(strict=True): {len(problems)} layer(s) cannot be quantized:\n{lines}")
     for p, c, why in problems:
         warnings.warn(f"quantize: layer {p!r} stays float: {c} cannot quantize it: {why}", QuantizationWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     if rules is None and not plan and serve:
         raise ValueError("quantize(model) without rules serves the QAT layers of a QAT model (mode='qat'), and "
                          "this model has none: pass rules, e.g. quantize(model, W8A8)")

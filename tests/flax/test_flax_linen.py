@@ -53,7 +53,12 @@ def test_ptq_auto_named_layers(rng, cfg):
     assert y.shape == y_f.shape and np.abs(np.asarray(y - y_f)).max() < tol * np.abs(np.asarray(y_f)).max()
     s = summary(served, v, x)
     assert [r.path for r in s.rows] == ["Dense_0", "DenseGeneral_0", "Einsum_0", "Dense_1"]
-    assert s.bytes < s.float_bytes
+    leaves = jax.tree_util.tree_leaves({"q": sv["quantized"], "p": sv["params"]})
+    assert s.bytes == sum(a.size * a.dtype.itemsize for a in leaves)
+    assert s.float_bytes == sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(v))
+    assert summary(served, sv, x) == s      # from the serving variables too
+    with pytest.raises(ValueError, match="serving variables already"):
+        quantize_variables(served, sv, x)
 
 
 @pytest.mark.parametrize("cfg", [W8A8, QuantConfig(activations="static", learnable_scales=True),

@@ -17,7 +17,7 @@ from jaxquant.flax import (W4A8, W4A16, W8A8, W8A16, Calibration, QATLayer, Quan
 from tests.conftest import assert_same_bits
 
 
-def QATLinear(k, n, *, config, rngs, param_dtype=jnp.float32, batches=None):
+def qat_linear(k, n, *, config, rngs, param_dtype=jnp.float32, batches=None):
     """An nnx.Linear made a QAT layer by quantize (static activations calibrated on ``batches``)."""
     cal = None if batches is None else Calibration(lambda m, b: m(b), batches)
     layer = quantize(nnx.Sequential(nnx.Linear(k, n, param_dtype=param_dtype, rngs=rngs)), config, mode="qat",
@@ -26,7 +26,7 @@ def QATLinear(k, n, *, config, rngs, param_dtype=jnp.float32, batches=None):
     return layer
 
 
-def QATDense(n, *, config, param_dtype=jnp.float32):
+def qat_dense(n, *, config, param_dtype=jnp.float32):
     """A linen nn.Dense made a QAT model by quantize."""
     return quantize(nn.Dense(n, param_dtype=param_dtype), config, mode="qat")
 
@@ -58,12 +58,12 @@ def _manual(x, kernel, bias, cfg):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_qat_forward_nnx_and_linen(rng, name):
     cfg = CONFIGS[name]
-    layer = QATLinear(64, 24, config=cfg, rngs=nnx.Rngs(0))
+    layer = qat_linear(64, 24, config=cfg, rngs=nnx.Rngs(0))
     layer.bias.set_value(jnp.asarray(rng.standard_normal(24), jnp.float32))
     x = _x(rng)
     y = jax.jit(lambda x: layer(x))(x)
     np.testing.assert_allclose(y, _manual(x, layer.kernel.get_value(), layer.bias.get_value(), cfg), rtol=1e-5, atol=1e-5)
-    dense = QATDense(24, config=cfg)
+    dense = qat_dense(24, config=cfg)
     params = {"params": {"kernel": layer.kernel.get_value(), "bias": layer.bias.get_value()}}
     assert_same_bits(dense.apply(params, x), layer(x), "linen QAT == nnx QAT")
 
@@ -77,7 +77,7 @@ def test_weight_quantizer_is_quantize_weight(rng):
 
 def test_ste_gradients(rng):
     cfg = W8A8
-    layer = QATLinear(64, 16, config=cfg, rngs=nnx.Rngs(1))
+    layer = qat_linear(64, 16, config=cfg, rngs=nnx.Rngs(1))
     x = _x(rng, (7, 64)) * 3
     dy = jnp.asarray(rng.standard_normal((7, 16)), jnp.float32)
 
@@ -95,12 +95,12 @@ def test_ste_gradients(rng):
 
 
 def test_vmap_and_check_grads_float64(rng):
-    layer = QATLinear(32, 8, config=dataclasses.replace(W4A16, group_size=32), rngs=nnx.Rngs(2))
+    layer = qat_linear(32, 8, config=dataclasses.replace(W4A16, group_size=32), rngs=nnx.Rngs(2))
     x = _x(rng, (4, 3, 32))
     yv = jax.vmap(lambda xi: layer(xi))(x)
     np.testing.assert_allclose(yv, layer(x), rtol=1e-6, atol=1e-6)
     with jax.enable_x64(True):
-        l64 = QATLinear(32, 8, config=dataclasses.replace(W4A16, group_size=32), param_dtype=jnp.float64,
+        l64 = qat_linear(32, 8, config=dataclasses.replace(W4A16, group_size=32), param_dtype=jnp.float64,
                         rngs=nnx.Rngs(2))
         x64 = jnp.asarray(rng.standard_normal((3, 32)), jnp.float64)
         check_grads(lambda x: l64(x), (x64,), order=2, modes=["fwd", "rev"])  # linear in x (weight-only)
@@ -108,10 +108,10 @@ def test_vmap_and_check_grads_float64(rng):
 
 def test_learnable_scales_get_gradients(rng):
     cfg = dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)
-    layer = QATLinear(64, 8, config=cfg, rngs=nnx.Rngs(3))
+    layer = qat_linear(64, 8, config=cfg, rngs=nnx.Rngs(3))
     x = _x(rng, (5, 64))
     # initialised by absmax calibration: same forward as the absmax layer
-    ref = QATLinear(64, 8, config=dataclasses.replace(cfg, learnable_scales=False), rngs=nnx.Rngs(3))
+    ref = qat_linear(64, 8, config=dataclasses.replace(cfg, learnable_scales=False), rngs=nnx.Rngs(3))
     np.testing.assert_allclose(layer(x), ref(x), rtol=1e-6, atol=1e-6)
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert g["w_scale"].get_value().shape == (8, 2) and g["w_zero_point"].get_value().shape == (8, 2)
@@ -188,7 +188,7 @@ def _linen_and_nnx(rng, cfg, x_batches):
     kernel = jnp.asarray(rng.standard_normal((64, 24)) / 8, jnp.float32)
     bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
     float_vars = {"params": {"kernel": kernel, "bias": bias}}
-    dense = QATDense(24, config=cfg)
+    dense = qat_dense(24, config=cfg)
     cal = Calibration(lambda apply, b: apply(b), x_batches)
     variables = quantize_variables(dense, float_vars, x_batches[0], calibration=cal)
     lin = nnx.Linear(64, 24, rngs=nnx.Rngs(0))
@@ -263,7 +263,7 @@ def test_linen_check_grads_float64(rng):
         x = jnp.asarray(rng.standard_normal((3, 32)), jnp.float64)
         for cfg in (dataclasses.replace(W4A16, group_size=32),
                     dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)):
-            dense = QATDense(8, config=cfg, param_dtype=jnp.float64)
+            dense = qat_dense(8, config=cfg, param_dtype=jnp.float64)
             v = dense.init(jax.random.PRNGKey(1), x)
             assert v["params"]["kernel"].dtype == jnp.float64
             check_grads(lambda x: dense.apply(v, x), (x,), order=2, modes=["fwd", "rev"])
@@ -272,7 +272,7 @@ def test_linen_check_grads_float64(rng):
 def test_linen_learnable_scales_from_float_variables(rng):
     """quantize_variables initialises learnable scales from the given (e.g. pretrained) kernel."""
     cfg = dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)
-    dense = QATDense(8, config=cfg)
+    dense = qat_dense(8, config=cfg)
     x = _x(rng, (4, 64))
     new_kernel = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
     float_vars = {"params": {"kernel": new_kernel, "bias": jnp.zeros((8,), jnp.float32)}}
@@ -281,7 +281,7 @@ def test_linen_learnable_scales_from_float_variables(rng):
     assert_same_bits(v["params"]["w_scale"], s, "scale")
     assert_same_bits(v["params"]["w_zero_point"], z.astype(jnp.float32), "zero point")
     # absmax-initialised learnable scales give the absmax layer's forward
-    plain = QATDense(8, config=dataclasses.replace(cfg, learnable_scales=False))
+    plain = qat_dense(8, config=dataclasses.replace(cfg, learnable_scales=False))
     np.testing.assert_allclose(dense.apply(v, x), plain.apply(float_vars, x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="w_scale"):
         dense.apply(float_vars, x)

@@ -67,6 +67,16 @@ def test_rules_first_match_regex_callable_and_float():
         quantize(model)
     with pytest.raises(ValueError, match="mode"):
         quantize(model, W8A8, mode="ptq")
+    with pytest.raises(ValueError, match="needs rules"):
+        quantize(model, mode="qat")
+    with pytest.raises(TypeError, match="model"):
+        quantize({"kernel": 1}, W8A8)
+
+
+def test_layers_with_custom_math_stay_float():
+    custom = nnx.Linear(64, 32, dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k), rngs=nnx.Rngs(0))
+    with pytest.warns(QuantizationWarning, match="dot_general"):
+        assert isinstance(quantize(nnx.Sequential(custom), W8A8).layers[0], nnx.Linear)
 
 
 def test_skipped_layers_warn_once_each_and_strict_raises():
