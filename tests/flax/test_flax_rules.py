@@ -135,17 +135,29 @@ def test_attention_and_einsum_served_exactly(rng, cfg):
     assert y.shape == y_f.shape and np.abs(y - y_f).max() < 0.25 * np.abs(y_f).max()
 
 
+class Layers(nnx.Module):
+    """One layer of each kind, with a given dtype / param_dtype."""
+
+    def __init__(self, *, rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = nnx.Linear(64, 32, **kw)
+        self.general = nnx.LinearGeneral(64, (2, 16), **kw)
+        self.einsum = nnx.Einsum("btd,dh->bth", (64, 32), (32,), **kw)
+
+
 @pytest.mark.parametrize("mode", ["float", "qat", "serve"])
 def test_dtype_behaviour_is_kept(rng, mode):
-    x = _x(rng, (3, 64))
+    x = _x(rng, (1, 3, 64))
     for dtype, param_dtype, expect in ((jnp.bfloat16, jnp.bfloat16, jnp.bfloat16), (None, jnp.bfloat16, jnp.float32),
                                        (None, jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32, jnp.bfloat16)):
-        model = Block(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        model = Layers(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
         if mode != "float":
             model = quantize(model, W8A8, mode=mode)
-        for layer in (model.up, model.attn.query, model.head):
-            y = layer(x if layer is not model.head else x[None])
+        for layer in (model.linear, model.general, model.einsum):
+            y = layer(x)
             assert y.dtype == expect, (mode, dtype, param_dtype, type(layer).__name__, y.dtype)
+        if mode == "serve":
+            assert model.linear.bias.get_value().dtype == param_dtype    # the bias keeps its dtype
 
 
 def _bound_check(qat_layer, served_layer, x):
