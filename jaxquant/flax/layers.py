@@ -288,6 +288,9 @@ class QuantizedLayer(nnx.Module):
 
     def __init__(self, geometry: Geometry, config: QuantConfig, qweight: W.QuantizedWeight, bias=None, *,
                  act_scale=None, dtype=None, kernel_dtype=jnp.float32):
+        if config.serving_kind == "fake":
+            raise ValueError(f"QuantizedLayer: no integer kernel serves {config} (W8A8 needs 8-bit symmetric "
+                             "per-channel weights; weight-only serving needs activations=None)")
         self.geometry = geometry
         self.config = config
         self.codes = Quantized(qweight.codes)

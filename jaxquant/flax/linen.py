@@ -96,8 +96,9 @@ class LinenLayer:
     kind: str
     geometry: G.Geometry | None
     kernel_dtype: object
+    action: str                       # "float", "qat" or "serve"
     config: QuantConfig | None        # None: stays float
-    from_qat: bool                    # served from QAT variables (config recorded at QAT time)
+    from_qat: bool                    # from QAT variables (config recorded at QAT time)
     reason: str                       # why float ("" when quantized)
 
 
@@ -115,26 +116,32 @@ class LinenQuantized:
 
     # -- decisions -----------------------------------------------------------------------------
     def decide(self, path: str, module, geometry: G.Geometry | None, unsupported: str | None):
-        """``(config or None, from_qat, reason)`` for one layer; warns / raises once per path."""
+        """``(action, config, from_qat, reason)`` for one layer: ``action`` is ``"float"``, ``"qat"`` or
+        ``"serve"``; warns (or raises with ``strict``) once per path."""
         from_qat = False
         matched, config = match(self.rules, path, module) if self.rules is not None else (False, None)
         if self.qat_rules is not None:
             q_matched, q_config = match(self.qat_rules, path, module)
-            if q_config is not None:
+            if q_config is not None and (geometry is None or not q_config.problem(geometry.k, serve=False)):
                 if matched and config != q_config:
                     self._warn(path, f"quantize: layer {path!r} was trained with QAT as {q_config}; the rules ask "
                                      f"for {config or 'float'}: serving {q_config}")
                 config, from_qat, matched = q_config, True, True
         if config is None:
-            return None, False, ("a rule keeps it float" if matched else "no rule matched")
+            return "float", None, False, ("a rule keeps it float" if matched else "no rule matched")
         why = unsupported or config.problem(geometry.k, serve=self.mode == "serve")
+        if why and from_qat and not unsupported and not config.problem(geometry.k, serve=False):
+            # trained with a config no integer kernel serves (e.g. W4A8): keep simulating it
+            self._warn(path, f"quantize: layer {path!r} stays a QAT layer (simulated): {config} cannot be served: "
+                             f"{why}")
+            return "qat", config, True, f"{config}: {why}"
         if why:
             msg = f"quantize: layer {path!r} stays float: {config} cannot quantize it: {why}"
             if self.strict:
                 raise ValueError(msg.replace("stays float", "cannot be quantized (strict=True)"))
             self._warn(path, msg)
-            return None, False, f"{config}: {why}"
-        return config, from_qat, ""
+            return "float", None, False, f"{config}: {why}"
+        return self.mode, config, from_qat, ""
 
     def _warn(self, path, msg):
         if path not in self._warned:
@@ -151,10 +158,10 @@ class LinenQuantized:
             geometry, unsupported = _geometry(module, args, kwargs), None
         except G.UnsupportedLayer as e:
             geometry, unsupported = None, f"{type(module).__name__}: {e}"
-        config, from_qat, _ = self.decide(path, module, geometry, unsupported)
-        if config is None:
+        action, config, _, _ = self.decide(path, module, geometry, unsupported)
+        if action == "float":
             return next_fun(*args, **kwargs)
-        if self.mode == "qat":
+        if action == "qat":
             return _qat_forward(module, path, geometry, config, next_fun, args, kwargs)
         return _serve_forward(module, path, geometry, config, args[0])
 
@@ -274,9 +281,9 @@ def linen_layers(qmodel: LinenQuantized, variables, *args, **kwargs) -> list[Lin
                     geometry, unsupported = _geometry(module, a, kw), None
                 except G.UnsupportedLayer as e:
                     geometry, unsupported = None, f"{type(module).__name__}: {e}"
-                config, from_qat, reason = qmodel.decide(path_str(path), module, geometry, unsupported)
-                found.append(LinenLayer(path, type(module).__name__, geometry, jnp.dtype(module.param_dtype), config,
-                                        from_qat, reason))
+                action, config, from_qat, reason = qmodel.decide(path_str(path), module, geometry, unsupported)
+                found.append(LinenLayer(path, type(module).__name__, geometry, jnp.dtype(module.param_dtype), action,
+                                        config, from_qat, reason))
         return inner(next_fun, a, kw, context)
 
     if not served:
@@ -361,7 +368,9 @@ def quantize_variables(qmodel: LinenQuantized, variables, *args, calibration: Ca
     if "quantized" in variables:
         raise ValueError("quantize_variables: these are serving variables already; pass the float or QAT "
                          "model's variables")
-    layers = [l for l in linen_layers(qmodel, variables, *args, **kwargs) if l.config is not None]
+    # layers served from QAT that stay QAT layers keep their QAT variables as they are
+    layers = [l for l in linen_layers(qmodel, variables, *args, **kwargs)
+              if l.action == qmodel.mode and l.config is not None]
     needs = [l for l in layers if not l.from_qat and (l.config.activations == "static" or isinstance(calibration, GPTQ))]
     stats = {}
     if needs:

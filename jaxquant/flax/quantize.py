@@ -107,7 +107,11 @@ def _plan(model, rules, mode, strict):
                 warnings.warn(f"quantize: layer {p!r} was {state} as {have}; the rules ask for "
                               f"{config or 'float'}: keeping {have}", QuantizationWarning, stacklevel=4)
             if isinstance(node, L.QATLayer) and serve:
-                plan.append((path, node, geometry, have))
+                why = have.problem(geometry.k, serve=True)
+                if why:
+                    problems.append((p, have, why, "stays a QAT layer (simulated)"))
+                else:
+                    plan.append((path, node, geometry, have))
             continue
         if config is None:
             if not matched:
@@ -117,17 +121,17 @@ def _plan(model, rules, mode, strict):
             continue
         why = unsupported or config.problem(geometry.k, serve=serve)
         if why:
-            problems.append((p, config, why))
+            problems.append((p, config, why, "stays float"))
             _note(node, f"{config}: {why}")
             continue
         plan.append((path, node, geometry, config))
     if problems and strict:
-        lines = "\n".join(f"  {p!r} ({c}): {why}" for p, c, why in problems)
+        lines = "\n".join(f"  {p!r} ({c}): {why}" for p, c, why, _ in problems)
         raise ValueError(f"quantize(strict=True): {len(problems)} layer(s) cannot be quantized:\n{lines}")
-    for p, c, why in problems:
-        warnings.warn(f"quantize: layer {p!r} stays float: {c} cannot quantize it: {why}", QuantizationWarning,
+    for p, c, why, outcome in problems:
+        warnings.warn(f"quantize: layer {p!r} {outcome}: {c} cannot quantize it: {why}", QuantizationWarning,
                       stacklevel=4)
-    if rules is None and not plan and serve:
+    if rules is None and serve and not any(isinstance(n, L.QATLayer) for _, n in nnx.iter_graph(model)):
         raise ValueError("quantize(model) without rules serves the QAT layers of a QAT model (mode='qat'), and "
                          "this model has none: pass rules, e.g. quantize(model, W8A8)")
     return plan

@@ -138,6 +138,9 @@ def _nnx_row(path, node) -> LayerRow | None:
         return LayerRow(path, g.kind, g.k, g.n, "served", node.config, "", before, now)
     before = _size(node.kernel.get_value()) + bias_bytes
     if isinstance(node, L.QATLayer):
+        if node.config.serving_kind == "fake":
+            return LayerRow(path, g.kind, g.k, g.n, "qat", node.config, "simulated: no integer kernel serves it",
+                            before, before)
         return LayerRow(path, g.kind, g.k, g.n, "qat", node.config, "bytes once served", before,
                         served_nbytes(g, node.config, bias_bytes))
     return LayerRow(path, g.kind, g.k, g.n, "float", None, getattr(node, FLOAT_NOTE, ""), before, before)
@@ -159,10 +162,13 @@ def summary(model, variables=None, *args, **kwargs) -> Summary:
                 continue
             bias_bytes = 0 if g.bias_shape is None else math.prod(g.bias_shape) * itemsize
             before = g.k * g.n * itemsize + bias_bytes
-            if l.config is None:
+            if l.action == "float":
                 rows.append(LayerRow(path_str(l.path), l.kind, g.k, g.n, "float", None, l.reason, before, before))
+            elif l.action == "qat" and l.config.serving_kind == "fake":
+                rows.append(LayerRow(path_str(l.path), l.kind, g.k, g.n, "qat", l.config, "simulated: no integer "
+                                     "kernel serves it", before, before))
             else:
-                state = "qat" if model.mode == "qat" else "served"
+                state = "qat" if l.action == "qat" else "served"
                 rows.append(LayerRow(path_str(l.path), l.kind, g.k, g.n, state, l.config,
                                      "bytes once served" if state == "qat" else "", before,
                                      served_nbytes(g, l.config, bias_bytes)))

@@ -148,3 +148,18 @@ def test_abstract_variables(rng):
     real = quantize_variables(served, v, x)
     assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), sv) == \
         jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), real)
+
+
+def test_qat_config_without_a_kernel_stays_simulated(rng):
+    """A layer trained as W4A8 (no integer kernel) is served as a QAT layer, with one warning."""
+    model, v, x = _setup(rng)
+    w4a8 = QuantConfig(weight_bits=4, group_size=32)
+    qat = quantize(model, [Rule("Dense_0", w4a8), Rule(".*", W8A8)], mode="qat")
+    qv = quantize_variables(qat, v, x)
+    served = quantize(qat)
+    with pytest.warns(QuantizationWarning, match="'Dense_0' stays a QAT layer"):
+        sv = quantize_variables(served, qv, x)
+    assert "Dense_0" not in sv["quantized"] and "kernel" in sv["params"]["Dense_0"]
+    np.testing.assert_allclose(served.apply(sv, x), qat.apply(qv, x), rtol=1e-4, atol=1e-4)
+    rows = {r.path: r for r in summary(served, sv, x).rows}
+    assert rows["Dense_0"].state == "qat" and rows["Dense_1"].state == "served"

@@ -93,7 +93,11 @@ def test_skipped_layers_warn_once_each_and_strict_raises():
     # a config no kernel serves: float in serving mode (warned), fine for QAT
     with pytest.warns(QuantizationWarning, match="no integer kernel"):
         quantize(model, [Rule("up", QuantConfig(weight_bits=4, group_size=32))])
-    assert _kinds(quantize(model, [Rule("up", QuantConfig(weight_bits=4, group_size=32))], mode="qat"))["up"] == "QATLayer"
+    qat = quantize(model, [Rule("up", QuantConfig(weight_bits=4, group_size=32))], mode="qat")
+    assert _kinds(qat)["up"] == "QATLayer"
+    # ... and a QAT model trained with it cannot be served: the layer stays a (simulated) QAT layer
+    with pytest.warns(QuantizationWarning, match="'up' stays a QAT layer.*no integer kernel"):
+        assert _kinds(quantize(qat))["up"] == "QATLayer"
 
 
 def test_einsum_that_is_not_a_matmul_stays_float():
