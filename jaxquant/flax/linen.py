@@ -48,6 +48,7 @@ from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
 from flax import traverse_util
 
+from jaxquant import weights as W
 from jaxquant.flax import geometry as G
 from jaxquant.flax import layers as L
 from jaxquant.flax.config import QuantConfig
@@ -250,7 +251,7 @@ def _serve_forward(module, path, geometry, config, x):
     if geometry.bias_shape is not None:
         bias = module.param("bias", module.bias_init, geometry.bias_shape, module.param_dtype)
     act = _stat(module, path, "act_scale", ()) if config.activations == "static" else None
-    qw = L.W.QuantizedWeight(codes, scale, zp, bits=config.weight_bits, group_size=config.group_size,
+    qw = W.QuantizedWeight(codes, scale, zp, bits=config.weight_bits, group_size=config.group_size,
                              symmetric=config.weight_symmetric, shape=(n, k))
     dtype = L.compute_dtype(x, module.dtype, module.param_dtype)
     flat = bias if geometry.flat_bias else None

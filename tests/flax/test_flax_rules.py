@@ -253,3 +253,15 @@ def test_summary_rows_and_bytes():
     text = str(s)
     assert "attn/out" in text and f"{s.bytes:,}" in text and "W4A16-g128" in text
     assert summary(model).bytes == summary(model).float_bytes
+
+
+def test_served_model_under_jit_vmap_and_grad(rng):
+    served = quantize(Block(rngs=nnx.Rngs(4)), [Rule("attn/.*", W8A8), Rule(".*", G32)])
+    x = _x(rng)
+    y = nnx.jit(lambda m, x: m(x))(served, x)
+    np.testing.assert_allclose(jax.vmap(lambda xi: served(xi[None])[0])(x), y, rtol=1e-5, atol=1e-5)
+    # gradients flow to the input (straight-through the activation quantizer) and the float biases
+    gx = jax.grad(lambda x: jnp.sum(served(x)))(x)
+    gm = nnx.grad(lambda m: jnp.sum(m(x)))(served)
+    assert gx.shape == x.shape and np.isfinite(np.asarray(gx)).all() and np.abs(np.asarray(gx)).sum() > 0
+    assert np.abs(np.asarray(gm["up"]["bias"].get_value())).sum() > 0
