@@ -11,7 +11,7 @@ small rather than the weight error::
 With ``U`` the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and columns visited in
 order ``j = 0 .. K-1`` (``act_order``: by decreasing ``diag(H)``, the most active inputs first)::
 
-    q_j   = clamp(rne(w_j * (1/s_j)) + z_j, qmin, qmax)      the library's quantizer (DESIGN.md §1)
+    q_j   = clamp(rne(w_j * (1/s_j)) + z_j, qmin, qmax)      the library's quantizer (jaxquant.quantize)
     e_j   = (w_j - (q_j - z_j) * s_j) / U_jj
     w_l  -= e_j * U_jl        for every column l after j      (U is upper triangular)
 
