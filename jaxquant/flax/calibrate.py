@@ -3,7 +3,7 @@
 Weights use the ``jaxquant.weights`` layout ``W [N, K]`` (``nn.Linear``; a flax kernel is its
 transpose) with one ``(scale, zero point)`` per output row (``group_size=None``) or per
 ``(row, group of g consecutive k)``. Every method clips the range ``[lo, hi]`` of each
-channel/group and turns it into parameters with the library's formulas (those of jaxquant.choose_qparams)::
+channel/group and turns it into parameters with the formulas of ``jaxquant.choose_qparams``::
 
     symmetric:   scale = max(amax * f32(1/qmax), 2**-126),  zp = 0            (amax = max(|lo|, hi))
     asymmetric:  lo = min(lo, 0), hi = max(hi, 0)
