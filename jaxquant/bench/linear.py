@@ -42,9 +42,10 @@ import jaxquant as jq
 from jaxquant import shapes
 from jaxquant.bench import harness
 from jaxquant.bench.harness import Context, chain, chain_layers, rotations, timeit
-from jaxquant.pallas import int8_matmul as mm_k
-from jaxquant.primitives import linear as L
-from jaxquant.weights import QuantizedWeight, quantize_weight
+from jaxquant.pallas.int8_matmul import triton as mm_k
+from jaxquant.primitives.int8_matmul import primitive as L
+from jaxquant.core.weights import QuantizedWeight
+from jaxquant.primitives.weights import quantize_weight
 
 
 def _target(m):

@@ -4,7 +4,7 @@
 * QAT — ``jaxquant.flax.qat``: ``qat_dot_general(config)`` for ``nnx.Linear(dot_general=...)`` /
   ``nn.Dense(dot_general=...)`` (stateless options), explicit ``QATLinear`` (nnx) and ``QATDense``
   (linen; every option, static activations calibrated by ``calibrate_linen_activations``).
-* LSQ — ``jaxquant.flax.lsq``: ``fake_quantize_learnable`` (torch's learnable fake-quant gradients,
+* LSQ — ``jaxquant.primitives.lsq.api``: ``fake_quantize_learnable`` (torch's learnable fake-quant gradients,
   Pallas backward ``jaxquant_lsq_backward``).
 * Calibration — ``jaxquant.flax.calibrate``: ``weight_qparams`` (absmax / percentile / MSE clip
   search), ``calibrate_activations`` (static activation scales).
@@ -14,7 +14,7 @@
 * Serving — ``jaxquant.flax.convert``: ``QuantizedLinear`` (``quantized_linear`` / ``weight_only_linear``),
   ``convert``, ``serving_factory``, ``save_checkpoint`` / ``restore_checkpoint``, ``linear_weight_bytes``;
   linen: ``QuantizedDense`` + ``linen_serving_variables``.
-* ``jaxquant.flax.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
+* ``jaxquant.models.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
   dense projections all come from one ``linear_factory`` so quantized layers can be swapped in.
 """
 
@@ -32,8 +32,8 @@ from jaxquant.flax.convert import (
     serving_factory,
 )
 from jaxquant.flax.gptq import GPTQ, InputStats, calibration_mask, collect_input_stats, gptq_quantize_weight, layer_output_error
-from jaxquant.flax.lsq import fake_quantize_learnable
-from jaxquant.flax.minilm import (
+from jaxquant.primitives.lsq.api import fake_quantize_learnable
+from jaxquant.models.minilm import (
     MiniLM,
     MiniLMConfig,
     dense_layers,

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant import weights as W
+from jaxquant.core import weights as W
 from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 from jaxquant.flax.gptq import GPTQ, gptq_calibrate

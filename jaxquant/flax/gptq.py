@@ -61,8 +61,9 @@ import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 
-from jaxquant import reference as ref
-from jaxquant import weights as W
+import jaxquant as jq
+from jaxquant.primitives.affine import reference as ref
+from jaxquant.core import weights as W
 from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 
@@ -481,7 +482,7 @@ def gptq_calibrate(model: nnx.Module, config: QuantConfig, options: GPTQ, paths:
                     qw = quantize(paths[i], obs)
                     kernel = obs.layer.kernel
                     saved[i] = kernel.get_value()
-                    kernel.set_value(W.dequantize_weight(qw).T.astype(saved[i].dtype))
+                    kernel.set_value(jq.dequantize_weight(qw).T.astype(saved[i].dtype))
         finally:
             for i, value in saved.items():
                 observers[i].layer.kernel.set_value(value)

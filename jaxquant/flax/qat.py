@@ -5,7 +5,7 @@ Forward of one layer (``x [..., K]``, flax kernel ``[K, N]`` = ``W^T``, ``W [N, 
 
     W_hat = fake_quantize(W, s_w, z_w, PerChannel(0) | PerGroup(g), qmin_w, qmax_w)
             s_w, z_w = choose_qparams(W) (absmax, recomputed every step; constants under the STE)
-                       or learned (``learnable_scales``: LSQ gradients, ``jaxquant.flax.lsq``)
+                       or learned (``learnable_scales``: LSQ gradients, ``jaxquant.primitives.lsq.api``)
     x_hat = x                                           activations=None
           = fake_quantize(x, s_x, PerToken(), -128, 127)   "dynamic": s_x = choose_qparams(x, PerToken())
           = fake_quantize(x, act_scale, PerTensor(), -128, 127)   "static": calibrated act_scale
@@ -52,19 +52,18 @@ def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *,
 
     ``scale=None``: absmax parameters from ``w`` (``jaxquant.choose_qparams``, constants).
     ``learnable=True``: ``scale`` and a FLOAT ``zero_point`` (or None when symmetric) get LSQ
-    gradients (``jaxquant.flax.lsq.fake_quantize_learnable``; groups are channels of the
+    gradients (``jaxquant.primitives.lsq.api.fake_quantize_learnable``; groups are channels of the
     ``[N * K/g, g]`` view).
     """
     qmin, qmax = config.weight_range
     n, k = w.shape
     config.check_features(k)
     if learnable:
-        from jaxquant.flax.lsq import fake_quantize_learnable
 
         g = k if config.group_size is None else config.group_size
         rows = jnp.reshape(w, (n * (k // g), g))
         zp = None if zero_point is None else jnp.reshape(zero_point, (-1,))
-        out = fake_quantize_learnable(rows, jnp.reshape(scale, (-1,)), zp, granularity=jq.PerChannel(0),
+        out = jq.fake_quantize_learnable(rows, jnp.reshape(scale, (-1,)), zp, granularity=jq.PerChannel(0),
                                       qmin=qmin, qmax=qmax, grad_factor=lsq_grad_factor(config, k))
         return jnp.reshape(out, (n, k))
     if scale is None:
