@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import torch
 
 import jaxquant as jq
-from jaxquant import reference_lsq as rl
-from jaxquant.flax.lsq import fake_quantize_learnable, lsq_backward
+from jaxquant.primitives.lsq import reference as rl
+from jaxquant.primitives.lsq.api import fake_quantize_learnable, lsq_backward
 from tests.conftest import assert_same_bits, run_impl
 
 U = 2.0**-24

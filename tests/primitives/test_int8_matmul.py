@@ -1,6 +1,6 @@
 """W8A8 ``quantized_linear`` and the raw ``int8_matmul``: kernels == reference, transformations, errors.
 
-Exactness contract (see ``jaxquant.primitives.linear``):
+Exactness contract (see ``jaxquant.primitives.int8_matmul.primitive``):
 * the int32 accumulator (``int8_matmul`` with no epilogue) equals ``lax.dot_general(int8, int8,
   preferred_element_type=int32)`` exactly, on every tier;
 * the float output equals the reference's epilogue ``(f32(acc) * s[m]) * w_scale[n] + bias[n]``
@@ -18,11 +18,14 @@ import jax.numpy as jnp
 from jax.test_util import check_grads
 
 import jaxquant as jq
-from jaxquant.pallas import int8_matmul as mm_k
-from jaxquant.pallas import int8_matmul_mgpu as mg_k
-from jaxquant.primitives import linear as L
-from jaxquant.primitives.linear import int8_matmul, quantized_linear
-from jaxquant.weights import QuantizedWeight, quantize_weight
+from jaxquant.pallas.int8_matmul import triton as mm_k
+from jaxquant.pallas.int8_matmul import mosaic as mg_k
+from jaxquant.core.device import is_hopper
+from jaxquant.core.weights import QuantizedWeight
+from jaxquant.primitives.int8_matmul import primitive as L
+from jaxquant.primitives.int8_matmul.api import int8_matmul, quantized_linear
+from jaxquant.primitives.int8_matmul.reference import linear_reference
+from jaxquant.primitives.weights import quantize_weight
 from conftest import assert_same_bits, cuda_kernels, run_impl
 
 DN = (((1,), (1,)), ((), ()))
@@ -155,8 +158,8 @@ def _fused_vs_reference(tier, cfg, dtype, x, qw, b, act):
     f = lambda x, c, s, b, act: (
         L.linear_kernel(x, c, s, b, out_dtype=dtype, config=cfg, interpret=interp, fuse=True),
         L.linear_kernel(x, c, s, None, act, out_dtype=dtype, config=cfg, interpret=interp, fuse=True))
-    g = lambda x, c, s, b, act: (L.linear_reference(x, c, s, b, out_dtype=dtype),
-                                 L.linear_reference(x, c, s, None, act, out_dtype=dtype))
+    g = lambda x, c, s, b, act: (linear_reference(x, c, s, b, out_dtype=dtype),
+                                 linear_reference(x, c, s, None, act, out_dtype=dtype))
     args = (x, qw.codes, qw.scale, b, act)
     # The reference runs on the CPU, as run_impl's: XLA:GPU's float32 division x / s is not
     # correctly rounded, and one activation code off by one at a near-.5 quotient moved 15 of 40
@@ -342,7 +345,7 @@ def test_every_tuned_config_lowers():
     w = jnp.ones((512, 512), jnp.int8)
     s = jnp.ones((300, 1), jnp.float32)
     ws = jnp.ones((512,), jnp.float32)
-    cfgs = {c for table in mm_k.TUNED.values() for _, c in table}
+    cfgs = {c for _, c in mm_k._tuned(None)[0]}
     for cfg in cfgs:
         names = cuda_kernels(lambda a: mm_k.int8_matmul(a, w, a_scale=s, w_scale=ws[None], out_dtype=jnp.bfloat16,
                                                         config=cfg), a)
@@ -400,7 +403,7 @@ def test_validation_errors(rng):
         quantized_linear(jnp.ones((3, 40), jnp.int8), qw)
     with pytest.raises(TypeError, match=r"out_dtype: expected one of float16, bfloat16, float32, got int8"):
         quantized_linear(x, qw, out_dtype=jnp.int8)
-    with pytest.raises(TypeError, match=r"config: expected a jaxquant.pallas.int8_matmul.Config"):
+    with pytest.raises(TypeError, match=r"config: expected a jaxquant.pallas.int8_matmul.triton.Config"):
         quantized_linear(x, qw, config=(16, 16, 16))
     with pytest.raises(ValueError, match=r"Config.block_n: expected a power of two >= 16, got 24"):
         mm_k.Config(16, 24, 32)
@@ -504,7 +507,7 @@ def test_split_k_is_an_upper_bound(rng):
 
 
 # ------------------------------------------------------------------------------------------
-# The Mosaic GPU GEMM (Hopper, prefill shapes; jaxquant.pallas.int8_matmul_mgpu). It has no
+# The Mosaic GPU GEMM (Hopper, prefill shapes; jaxquant.pallas.int8_matmul.mosaic). It has no
 # interpret mode: its dispatch and CUDA lowering are tested here, its results on the GPU.
 # ------------------------------------------------------------------------------------------
 
@@ -542,7 +545,7 @@ def test_mgpu_dispatch():
         use(128, 256, 128, config=mg_k.Config(), bias=True)
     with pytest.raises(ValueError, match="float epilogue"):
         use(128, 256, 128, scales=False, out=jnp.int32, config=mg_k.Config())
-    with pytest.raises(TypeError, match="int8_matmul_mgpu.Config"):
+    with pytest.raises(TypeError, match="int8_matmul.mosaic.Config"):
         quantized_linear(jnp.ones((2, 8)), quantize_weight(jnp.ones((4, 8)), bits=8), config="fast")
 
 
@@ -604,7 +607,7 @@ MGPU_CASES = [  # (x shape, N, config): explicit tiles on small shapes, then the
 def test_mgpu_gemm_equals_reference(rng, xshape, n, cfg, dtype):
     """Mosaic GPU W8A8 == the reference bit for bit (a NaN row, a zero row; dynamic and static scales)."""
     dk = jax.devices()[0].device_kind
-    if not L.is_hopper(dk):
+    if not is_hopper(dk):
         pytest.skip(f"Mosaic GPU GEMM: Hopper only, got {dk}")
     k = xshape[-1]
     _, qw = make_layer(rng, n, k)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant import weights as Wm
+from jaxquant.core import weights as Wm
 from jaxquant.flax import (GPTQ, W4A8, W4A16, W8A8, W8A16, QuantConfig, QuantizedLinear, calibration_mask,
                            collect_input_stats, convert, gptq_quantize_weight, layer_output_error, weight_qparams)
 from jaxquant.flax.convert import quantize_weight_with
@@ -41,7 +41,7 @@ class _Source:
 def _rtn(w, cfg):
     s, z = weight_qparams(w, bits=cfg.weight_bits, group_size=cfg.group_size, symmetric=cfg.weight_symmetric,
                           method=cfg.calibration)
-    return Wm.dequantize_weight(quantize_weight_with(w, s, z, cfg))
+    return jq.dequantize_weight(quantize_weight_with(w, s, z, cfg))
 
 
 def _numpy_gptq(w, h, scale, zp, cfg, damp=0.01, act_order=True):
@@ -75,7 +75,7 @@ def test_gptq_reduces_layer_output_error(rng, cfg):
     w = (rng.standard_normal((16, 128)) * 0.05).astype(np.float32)
     h = jnp.asarray(x.T @ x)
     qw = gptq_quantize_weight(w, h, cfg)
-    w_gptq, w_rtn = Wm.dequantize_weight(qw), _rtn(w, cfg)
+    w_gptq, w_rtn = jq.dequantize_weight(qw), _rtn(w, cfg)
     s, _ = weight_qparams(w, bits=cfg.weight_bits, group_size=cfg.group_size, symmetric=cfg.weight_symmetric,
                           method=cfg.calibration)
     assert_same_bits(qw.scale, s, "GPTQ keeps the plain scales")

@@ -21,12 +21,15 @@ from jax.test_util import check_grads
 
 import jaxquant as jq
 from jaxquant import shapes
-from jaxquant.pallas import weight_only as K
-from jaxquant.pallas import weight_only_mgpu as WM
-from jaxquant.pallas.mgpu_common import is_hopper
-from jaxquant.primitives import weight_only as P
-from jaxquant.primitives.weight_only import reference_weight_only_linear, weight_only_linear
-from jaxquant.weights import QuantizedWeight, dequantize_weight, quantize_weight
+from jaxquant.pallas.weight_only import triton as K
+from jaxquant.pallas.weight_only import mosaic as WM
+from jaxquant.core import device
+from jaxquant.core.device import is_hopper
+from jaxquant.core.weights import QuantizedWeight, pack_int4
+from jaxquant.primitives.weight_only import primitive as P
+from jaxquant.primitives.weight_only.api import weight_only_linear
+from jaxquant.primitives.weight_only.reference import weight_only_linear_reference as reference_weight_only_linear
+from jaxquant.primitives.weights import dequantize_weight, quantize_weight
 from conftest import cuda_kernels, run_impl
 
 # (M-shape, N, K, bits, group, symmetric, x dtype, bias, config): ragged M/N, split-K, K-masking.
@@ -121,7 +124,6 @@ def test_exact_small_integers(tier, rng):
     """Integer-valued x and power-of-two scales: every partial sum is exact, so kernel == reference bit for bit."""
     n, k = 24, 256
     q = jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int8)
-    from jaxquant.weights import pack_int4
     qw = QuantizedWeight(pack_int4(q), jnp.asarray(2.0 ** rng.integers(-3, 3, (n, k // 64)), jnp.float32), None,
                          bits=4, group_size=64, symmetric=True, shape=(n, k))
     x = jnp.asarray(rng.integers(-4, 5, (5, k)), jnp.bfloat16)
@@ -329,7 +331,7 @@ def test_small_groups_take_xla(tier, rng, dtype):
 
 
 # ----------------------------------------------------------------------------------------
-# The Mosaic GPU prefill kernel (Hopper; jaxquant.pallas.weight_only_mgpu). It has no interpret
+# The Mosaic GPU prefill kernel (Hopper; jaxquant.pallas.weight_only.mosaic). It has no interpret
 # mode: its dispatch and CUDA lowering are tested here, its results on the GPU.
 # ----------------------------------------------------------------------------------------
 
@@ -384,7 +386,7 @@ def test_mgpu_dispatch():
     with pytest.raises(ValueError, match="no interpret mode"):
         use(16, 256, 128, config=WM.Config(), interpret=True)
     x = jnp.ones((2, 128), jnp.bfloat16)
-    with pytest.raises(TypeError, match="weight_only_mgpu.Config"):
+    with pytest.raises(TypeError, match="weight_only.mosaic.Config"):
         weight_only_linear(x, quantize_weight(jnp.ones((256, 128)), bits=4), config=(64, 128))
     # empty problems with an explicit Mosaic GPU tile: the shape of the result, no kernel
     qw = quantize_weight(jnp.ones((256, 128)), bits=4, group_size=128)
@@ -447,7 +449,7 @@ def test_mgpu_lowers_for_cuda(bits, group, sym, cfg):
 def test_mgpu_heuristic_choice_lowers(monkeypatch):
     """As on an H200: prefill bfloat16 -> Mosaic GPU; decode, too few tiles, float16 x, 32-wide groups,
     ragged N -> Triton."""
-    monkeypatch.setattr(P, "_device_kind", lambda: H200)
+    monkeypatch.setattr(device, "device_kind", lambda: H200)
     for (m, n, k, bits, group, dt, want) in [
         (8192, 1024, 512, 4, 128, jnp.bfloat16, "jaxquant_weight_only_w4_mgpu"),
         (8000, 768, 640, 8, None, jnp.bfloat16, "jaxquant_weight_only_w8_mgpu"),

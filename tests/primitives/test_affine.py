@@ -96,7 +96,7 @@ def test_special_values_contract():
 
 def test_float64_when_enabled(rng):
     """float64 inputs compute in float64 (interpret-mode kernel == reference, on the CPU; on a GPU
-    float64 runs through XLA, see jaxquant.backend)."""
+    float64 runs through XLA, see jaxquant.core.backend)."""
     if jax.devices()[0].platform != "cpu":
         pytest.skip("the float64 kernel tier is checked on the CPU")
     with jax.enable_x64(True):

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
-from jaxquant import weights as Wt
-from jaxquant.weights import QuantizedWeight, dequantize_weight, pack_int4, quantize_weight, unpack_int4
+from jaxquant.core import weights as Wt
+from jaxquant.core.weights import QuantizedWeight, pack_int4, unpack_int4
+from jaxquant.primitives.weights import dequantize_weight, quantize_weight
 
 GROUPS = [None, 32, 64, 128, 256]
 

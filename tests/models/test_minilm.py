@@ -19,8 +19,8 @@ import pytest
 
 nnx = pytest.importorskip("flax.nnx", reason="flax is needed: pip install 'jaxquant[flax]'")
 
-from jaxquant.flax import minilm  # noqa: E402
-from jaxquant.flax.minilm import MiniLM, MiniLMConfig  # noqa: E402
+from jaxquant.models import minilm  # noqa: E402
+from jaxquant.models.minilm import MiniLM, MiniLMConfig  # noqa: E402
 
 TINY = MiniLMConfig(vocab_size=50, hidden_size=8, num_layers=2, num_heads=2,
                     intermediate_size=16, max_position_embeddings=16, type_vocab_size=2)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
-from jaxquant import reference as ref
-from jaxquant.pallas import affine as affine_k
-from jaxquant.pallas import dynamic as dynamic_k
+
+from jaxquant.pallas.affine import triton as affine_k
+from jaxquant.pallas.dynamic import triton as dynamic_k
 from conftest import assert_same_bits, run_impl
 
 RANGES = [(True, jnp.int8, None, None), (False, jnp.uint8, None, None), (False, jnp.int8, None, None),

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
-from jaxquant.pallas import affine, dynamic
+from jaxquant.pallas.affine import triton as affine
+from jaxquant.pallas.dynamic import triton as dynamic
 
 X = jnp.ones((4, 64), jnp.float32)
 S = jnp.ones((4,), jnp.float32)
