@@ -122,9 +122,6 @@ class QuantizedWeight:
         """The granularity of ``scale`` on the ``[N, K]`` weight: ``PerChannel(0)`` or ``PerGroup(g)``."""
         return gran.PerChannel(0) if self.group_size is None else gran.PerGroup(self.group_size)
 
-    def dequantize(self, dtype=jnp.float32):
-        return dequantize_weight(self, dtype)
-
     def __repr__(self):
         def desc(a):
             if a is None:

@@ -67,7 +67,7 @@ def test_serving_equals_qat_within_bound(rng, name):
     assert all(isinstance(l, QuantizedLinear) for l in model.layers)
     # the serving weights are exactly the QAT layer's fake-quantized weights
     for q, s in zip(qat_layers, model.layers):
-        assert_same_bits(s.qweight.dequantize(), q.quantized_weight(), "W_hat")
+        assert_same_bits(jq.dequantize_weight(s.qweight), q.quantized_weight(), "W_hat")
     _check_bound(qat_layers[0], model.layers[0], x)
     _check_bound(qat_layers[1], model.layers[1], hidden)
     # under jit, grad (straight-through / dequantized weight) and vmap
@@ -93,7 +93,7 @@ def test_convert_float_model_and_factory(rng):
     qw2 = jq.quantize_weight(jnp.asarray(w2), bits=4, group_size=128)
     assert_same_bits(layer.codes[...], qw2.codes, "int4 codes")
     x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
-    w_hat = np.asarray(qw2.dequantize())
+    w_hat = np.asarray(jq.dequantize_weight(qw2))
     y, y_ref = np.asarray(layer(x)), np.asarray(x) @ w_hat.T
     # two float32 sums of 256 exact-ish products in different orders: |dy| <= 2 * K * u * sum|x||w_hat|
     bound = 2 * 256 * 2.0**-24 * (np.abs(np.asarray(x)) @ np.abs(w_hat).T) + 2.0**-24 * np.abs(y_ref)
@@ -185,7 +185,7 @@ def test_linen_serving_equals_qat_within_bound(rng, name):
         q = served["quantized"][layer]
         qw = jq.QuantizedWeight(q["codes"], q["w_scale"], q.get("w_zero_point"), bits=cfg.weight_bits,
                                 group_size=cfg.group_size, symmetric=cfg.weight_symmetric, shape=w.shape)
-        assert_same_bits(qw.dequantize(), w_hat, f"{layer} W_hat")
+        assert_same_bits(jq.dequantize_weight(qw), w_hat, f"{layer} W_hat")
         act = v["quant_stats"][layer]["act_scale"] if cfg.activations == "static" else None
         k_vars = {"params": {"bias": served["params"][layer]["bias"]}, "quantized": q}
         if act is not None:
@@ -210,6 +210,6 @@ def test_linen_serving_from_float_dense(rng):
     qw = jq.quantize_weight(v["params"]["kernel"].T, bits=4, group_size=128)
     assert_same_bits(served["quantized"]["codes"], qw.codes, "int4 codes")
     y = QuantizedDense(32, config=W4A16).apply(served, x)
-    np.testing.assert_allclose(y, x @ qw.dequantize().T + v["params"]["bias"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, x @ jq.dequantize_weight(qw).T + v["params"]["bias"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="static"):
         linen_serving_variables(v, QuantConfig(activations="static"), qat=False)
