@@ -13,7 +13,7 @@ For M in {1, 16, 128, 2048, 8192} and (N, K) in {(8192, 8192), (4096, 14336)} it
 
 Every kernel's output is checked against the float64 oracle (``jaxquant.pallas.fp8_matmul.oracle``,
 bound ``TENSOR_CORE_C``) on 16 sampled rows x 4 sampled 128-column blocks (XLA's fp8 result is
-checked the same way, for information). Timing (PERF method): compile, then n calls issued back to
+checked the same way, for information). Timing: compile, then n calls issued back to
 back over 4 rotating input sets and one ``block_until_ready``; the median of 5 repeats. Small M
 (<= 128) runs chains of 8 GEMMs over different weights in one jitted call and reports a GEMM's
 share (one call is ~10 us of GPU time, less than the host's dispatch). Then, at 8192^3, a small
@@ -127,7 +127,7 @@ def pick(act, wset, tag):
 
 
 def time_fn(f, tag, sets, chain: int, repeats: int, min_time: float):
-    """Median seconds of one GEMM (PERF method), and the first GEMM's output and operands.
+    """Median seconds of one GEMM, and the first GEMM's output and operands.
 
     One jitted call runs ``chain`` GEMMs of one activation with successive weights; successive
     calls rotate over the input sets."""

@@ -19,10 +19,11 @@ states the math and the error bound against float64):
                  ``block_n <= 128`` so a tile's columns share one weight block).
 
 Promotion: each K chunk's dot is a fresh float32 tensor-core result added into the float32
-accumulator in registers (Hopper's fp8 ``wgmma`` keeps ~14 bits while it accumulates; Triton
-additionally promotes after every K = 32 instruction when, as from Pallas, the dot carries no
-``max_num_imprecise_acc``). So the accumulator is promoted at least every ``block_k <= 256``
-(rowwise) or 128 (blockwise) of K.
+accumulator in registers (Hopper's fp8 ``wgmma`` keeps ~14 bits while it accumulates), so partial
+sums reach float32 at least every ``block_k <= 256`` (rowwise) or 128 (blockwise) of K. Triton's
+own lowering goes further: Pallas leaves the dot's ``maxNumImpreciseAcc`` at 0, for which Triton
+accumulates each fp8 ``wgmma`` instruction (K = 32) in a separate partial and adds it in float32
+(``WarpGroupDotOp::needsPartialAccumulator``): more accurate, and extra float32 adds a step.
 
 Tiles (as ``jaxquant.pallas.int8_matmul``): a program computes a ``block_m x block_n`` tile looping
 over K in ``block_k`` chunks (the ragged tail chunk masked), programs in the grouped launch order;
