@@ -208,10 +208,53 @@ def run_sweep(sets, hopper, repeats, min_time, rows_out, deadline):
         rows_out.append(rec)
 
 
+def run_problem(m, n, k, sets, hopper, repeats, min_time, rng, failures):
+    """Time and check every candidate on one problem; print its table rows, return its records."""
+    chain = CHAIN if m <= 128 else 1
+    res = {}
+    for name, (tag, f) in fns(m, n, k, hopper).items():
+        rec = dict(kind="gemm", kernel=name, m=m, n=n, k=k)
+        where = f"{name} M={m} N={n} K={k}"
+        try:
+            t, y, ops = time_fn(f, tag, sets, chain, repeats, min_time)
+            rec.update(ms=t * 1e3, tflops=2 * m * n * k / t / 1e12, chain=chain)
+            if name not in ("bf16", "xla-fp8-dot"):
+                ok, ratio = sample_check(y, ops, tag, rng)
+                rec.update(check_ok=bool(ok), check_ratio=float(ratio))
+                if not ok and not name.startswith("xla"):  # XLA's result is checked for information
+                    failures.append(f"{where}: |err|/bound = {ratio:.3g}")
+            if m in F32_CHECK_MS and name in kernels(m, n, k, hopper):
+                # float32 outputs: the accumulation's error, not hidden by bfloat16's rounding
+                y32 = jax.jit(kernels(m, n, k, hopper, jnp.float32)[name][1])(*ops)
+                ok32, ratio32 = sample_check(y32, ops, tag, rng)
+                rec.update(check_f32_ok=bool(ok32), check_f32_ratio=float(ratio32))
+                if not ok32:
+                    failures.append(f"{where} (float32 out): |err|/bound = {ratio32:.3g}")
+        except Exception as e:  # a kernel that fails is a finding: record it, go on with the others
+            rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"
+            failures.append(f"{where}: {rec['error'][:200]}")
+            traceback.print_exc(limit=3)
+        res[name] = rec
+    base = res.get("bf16", {}).get("ms")
+    for name, rec in res.items():
+        if "error" in rec:
+            print(f"{m:5d} {n:6d} {k:6d} {name:13s} ERROR {rec['error'][:120]}")
+            continue
+        rec["x_bf16"] = base / rec["ms"] if base else None
+        chk = "" if "check_ok" not in rec else ("ok " if rec["check_ok"] else "FAIL ") + f"{rec['check_ratio']:.2g}"
+        if "check_f32_ratio" in rec:
+            chk += f" f32 {rec['check_f32_ratio']:.2g}"
+        print(f"{m:5d} {n:6d} {k:6d} {name:13s} {rec['ms']:9.4f} {rec['tflops']:8.0f} {rec['x_bf16'] or 0:7.2f} "
+              f"{chk:>22}")
+    return list(res.values())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="M in {16, 2048} on 8192^2 only, 3 repeats")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--budget", type=float, default=280.0,
+                   help="seconds; problems and sweep configs not started by then are skipped (default 280)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     kind = device_kind()
@@ -226,52 +269,22 @@ def main(argv=None) -> int:
     print(f"device {kind} ({num_sms()} SMs), jax {jax.__version__}, hopper={hopper}")
     print(f"{'M':>5} {'N':>6} {'K':>6} {'kernel':13s} {'ms':>9} {'TFLOP/s':>8} {'x bf16':>7} {'check (err/bound)':>22}")
     big_sets = None
-    for n, k in nks:
-        for m in ms:
-            sets = [make_set(i, m, n, k) for i in range(SETS)]
-            chain = CHAIN if m <= 128 else 1
-            res = {}
-            for name, (tag, f) in fns(m, n, k, hopper).items():
-                rec = dict(kind="gemm", kernel=name, m=m, n=n, k=k)
-                try:
-                    t, y, ops = time_fn(f, tag, sets, chain, repeats, min_time)
-                    rec.update(ms=t * 1e3, tflops=2 * m * n * k / t / 1e12, chain=chain)
-                    if name != "bf16" and name != "xla-fp8-dot":
-                        ok, ratio = sample_check(y, ops, tag, rng)
-                        rec.update(check_ok=bool(ok), check_ratio=float(ratio))
-                        if not ok and not name.startswith("xla"):
-                            failures.append(f"{name} M={m} N={n} K={k}: |err|/bound = {ratio:.3g}")
-                        if m in F32_CHECK_MS and not name.startswith("xla"):
-                            # float32 outputs: the accumulation's error, not hidden by bf16's rounding
-                            y32 = jax.jit(kernels(m, n, k, hopper, jnp.float32)[name][1])(*ops)
-                            ok32, ratio32 = sample_check(y32, ops, tag, rng)
-                            rec.update(check_f32_ok=bool(ok32), check_f32_ratio=float(ratio32))
-                            if not ok32:
-                                failures.append(f"{name} M={m} N={n} K={k} (float32 out): |err|/bound = {ratio32:.3g}")
-                except Exception as e:
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"
-                    failures.append(f"{name} M={m} N={n} K={k}: {rec['error'][:200]}")
-                    traceback.print_exc(limit=3)
-                res[name] = rec
-                rows.append(rec)
-            base = res.get("bf16", {}).get("ms")
-            for name, rec in res.items():
-                if "error" in rec:
-                    print(f"{m:5d} {n:6d} {k:6d} {name:13s} ERROR {rec['error'][:120]}")
-                    continue
-                rec["x_bf16"] = base / rec["ms"] if base else None
-                chk = "" if "check_ok" not in rec else ("ok " if rec["check_ok"] else "FAIL ") + f"{rec['check_ratio']:.2g}"
-                if "check_f32_ratio" in rec:
-                    chk += f" f32 {rec['check_f32_ratio']:.2g}"
-                print(f"{m:5d} {n:6d} {k:6d} {name:13s} {rec['ms']:9.4f} {rec['tflops']:8.0f} "
-                      f"{rec['x_bf16'] or 0:7.2f} {chk:>22}")
-            if (m, n, k) == BIG:
-                big_sets = sets
-            else:
-                del sets
+    # the targets' shape first, so that it is measured whatever the time budget leaves
+    problems = sorted(((m, n, k) for n, k in nks for m in ms), key=lambda p: p != BIG)
+    deadline = start + args.budget
+    for m, n, k in problems:
+        if time.perf_counter() > deadline:
+            print(f"{m:5d} {n:6d} {k:6d} skipped: time budget ({args.budget:.0f} s) spent")
+            rows.append(dict(kind="skipped", m=m, n=n, k=k))
+            continue
+        sets = [make_set(i, m, n, k) for i in range(SETS)]
+        rows += run_problem(m, n, k, sets, hopper, repeats, min_time, rng, failures)
+        if (m, n, k) == BIG:
+            big_sets = sets
+        del sets
     if big_sets is not None and not args.no_sweep:
         print("config sweep at 8192^3:")
-        run_sweep(big_sets, hopper, 3, min_time, rows, start + 270)
+        run_sweep(big_sets, hopper, 3, min_time, rows, deadline)
 
     # targets at 8192^3
     summary = {}

@@ -56,6 +56,7 @@ CASES = [
     (1, 70, 512, None),                               # M = 1: row broadcast, split K
     (16, 96, 1024, None),                             # decode: split K
     (5, 33, 64, FT.Config(16, 32, 32)),               # tiny, block_k 32
+    (1, 64, 256, FT.Config(16, 64, 64, split_k=2, row_bcast=False)),  # M = 1 as a masked 16-row tile
 ]
 
 
