@@ -171,12 +171,12 @@ def sample_check(y, ops, tag, rng):
 
 SWEEP = {  # 8192^3: a few configs around the heuristic's
     "triton-row": [FT.Config(128, 256, 128, group_m=16, num_warps=8, num_stages=3),
-                   FT.Config(128, 128, 128, group_m=16, num_warps=4, num_stages=4),
-                   FT.Config(128, 256, 64, group_m=16, num_warps=8, num_stages=4),
-                   FT.Config(128, 128, 256, group_m=16, num_warps=8, num_stages=3)],
-    "triton-block": [FT.Config(128, 128, 128, group_m=16, num_warps=4, num_stages=4),
-                     FT.Config(128, 128, 128, group_m=16, num_warps=8, num_stages=3),
-                     FT.Config(128, 128, 64, group_m=16, num_warps=8, num_stages=5)],
+                   FT.Config(128, 128, 256, group_m=16, num_warps=8, num_stages=3),
+                   FT.Config(256, 128, 128, group_m=16, num_warps=8, num_stages=3),
+                   FT.Config(128, 128, 128, group_m=16, num_warps=4, num_stages=4)],
+    "triton-block": [FT.Config(128, 128, 128, group_m=16, num_warps=8, num_stages=3),
+                     FT.Config(128, 128, 128, group_m=16, num_warps=4, num_stages=4),
+                     FT.Config(64, 128, 128, group_m=16, num_warps=4, num_stages=4)],
     "mgpu": [FM.Config(), FM.Config(grid_tile_width=16), FM.Config(tile_m=64, part_m=None),
              FM.Config(tile_n=64, part_m=None), FM.Config(stages=6, epi_n=64)],
 }

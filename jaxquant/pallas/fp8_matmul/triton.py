@@ -99,16 +99,20 @@ class Config:
                              f"got block_n={self.block_n}, block_k={self.block_k}")
 
 
-# Starting points by M (not yet tuned on a GPU: the int8 GEMM's measured tiles, with block_k halved
-# where blockwise scales need K chunks of 128). Each entry is (max_m, rowwise, blockwise).
+# Starting points by M, not yet tuned on a GPU: the int8 GEMM's measured tiles, with block_k 128
+# where blockwise scales need it, and 8 warps (two warpgroups) on 128-row tiles. Why 8: Triton keeps
+# a separate partial accumulator for fp8 wgmma (see the module docstring), so a warpgroup holds two
+# copies of its tile, three blockwise (the kernel's own fresh chunk result); a 128 x 128 tile on one
+# warpgroup would need 256+ float32 registers a thread and spill, on two it takes 128 (192).
+# Each entry is (max_m, rowwise, blockwise).
 _TABLE = (
     (16, Config(16, 32, 256, group_m=1, num_warps=2, num_stages=3, split_k=8),
      Config(16, 32, 128, group_m=1, num_warps=2, num_stages=4, split_k=8)),
     (256, Config(64, 64, 256, num_warps=4, num_stages=3, split_k=2),
      Config(64, 64, 128, num_warps=4, num_stages=4, split_k=2)),
     (1024, Config(64, 128, 128, num_warps=4, num_stages=4), Config(64, 128, 128, num_warps=4, num_stages=4)),
-    (1 << 62, Config(128, 256, 128, group_m=16, num_warps=8, num_stages=3),
-     Config(128, 128, 128, group_m=16, num_warps=4, num_stages=4)),
+    (1 << 62, Config(128, 128, 128, group_m=16, num_warps=8, num_stages=4),
+     Config(128, 128, 128, group_m=16, num_warps=8, num_stages=4)),
 )
 
 
