@@ -49,6 +49,19 @@ def assert_within(y, a, w, sa, sw, b, layout):
     return ratio
 
 
+def test_oracle_blockwise_is_the_dequantized_product(rng):
+    """The oracle's blockwise sum equals the float64 product of the dequantized operands (ragged K, N)."""
+    m, n, k = 7, 300, 333
+    a, w = codes(rng, (m, k)), codes(rng, (n, k))
+    sa, sw = scales(rng, "blockwise", m, n, k)
+    kk, nn = np.arange(k), np.arange(n)
+    a_deq = np.asarray(a, np.float64) * np.asarray(sa, np.float64)[:, kk // 128]
+    w_deq = np.asarray(w, np.float64) * np.asarray(sw, np.float64)[nn[:, None] // 128, kk[None, :] // 128]
+    mag = np.abs(a_deq) @ np.abs(w_deq).T
+    np.testing.assert_allclose(O.magnitude(a, w, sa, sw, layout="blockwise"), mag, rtol=1e-12)
+    assert np.all(np.abs(O.reference(a, w, sa, sw, layout="blockwise") - a_deq @ w_deq.T) <= 1e-12 * mag)
+
+
 # (M, N, K, config): ragged edges on every side, few grid steps; None: the heuristic (decode: split K)
 CASES = [
     (37, 150, 300, FT.Config(32, 64, 128)),           # ragged M, N, K (masked tail chunk)
