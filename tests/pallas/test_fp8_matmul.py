@@ -272,7 +272,8 @@ def test_mgpu_supports_and_scope():
     assert FM.supports(256, 512, 512, layout="blockwise", config=FM.Config(tile_m=64, part_m=None))
     assert FM.supports(256, 512, 512, config=FM.Config(tile_m=64, tile_n=32, part_m=None))
     assert not FM.supports(256, 512, 512, layout="blockwise", config=FM.Config(tile_m=64, tile_n=32, part_m=None))
-    assert "at most 192 accumulator registers (tile_n x (tile_m + part_m) / 128 = 256)" in FM.scope(FM.Config(part_m=None))
+    words = FM.scope(FM.Config(part_m=None))
+    assert "at most 192 accumulator registers (tile_n x (tile_m + part_m) / 128 = 256)" in words
     with pytest.raises(ValueError, match="fp8_matmul_mgpu: expected M a multiple of 128, N a multiple of 256"):
         S = jax.ShapeDtypeStruct
         FM.fp8_matmul_mgpu(S((100, 256), E4M3), S((256, 256), E4M3), S((100, 1), jnp.float32), S((256,), jnp.float32),

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -49,8 +48,8 @@ from jax.experimental.pallas import triton as pltriton
 from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2
 from jaxquant.pallas.mgpu_common import NUM_SMS
 
-__all__ = ["Config", "heuristics", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES", "BLOCK",
-           "MAX_ELEMENTS"]
+__all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
+           "BLOCK", "MAX_ELEMENTS"]
 
 LAYOUTS = ("rowwise", "blockwise")
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
