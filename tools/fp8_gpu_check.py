@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jaxquant.pallas.fp8_matmul import mosaic as FM
 from jaxquant.pallas.fp8_matmul import oracle as O
 from jaxquant.pallas.fp8_matmul import triton as FT
-from jaxquant.pallas.mgpu_common import device_kind, is_hopper, num_sms
+from jaxquant.core.device import device_kind, is_hopper, num_sms
 
 E4M3 = jnp.float8_e4m3fn
 FMAX = 448.0

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from jaxquant.pallas.fp8_matmul import mosaic as FM
 from jaxquant.pallas.fp8_matmul import oracle as O
 from jaxquant.pallas.fp8_matmul import triton as FT
-from jaxquant.pallas.mgpu_common import SMEM_BUDGET, device_kind, is_hopper
+from jaxquant.core.device import device_kind, is_hopper
+from jaxquant.pallas.mosaic_common import SMEM_BUDGET
 from conftest import cuda_kernels
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())

@@ -2,7 +2,7 @@
 
 The math of ``jaxquant.pallas.fp8_matmul.triton`` (both scale layouts; the float64 reference and
 the error bound are ``jaxquant.pallas.fp8_matmul.oracle``'s), on the W8A8 GEMM's skeleton
-(``jaxquant.pallas.mgpu_common``):
+(``jaxquant.pallas.mosaic_common``):
 
 * warp-specialised and persistent: a memory warpgroup TMA-copies, per 128-wide step of K, the
   activation tile ``[tile_m, 128]`` and the weight tile ``[2 tile_n, 128]`` (both K-major, 128-byte
@@ -48,7 +48,8 @@ from jax.experimental import pallas as pl
 
 from jaxquant.pallas.common import check_positive, check_pow2
 from jaxquant.pallas.fp8_matmul.triton import LAYOUTS, validate
-from jaxquant.pallas.mgpu_common import (NUM_SMS, SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
+from jaxquant.core.device import NUM_SMS
+from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
 
 __all__ = ["Config", "heuristics", "supports", "scope", "enough_tiles", "fit_stages", "fp8_matmul_mgpu", "TILE_K",

@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2
-from jaxquant.pallas.mgpu_common import NUM_SMS
+from jaxquant.core.device import NUM_SMS
 
 __all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
            "BLOCK", "MAX_ELEMENTS"]
