@@ -29,7 +29,7 @@ import jax
 from flax import nnx
 
 from jaxquant.flax import GPTQ, W4A16, W8A8, W8A16, calibration_mask, embed, load_minilm, quantize, summary
-from jaxquant.flax.minilm import _embed_jit, tokenize
+from jaxquant.models.minilm import _embed_jit, tokenize
 
 from calibration_sentences import CALIBRATION_SENTENCES
 

@@ -1,24 +1,20 @@
 """jaxquant: quantization kernels for JAX on NVIDIA GPUs (Pallas), with straight-through gradients.
 
-The public API (DESIGN.md §3); everything else lives in submodules.
+The public API; everything else lives in submodules (docs/architecture.md).
 """
 
-from jaxquant.backend import implementation
+from jaxquant.core.backend import implementation
+from jaxquant.core.describe import describe
+from jaxquant.core.weights import QuantizedWeight
 from jaxquant.granularity import PerChannel, PerGroup, PerTensor, PerToken
-from jaxquant.primitives.linear import int8_matmul, quantized_linear
-from jaxquant.primitives.weight_only import weight_only_linear
-from jaxquant.weights import QuantizedWeight, dequantize_weight, quantize_weight
-from jaxquant.primitives.api import (
-    choose_qparams,
-    dequantize,
-    dynamic_quantize,
-    fake_quantize,
-    fake_quantize_backward,
-    quantize,
-    quantize_backward,
-)
+from jaxquant.primitives.affine.api import dequantize, fake_quantize, fake_quantize_backward, quantize, quantize_backward
+from jaxquant.primitives.dynamic.api import choose_qparams, dynamic_quantize
+from jaxquant.primitives.int8_matmul.api import int8_matmul, quantized_linear
+from jaxquant.primitives.lsq.api import fake_quantize_learnable, lsq_backward
+from jaxquant.primitives.weight_only.api import weight_only_linear
+from jaxquant.primitives.weights import dequantize_weight, quantize_weight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "quantize",
@@ -28,7 +24,10 @@ __all__ = [
     "fake_quantize_backward",
     "dynamic_quantize",
     "choose_qparams",
+    "fake_quantize_learnable",
+    "lsq_backward",
     "implementation",
+    "describe",
     "quantize_weight",
     "dequantize_weight",
     "QuantizedWeight",

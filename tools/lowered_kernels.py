@@ -107,7 +107,7 @@ def cases():
             jq.dynamic_quantize(x), jq.dynamic_quantize(x, dtype=jnp.uint8, symmetric=False),
             jq.dynamic_quantize(x, granularity=jq.PerGroup(32)),
             jq.dynamic_quantize(x, granularity=jq.PerTensor(), symmetric=False, dtype=jnp.uint8))), (xd,)
-    lsq = _first(("jaxquant.primitives.lsq", "fake_quantize_learnable"), ("jaxquant.flax.lsq", "fake_quantize_learnable"))
+    lsq = _first(("jaxquant", "fake_quantize_learnable"), ("jaxquant.flax.lsq", "fake_quantize_learnable"))
     xf = x.astype(jnp.float32)
     yield "lsq", (lambda x, s, z: jax.grad(lambda x, s, z: jnp.sum(lsq(
         x, s, z, granularity=jq.PerChannel(1), qmin=-128, qmax=127)), argnums=(0, 1, 2))(x, s, z)), (

@@ -1,7 +1,7 @@
 """Benchmarks of the quantize family and dynamic quantization (PERF.md targets).
 
 Each op is timed three ways in one run: jaxquant (the Pallas kernel on a GPU), the same op in
-plain jnp under ``jax.jit`` (``jaxquant.reference``: what a JAX user writes today) and, for
+plain jnp under ``jax.jit`` (the plain-jnp reference: what a JAX user writes today) and, for
 scale, the device copy bandwidth. Targets (H200): dynamic per-token >= 3.6 TB/s and >= 2.0x
 plain jnp; every other op >= 90% of the copy bandwidth and >= 1.0x plain jnp.
 """
@@ -16,11 +16,11 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant import granularity as G
-from jaxquant import reference as ref
+
 from jaxquant import shapes
 from jaxquant.bench.harness import Context, nbytes, rotations, timeit
-from jaxquant.pallas import affine as affine_k
-from jaxquant.pallas import dynamic as dynamic_k
+from jaxquant.pallas.affine import triton as affine_k
+from jaxquant.pallas.dynamic import triton as dynamic_k
 
 COPY_TARGET = 0.90
 DYN_TARGET_GBPS = 3600.0

@@ -1,7 +1,7 @@
 """Serving benchmark: one jitted MiniLM forward (token ids -> pooled embeddings), float vs quantized.
 
 The layer sections time one matmul at a time; this section times what a user of ``jaxquant.flax``
-serves: the all-MiniLM-L6-v2 encoder of ``jaxquant.flax.minilm`` (hidden 384, 6 layers, 12 heads,
+serves: the all-MiniLM-L6-v2 encoder of ``jaxquant.models.minilm`` (hidden 384, 6 layers, 12 heads,
 intermediate 1536; 36 dense projections) quantized with the library's own ``jaxquant.flax.quantize``. So it
 includes everything around the kernels: the launches of 36 small layers, the activation
 quantization of W8A8, attention, LayerNorms, pooling.

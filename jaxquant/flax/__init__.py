@@ -20,8 +20,8 @@
   ``QuantConfig.calibration``, ``weight_qparams`` (``jaxquant.flax.calibrate``).
 * ``summary(model)`` — ``jaxquant.flax.summary``; ``save_checkpoint`` / ``restore_checkpoint``
   (orbax, with each layer's config) — ``jaxquant.flax.checkpoint``.
-* LSQ — ``fake_quantize_learnable`` (``jaxquant.flax.lsq``): learnable-scale fake quantization.
-* ``jaxquant.flax.minilm``: the float all-MiniLM-L6-v2 sentence encoder of the demo.
+* LSQ — ``fake_quantize_learnable`` (``jaxquant.primitives.lsq.api``): learnable-scale fake quantization.
+* ``jaxquant.models.minilm``: the float all-MiniLM-L6-v2 sentence encoder of the demo.
 """
 
 from jaxquant.flax.calibrate import qparams_from_range, weight_qparams
@@ -30,8 +30,8 @@ from jaxquant.flax.config import MIN_GROUP_SIZE, W4A8, W4A16, W8A8, W8A16, Quant
 from jaxquant.flax.gptq import GPTQ, gptq_quantize_weight, layer_output_error
 from jaxquant.flax.layers import QATLayer, QuantizedLayer, QuantStat, fake_quantize_activation, fake_quantize_weight
 from jaxquant.flax.linen import LinenQuantized, quantize_variables
-from jaxquant.flax.lsq import fake_quantize_learnable
-from jaxquant.flax.minilm import (
+from jaxquant.primitives.lsq.api import fake_quantize_learnable
+from jaxquant.models.minilm import (
     MiniLM,
     MiniLMConfig,
     dense_layers,

@@ -1,6 +1,6 @@
 """Calibration: initial weight scales (absmax, percentile, MSE clip search) and static activation scales.
 
-Weights use the ``jaxquant.weights`` layout ``W [N, K]`` (``nn.Linear``; a flax kernel is its
+Weights use the ``jaxquant.core.weights`` layout ``W [N, K]`` (``nn.Linear``; a flax kernel is its
 transpose) with one ``(scale, zero point)`` per output row (``group_size=None``) or per
 ``(row, group of g consecutive k)``. Every method clips the range ``[lo, hi]`` of each
 channel/group and turns it into parameters with the formulas of ``jaxquant.choose_qparams``::
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
-from jaxquant import reference as ref
-from jaxquant import weights as W
+from jaxquant.core import numerics as ref
+from jaxquant.core import weights as W
 
 __all__ = ["qparams_from_range", "weight_qparams", "DEFAULT_RATIOS"]
 

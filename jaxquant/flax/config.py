@@ -12,7 +12,7 @@ field                  meaning
                        per token row, computed from the data) or ``"static"`` (int8, one
                        calibrated per-tensor scale held by the layer)
 ``learnable_scales``   QAT only: the weight scales (and zero points) are trainable parameters with
-                       LSQ gradients (``jaxquant.flax.lsq``) instead of being recomputed from the
+                       LSQ gradients (``jaxquant.primitives.lsq.api``) instead of being recomputed from the
                        weights at every step (absmax, straight-through)
 ``calibration``        how ``jaxquant.flax.calibrate`` picks the initial weight scales:
                        ``"absmax"``, ``"percentile"`` or ``"mse"``
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxquant import weights as W
+from jaxquant.core import weights as W
 
 __all__ = ["QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "ACTIVATIONS", "CALIBRATIONS", "MIN_GROUP_SIZE"]
 
@@ -78,7 +78,7 @@ class QuantConfig:
 
     @property
     def weight_range(self) -> tuple[int, int]:
-        """``(qmin, qmax)`` of the weight codes (``jaxquant.weights.code_range``)."""
+        """``(qmin, qmax)`` of the weight codes (``jaxquant.core.weights.code_range``)."""
         return W.code_range(self.weight_bits, self.weight_symmetric)
 
     @property

@@ -55,8 +55,9 @@ import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 
-from jaxquant import reference as ref
-from jaxquant import weights as W
+import jaxquant as jq
+from jaxquant.primitives.affine import reference as ref
+from jaxquant.core import weights as W
 from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 from jaxquant.flax.geometry import Geometry
@@ -267,7 +268,7 @@ def gptq_calibrate(model: nnx.Module, options: GPTQ,
                     qw = quantize(observed[i][0], obs)
                     kernel = obs.layer.kernel
                     saved[i] = kernel.get_value()
-                    kernel.set_value(obs.geometry.kernel(W.dequantize_weight(qw)).astype(saved[i].dtype))
+                    kernel.set_value(obs.geometry.kernel(jq.dequantize_weight(qw)).astype(saved[i].dtype))
         finally:
             for i, value in saved.items():
                 observers[i].layer.kernel.set_value(value)

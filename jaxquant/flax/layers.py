@@ -5,7 +5,7 @@ input as rows ``x [..., K]``)::
 
     W_hat = fake_quantize(W, s_w, z_w, PerChannel(0) | PerGroup(g), qmin_w, qmax_w)
             s_w, z_w = absmax of W (recomputed every step; constants under the STE)
-                       or learned (``learnable_scales``: LSQ gradients, ``jaxquant.flax.lsq``)
+                       or learned (``learnable_scales``: LSQ gradients, ``jaxquant.fake_quantize_learnable``)
     x_hat = x                                                  activations=None
           = fake_quantize(x, s_x, PerToken(), -128, 127)        "dynamic": s_x from each row of x
           = fake_quantize(x, act_scale, PerTensor(), -128, 127) "static": calibrated act_scale
@@ -41,12 +41,11 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 
 import jaxquant as jq
-from jaxquant import weights as W
+from jaxquant.core import weights as W
 from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 from jaxquant.flax import geometry as G
 from jaxquant.flax.geometry import Geometry
-from jaxquant.flax.lsq import fake_quantize_learnable
 
 __all__ = ["fake_quantize_weight", "fake_quantize_activation", "lsq_grad_factor", "weight_params",
            "serving_weight", "qat_matmul", "serve_matmul", "compute_dtype", "act_scale_from_amax", "QuantStat",
@@ -75,7 +74,7 @@ def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *,
 
     ``scale=None``: absmax parameters from ``w`` (``jaxquant.choose_qparams``, constants).
     ``learnable=True``: ``scale`` and a FLOAT ``zero_point`` (or None when symmetric) get LSQ
-    gradients (``jaxquant.flax.lsq.fake_quantize_learnable``; groups are channels of the
+    gradients (``jaxquant.fake_quantize_learnable``; groups are channels of the
     ``[N * K/g, g]`` view).
     """
     qmin, qmax = config.weight_range
@@ -85,7 +84,7 @@ def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *,
         g = k if config.group_size is None else config.group_size
         rows = jnp.reshape(w, (n * (k // g), g))
         zp = None if zero_point is None else jnp.reshape(zero_point, (-1,))
-        out = fake_quantize_learnable(rows, jnp.reshape(scale, (-1,)), zp, granularity=jq.PerChannel(0),
+        out = jq.fake_quantize_learnable(rows, jnp.reshape(scale, (-1,)), zp, granularity=jq.PerChannel(0),
                                       qmin=qmin, qmax=qmax, grad_factor=lsq_grad_factor(config, k))
         return jnp.reshape(out, (n, k))
     if scale is None:

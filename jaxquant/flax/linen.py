@@ -48,7 +48,7 @@ from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
 from flax import traverse_util
 
-from jaxquant import weights as W
+from jaxquant.core import weights as W
 from jaxquant.flax import geometry as G
 from jaxquant.flax import layers as L
 from jaxquant.flax.config import QuantConfig

@@ -24,6 +24,9 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
 
+from jaxquant.core.numerics import rounded
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -74,11 +77,17 @@ def to_code(v, qmin: int, qmax: int, fast: bool = False):
 
 
 def plus_zero(v):
-    """-0.0 -> +0.0 (integer-valued floats; see jaxquant.reference.plus_zero).
+    """-0.0 -> +0.0 (integer-valued floats; see jaxquant.core.numerics.plus_zero).
 
     A select on every path: ``v + 0.0`` was measured to keep -0.0 in a Triton kernel on the H200
     (the compiler folded it), so the sign is fixed with a compare instead."""
     return jnp.where(v == 0, jnp.zeros((), v.dtype), v)
+
+
+def finite_or_zero(x):
+    """x with +-Inf replaced by 0 (NaN kept): dynamic statistics ignore infinities
+    (docs/numerics.md), so a row holding +Inf keeps a finite scale and +Inf gets the code qmax."""
+    return jnp.where(jnp.abs(x) == jnp.inf, jnp.zeros((), x.dtype), x)
 
 
 def abs_max_bits(x):
@@ -113,4 +122,4 @@ def mul_rn(a, b, fast: bool = False):
         return pltriton.elementwise_inline_asm(
             "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])[0]
-    return jax.lax.optimization_barrier(a * b)  # interpret mode: XLA must not contract it either
+    return rounded(a * b)  # interpret mode: XLA:CPU contracts through optimization_barrier (core.numerics.rounded)

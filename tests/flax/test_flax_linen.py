@@ -87,7 +87,7 @@ def test_qat_then_serve(rng, cfg):
                             group_size=cfg.group_size, symmetric=cfg.weight_symmetric, shape=(64, 32))
     act = qv.get("quant_stats", {}).get("Dense_0", {}).get("act_scale")
     x_hat = np.asarray(fake_quantize_activation(x, cfg, act), np.float64)
-    w_hat = np.asarray(qw.dequantize(), np.float64)
+    w_hat = np.asarray(jq.dequantize_weight(qw), np.float64)
     y_q = x_hat @ w_hat.T + np.asarray(p["bias"], np.float64)
     dense = quantize(nn.Dense(64), cfg, mode="qat")
     v1 = {"params": {k: p[k] for k in p}}

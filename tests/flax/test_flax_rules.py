@@ -15,7 +15,7 @@ from jaxquant.flax import (MIN_GROUP_SIZE, W4A16, W8A8, W8A16, Calibration, QATL
                            QuantizationWarning, QuantizedLayer, Rule, fake_quantize_activation, quantize, summary,
                            weight_qparams)
 from jaxquant.flax.layers import geometry_of
-from jaxquant.pallas.weight_only import MIN_GROUP
+from jaxquant.pallas.weight_only.triton import MIN_GROUP
 from tests.conftest import assert_same_bits
 
 U = 2.0**-24
@@ -128,7 +128,7 @@ def test_attention_and_einsum_served_exactly(rng, cfg):
         qw = jq.quantize_weight(w, bits=cfg.weight_bits, group_size=cfg.group_size)
         assert_same_bits(layer.qweight.codes, qw.codes, f"{name} codes")
         xin = x if name != "attn/out" else jnp.reshape(x, (2, 5, 4, 16))
-        w_hat = np.asarray(qw.dequantize(), np.float64)
+        w_hat = np.asarray(jq.dequantize_weight(qw), np.float64)
         rows = np.asarray(g.rows(xin)[0], np.float64)
         ref = rows @ w_hat.T + np.reshape(np.asarray(float_layer.bias.get_value(), np.float64), (-1,))
         y = np.reshape(np.asarray(layer(xin), np.float64), ref.shape) if name != "head" else \
@@ -200,7 +200,7 @@ def test_qat_then_serve_within_the_bound(rng, name):
     assert isinstance(served.head, nnx.Einsum) and served.up.config == cfg
     _bound_check(qat.up, served.up, x)
     _bound_check(qat.attn.out, served.attn.out, jnp.reshape(x, (2, 5, 4, 16)))
-    assert_same_bits(served.up.qweight.dequantize(), qat.up.quantized_weight(), "served W == QAT W_hat")
+    assert_same_bits(jq.dequantize_weight(served.up.qweight), qat.up.quantized_weight(), "served W == QAT W_hat")
     # other rules on a QAT model: one warning per QAT layer, served as trained
     with pytest.warns(QuantizationWarning) as rec:
         again = quantize(qat, W8A16)

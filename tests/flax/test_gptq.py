@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant import weights as Wm
+from jaxquant.core import weights as Wm
 from jaxquant.flax import (GPTQ, W4A8, W4A16, W8A8, W8A16, Calibration, QuantConfig, QuantizationWarning,
                            QuantizedLayer, calibration_mask, gptq_quantize_weight, layer_output_error, quantize,
                            weight_qparams)
@@ -43,7 +43,7 @@ class _Source:
 def _rtn(w, cfg):
     s, z = weight_qparams(w, bits=cfg.weight_bits, group_size=cfg.group_size, symmetric=cfg.weight_symmetric,
                           method=cfg.calibration)
-    return Wm.dequantize_weight(quantize_weight_with(w, s, z, cfg))
+    return jq.dequantize_weight(quantize_weight_with(w, s, z, cfg))
 
 
 def _numpy_gptq(w, h, scale, zp, cfg, damp=0.01, act_order=True):
@@ -77,7 +77,7 @@ def test_gptq_reduces_layer_output_error(rng, cfg):
     w = (rng.standard_normal((16, 128)) * 0.05).astype(np.float32)
     h = jnp.asarray(x.T @ x)
     qw = gptq_quantize_weight(w, h, cfg)
-    w_gptq, w_rtn = Wm.dequantize_weight(qw), _rtn(w, cfg)
+    w_gptq, w_rtn = jq.dequantize_weight(qw), _rtn(w, cfg)
     s, _ = weight_qparams(w, bits=cfg.weight_bits, group_size=cfg.group_size, symmetric=cfg.weight_symmetric,
                           method=cfg.calibration)
     assert_same_bits(qw.scale, s, "GPTQ keeps the plain scales")
@@ -118,9 +118,9 @@ def test_block_size_does_not_change_the_result(rng):
     x = _Source(rng).sample(rng, 300)   # ill-conditioned: sensitive to the damping
     w = (rng.standard_normal((16, 128)) * 0.05).astype(np.float32)
     h = jnp.asarray(x.T @ x, jnp.float32)
-    ref = np.asarray(gptq_quantize_weight(w, h, cfg, block_size=48).dequantize())   # 48: a padded last block
+    ref = np.asarray(jq.dequantize_weight(gptq_quantize_weight(w, h, cfg, block_size=48)))   # 48: a padded last block
     for b in (1, 128):
-        got = np.asarray(gptq_quantize_weight(w, h, cfg, block_size=b).dequantize())
+        got = np.asarray(jq.dequantize_weight(gptq_quantize_weight(w, h, cfg, block_size=b)))
         # measured: identical codes in 60 of 60 seeded trials; a float32 near-tie flipped by the
         # summation order would change the rest of one row
         assert int((got != ref).any(axis=1).sum()) <= 1
@@ -149,7 +149,7 @@ def test_dead_inputs_and_validation(rng):
     w = jnp.asarray(rng.standard_normal((16, 128)), jnp.float32)
     cfg = G32
     qw = gptq_quantize_weight(w, jnp.asarray(x.T @ x), cfg)
-    assert np.isfinite(np.asarray(qw.dequantize())).all()
+    assert np.isfinite(np.asarray(jq.dequantize_weight(qw))).all()
     # a Hessian of rank 1 (one sample): the damping keeps it invertible
     gptq_quantize_weight(w, jnp.asarray(np.outer(x[0], x[0])), cfg)
     with pytest.raises(ValueError, match="hessian"):
@@ -225,7 +225,7 @@ def test_sequential_sees_quantized_inputs(rng):
                                       + model.b.bias[...]))
 
     h_float = hidden(ka.T, model.b.kernel.get_value().T)
-    h_quant = hidden(seq[("a",)][0].dequantize(), seq[("b",)][0].dequantize())
+    h_quant = hidden(jq.dequantize_weight(seq[("a",)][0]), jq.dequantize_weight(seq[("b",)][0]))
     np.testing.assert_allclose(np.asarray(par[("c",)][1].hessian), h_float.T @ h_float / 64, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(seq[("c",)][1].hessian), h_quant.T @ h_quant / 64, rtol=1e-4, atol=1e-6)
     assert not np.allclose(np.asarray(seq[("c",)][1].hessian), np.asarray(par[("c",)][1].hessian), rtol=1e-3)
@@ -256,7 +256,7 @@ def test_quantize_with_gptq_serves_the_calibrated_weights(rng, cfg):
         expect = gptq_quantize_weight(fl.kernel.get_value().T, st.hessian, cfg)
         assert_same_bits(sl.qweight.codes, expect.codes, "served codes == GPTQ codes")
         assert_same_bits(sl.qweight.scale, expect.scale, "served scales")
-        w_hat = np.asarray(expect.dequantize(), np.float64)
+        w_hat = np.asarray(jq.dequantize_weight(expect), np.float64)
         b = np.asarray(fl.bias.get_value(), np.float64)
         xin = np.asarray(x if i == 0 else model.layers[0](x))
         if cfg.activations == "static":

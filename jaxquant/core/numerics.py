@@ -1,0 +1,88 @@
+"""Numerics helpers shared by every op's reference (plain jnp) and by the kernels' XLA epilogues.
+
+All arithmetic is float32 (float64 for float64 inputs). Every formula is written as a product
+with an explicit, correctly rounded reciprocal: XLA rewrites ``x / y`` with a broadcast divisor
+into ``x * (1 / y)`` on the CPU and the GPU, so a reference that divides would not be correctly
+rounded, while one that multiplies by ``recip(y)`` equals the kernels everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+__all__ = ["TINY", "compute_dtype", "recip", "to_code", "plus_zero", "ste", "rounded", "int8_epilogue"]
+
+TINY = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal float32
+
+# A float32 NaN bit pattern; ``rounded`` maps it to itself.
+_NAN_BITS = 0x7FC00001
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float64 for float64 inputs, float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def recip(a):
+    """The correctly rounded reciprocal ``1 / a`` in a's dtype."""
+    return jnp.asarray(1, a.dtype) / a
+
+
+def to_code(v, qmin, qmax):
+    """``clamp(v, qmin, qmax)`` with NaN -> qmin and -0.0 -> +0.0 (v is a float array)."""
+    v = plus_zero(v)
+    return jnp.where(jnp.isnan(v), jnp.asarray(qmin, v.dtype), jnp.clip(v, qmin, qmax))
+
+
+def plus_zero(v):
+    """-0.0 -> +0.0. Codes and ``q - zp`` are integers: a zero is always +0.0 (as in PyTorch,
+    where they are int64). Written out because XLA folds ``v + 0.0`` to ``v``, which would keep
+    the -0.0 that ``rne`` gives for small negative ``x * inv_scale``."""
+    return jnp.where(v == 0, jnp.zeros((), v.dtype), v)
+
+
+def ste(g, m):
+    """``g * m`` for a boolean mask m, written ``where(m, g, g * 0)``: the same value for every g
+    (``-g * 0 = -0.0`` and ``Inf * 0 = NaN``, as PyTorch's ``dY * mask``), in a form XLA does not
+    simplify into ``select(m, g, +0.0)``."""
+    return jnp.where(m, g, g * jnp.asarray(0, g.dtype))
+
+
+def rounded(y):
+    """``y`` as a materialised float32 value: a product passed through it is rounded before the
+    next operation, so ``rounded(a * b) + c`` rounds twice (as the kernels' ``mul.rn`` + add).
+
+    Under ``jax.jit`` XLA:CPU drops ``optimization_barrier`` and bitcast round trips and contracts
+    ``a * b + c`` into one FMA (one rounding): ``int8_matmul`` of 1 x 1 codes with scale 1/3, w_scale
+    3 and bias -1 gave 2.98e-08 instead of 0.0. A select whose both branches are bit-identical to
+    ``y`` (the only pattern it replaces is the NaN it puts back) is opaque to that contraction.
+    """
+    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+    same = jax.lax.bitcast_convert_type(jnp.int32(_NAN_BITS), jnp.float32)
+    return jnp.where(bits == _NAN_BITS, same, y)
+
+
+def int8_epilogue(acc, a_scale, w_scale, bias, out_dtype):
+    """The W8A8 epilogue: ``(f32(acc) * a_scale) * w_scale (+ f32(bias))`` cast to ``out_dtype``.
+
+    ``acc`` is the exact int32 accumulator ``[M, N]``; ``a_scale`` ``[M, 1]`` or ``[1, 1]``,
+    ``w_scale`` ``[N]`` (any shape with N elements), ``bias`` ``[N]``; with none of them the int32
+    accumulator is returned as is (cast to ``out_dtype``). The GEMM kernel computes the same
+    products in the same order (``mul.rn``, then the bias add); its split-K path applies this
+    function to the summed int32 partials.
+    """
+    if a_scale is None and w_scale is None and bias is None:
+        return acc.astype(out_dtype)
+    y = acc.astype(jnp.float32)
+    if a_scale is not None:
+        y = y * a_scale.astype(jnp.float32)
+    if w_scale is not None:
+        y = y * jnp.reshape(w_scale, (1, -1)).astype(jnp.float32)
+    if bias is not None:
+        # The product is rounded to float32 before the bias add (two roundings, as the kernel's
+        # mul.rn + add): see ``rounded``.
+        y = rounded(y)
+        y = y + jnp.reshape(bias, (1, -1)).astype(jnp.float32)
+    return y.astype(out_dtype)
