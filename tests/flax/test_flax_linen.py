@@ -79,7 +79,11 @@ def test_qat_then_serve(rng, cfg):
     sv = quantize_variables(served, qv, x)
     assert "Dense_1" not in sv["quantized"] and "kernel" in sv["params"]["Dense_1"]
     y_qat, y_srv = np.asarray(qat.apply(qv, x), np.float64), np.asarray(served.apply(sv, x), np.float64)
-    np.testing.assert_allclose(y_srv, y_qat, rtol=1e-4, atol=1e-4)
+    # Whole model: float32 rounding differences after the first layer can flip an activation code of
+    # a later layer's dynamic quantization (one step = its scale), so the model-level check allows
+    # a few code steps; the exact contract is the layer-by-layer bound below.
+    assert np.abs(y_srv - y_qat).max() <= 0.05 * np.abs(y_qat).max()
+    assert np.median(np.abs(y_srv - y_qat)) <= 1e-4 * np.abs(y_qat).max()
     # layer by layer, the Dense_0 bound of jaxquant.flax.layers
     p = qv["params"]["Dense_0"]
     q = sv["quantized"]["Dense_0"]
