@@ -28,7 +28,8 @@ import numpy as np
 import jax
 from flax import nnx
 
-from jaxquant.flax import GPTQ, W4A16, W8A8, W8A16, calibration_mask, embed, load_minilm, quantize, summary
+from jaxquant.flax import GPTQ, W4A16, W8A8, W8A16, calibration_mask, quantize, summary
+from jaxquant.models.minilm import embed, load_minilm
 from jaxquant.models.minilm import _embed_jit, tokenize
 
 from calibration_sentences import CALIBRATION_SENTENCES

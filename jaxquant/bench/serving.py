@@ -9,7 +9,8 @@ quantization of W8A8, attention, LayerNorms, pooling.
 What is timed, per variant and per batch ``(B, L)``: ``jax.jit`` of ``nnx.merge(graphdef,
 state)(input_ids, attention_mask, token_type_ids)`` -> unit-norm embeddings ``[B, 384]``, with
 the model state passed as an argument (not baked into the executable as constants), timed by
-``harness.timeit`` (PERF.md's method: warm-up, n back-to-back calls, median of >= 5 repeats).
+``harness.timeit`` (docs/performance.md's method: warm-up, n back-to-back calls, median of >= 5
+repeats).
 Every token is real (mask all ones). Inputs are not rotated: the dense weights are 42 MB in
 float32 and 5-11 MB quantized, and the whole model (incl. the 47 MB embedding table, of which a
 forward reads only B*L rows) is what a server keeps resident anyway. The host cost of passing
@@ -58,7 +59,8 @@ from flax import nnx
 from rich.table import Table
 
 from jaxquant.bench.harness import Context, nbytes, timeit
-from jaxquant.flax import W4A16, W8A8, W8A16, MiniLM, MiniLMConfig, quantize, summary
+from jaxquant.flax import W4A16, W8A8, W8A16, quantize, summary
+from jaxquant.models.minilm import MiniLM, MiniLMConfig
 from jaxquant.flax.config import QuantConfig
 
 #: (batch, tokens per sequence) of the full run: one query, a small and a large serving batch.

@@ -21,8 +21,14 @@
 * ``summary(model)`` — ``jaxquant.flax.summary``; ``save_checkpoint`` / ``restore_checkpoint``
   (orbax, with each layer's config) — ``jaxquant.flax.checkpoint``.
 * LSQ — ``fake_quantize_learnable`` (``jaxquant.primitives.lsq.api``): learnable-scale fake quantization.
-* ``jaxquant.models.minilm``: the float all-MiniLM-L6-v2 sentence encoder of the demo.
+
+The demo model (the float all-MiniLM-L6-v2 sentence encoder) is ``jaxquant.models.minilm``.
 """
+
+try:
+    import flax  # noqa: F401  (the optional dependency of this subpackage)
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(f"jaxquant.flax needs flax and orbax: pip install 'jaxquant[flax]' ({e})") from e
 
 from jaxquant.flax.calibrate import qparams_from_range, weight_qparams
 from jaxquant.flax.checkpoint import restore_checkpoint, save_checkpoint
@@ -31,14 +37,6 @@ from jaxquant.flax.gptq import GPTQ, gptq_quantize_weight, layer_output_error
 from jaxquant.flax.layers import QATLayer, QuantizedLayer, QuantStat, fake_quantize_activation, fake_quantize_weight
 from jaxquant.flax.linen import LinenQuantized, quantize_variables
 from jaxquant.primitives.lsq.api import fake_quantize_learnable
-from jaxquant.models.minilm import (
-    MiniLM,
-    MiniLMConfig,
-    dense_layers,
-    embed,
-    load_bert_weights,
-    load_minilm,
-)
 from jaxquant.flax.observe import Calibration, calibration_mask
 from jaxquant.flax.quantize import quantize
 from jaxquant.flax.rules import QuantizationWarning, Rule
@@ -52,5 +50,4 @@ __all__ = [
     "gptq_quantize_weight", "layer_output_error",
     "save_checkpoint", "restore_checkpoint",
     "fake_quantize_weight", "fake_quantize_activation", "fake_quantize_learnable",
-    "MiniLM", "MiniLMConfig", "dense_layers", "embed", "load_bert_weights", "load_minilm",
 ]

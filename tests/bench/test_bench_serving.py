@@ -13,7 +13,7 @@ pytest.importorskip("flax.nnx", reason="flax is needed: pip install 'jaxquant[fl
 pytest.importorskip("rich", reason="rich is needed: pip install 'jaxquant[bench]'")
 
 from jaxquant.bench import harness, serving  # noqa: E402
-from jaxquant.flax import MiniLMConfig  # noqa: E402
+from jaxquant.models.minilm import MiniLMConfig  # noqa: E402
 
 SMALL = MiniLMConfig(vocab_size=64, hidden_size=128, num_layers=1, num_heads=2, intermediate_size=256,
                      max_position_embeddings=16, type_vocab_size=2)
