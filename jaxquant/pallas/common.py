@@ -3,7 +3,7 @@
 Two implementations of the same exact numerics, chosen per kernel by ``fast``:
 
 * portable (interpret mode, and the specification's shape): Pallas Triton has no lowering for
-  ``jnp.round``; ``rne`` is round-half-to-even from ``floor`` and compares (PALLAS_NOTES.md §3),
+  ``jnp.round``; ``rne`` is round-half-to-even from ``floor`` and compares (docs/pallas_pitfalls.md),
   exact: for ``|v| < 2**23`` ``floor(v)`` and ``v - floor(v)`` are exact, larger floats are
   integers (``d == 0``); the clamp is written with selects so NaN handling does not depend on
   how a backend treats NaN in max/min.

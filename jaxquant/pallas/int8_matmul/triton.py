@@ -5,7 +5,7 @@ One kernel body, three ways of getting the activation tile ``a`` (``a_mode``):
 ``"int8"``     ``a`` is already int8 ``[M, K]`` (e.g. from ``jaxquant.pallas.dynamic``), with an
                optional float32 scale per row ``[M, 1]`` or per tensor ``[1, 1]``.
 ``"dynamic"``  ``a`` is the float activation ``x [M, K]``; the kernel quantizes it itself with the
-               dynamic symmetric per-token rule (DESIGN.md §1)::
+               dynamic symmetric per-token rule (docs/numerics.md)::
 
                    amax = max_k |x[m, k]|;  s[m] = max(amax * f32(1/127), 2**-126)
                    q[m, k] = clamp(rne(x[m, k] * (1 / s[m])), -128, 127)     (NaN -> -128;
@@ -64,8 +64,9 @@ A_MODES = ("int8", "dynamic", "static")
 
 
 # The int8 tensor-core instruction contracts K in steps of 32. With K tiles of 16, Triton's int8
-# dot returned exactly twice the true sum on an H200 (jax 0.11.2, Triton 3.6; scripts/diag_int8.py),
-# so K tiles are at least 32 (a K below 32 is masked, as any ragged K tail).
+# dot returned exactly twice the true sum on an H200 (jax 0.11.2, Triton 3.6, 2026-11-21: random
+# int8 codes against numpy's int64 products, block_k = 16), so K tiles are at least 32 (a K below
+# 32 is masked, as any ragged K tail).
 MIN_BLOCK_K = 32
 
 
