@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
@@ -123,3 +124,58 @@ def mul_rn(a, b, fast: bool = False):
             "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])[0]
     return rounded(a * b)  # interpret mode: XLA:CPU contracts through optimization_barrier (core.numerics.rounded)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton GEMM tiling shared by the int8 and fp8 GEMMs ([M, K] x [N, K]^T, grouped launch order)
+# ----------------------------------------------------------------------------------------
+
+PROGRAMS_PER_SM = 8  # split-K target for decode tiles (16-row tiles are latency-bound)
+
+
+def grid_ij(pid, nm, nn, group_m):
+    """Grouped launch order: program ``pid`` -> (row block i, column block j); ``group_m`` row
+    blocks share the column blocks in turn, so their weight tiles stay in L2."""
+    width = group_m * nn
+    group = pid // width
+    first = group * group_m
+    size = jnp.minimum(nm - first, group_m)
+    r = pid % width
+    return first + r % size, r // size
+
+
+def k_split(split_k: int, k: int, bk: int) -> int:
+    """The largest power of two ``<= split_k`` cutting K's ``bk`` chunks into equal runs; 1 when
+    K has a ragged tail chunk."""
+    if k % bk:
+        return 1
+    split = 1
+    while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
+        split *= 2
+    return split
+
+
+def fill_gemm_tiles(m: int, n: int, bm: int, bn: int, max_split: int, sms: int) -> tuple[int, int, int]:
+    """``(bm, bn, split)`` for an ``[m, n]`` output: non-decode tiles shrink (larger side first, not
+    below 64 x 32) until there are at least half as many programs as SMs; then K is split (up to
+    ``max_split``, before ``k_split``'s rule) for decode tiles until ~``PROGRAMS_PER_SM`` programs
+    an SM, and for larger tiles only while they do not fill the SMs once (the partial sums cost
+    M x N x 4 bytes each way). Skinny decode tiles are not narrowed: that measured slower."""
+    while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms // 2:
+        if bn >= bm and bn > 64:
+            bn //= 2
+        elif bm > 64:
+            bm //= 2
+        elif bn > 32:
+            bn //= 2
+        else:
+            break
+    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+
+    def more(s):
+        return tiles * s * 2 <= PROGRAMS_PER_SM * sms if bm == 16 else tiles * s < sms
+
+    split = 1
+    while split * 2 <= max_split and more(split):
+        split *= 2
+    return bm, bn, split

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2
+from jaxquant.pallas.common import check_positive, check_pow2, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
 from jaxquant.core.device import NUM_SMS
 
 __all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
@@ -58,7 +58,6 @@ BLOCK = 128  # blockwise scale block along K (and N for the weights)
 MAX_ELEMENTS = 2**31 - 1
 # The fp8 tensor-core instructions contract K in steps of 32 (as int8: 32 bytes).
 MIN_BLOCK_K = 32
-PROGRAMS_PER_SM = 8  # split-K target for decode tiles (as the int8 GEMM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +115,8 @@ _TABLE = (
 
 
 def effective_split(split_k: int, k: int, bk: int) -> int:
-    """The K split used: the largest power of two ``<= split_k`` cutting K's ``block_k`` chunks into
-    equal runs; 1 when K has a ragged tail chunk."""
-    if k % bk:
-        return 1
-    split = 1
-    while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
-        split *= 2
-    return split
+    """The K split used (``common.k_split``)."""
+    return k_split(split_k, k, bk)
 
 
 def heuristics(m: int, n: int, k: int, *, layout: str = "rowwise") -> Config:
@@ -139,34 +132,8 @@ def heuristics(m: int, n: int, k: int, *, layout: str = "rowwise") -> Config:
     bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(MIN_BLOCK_K, min(cfg.block_k, next_pow2(k)))
-    while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < NUM_SMS // 2:
-        if bn >= bm and bn > 64:
-            bn //= 2
-        elif bm > 64:
-            bm //= 2
-        elif bn > 32:
-            bn //= 2
-        else:
-            break
-    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
-
-    def more(s):
-        return tiles * s * 2 <= PROGRAMS_PER_SM * NUM_SMS if bm == 16 else tiles * s < NUM_SMS
-
-    split = 1
-    while split * 2 <= cfg.split_k and more(split):
-        split *= 2
+    bm, bn, split = fill_gemm_tiles(m, n, bm, bn, cfg.split_k, NUM_SMS)
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, split_k=effective_split(split, k, bk))
-
-
-def _grid_ij(pid, nm, nn, group_m):
-    """Grouped launch order: program ``pid`` -> (row block i, column block j)."""
-    width = group_m * nn
-    group = pid // width
-    first = group * group_m
-    size = jnp.minimum(nm - first, group_m)
-    r = pid % width
-    return first + r % size, r // size
 
 
 def _kernel(a_ref, as_ref, w_ref, ws_ref, *rest, layout, has_bias, dims, blocks, nmn, group_m, split, row_bcast,
@@ -176,7 +143,7 @@ def _kernel(a_ref, as_ref, w_ref, ws_ref, *rest, layout, has_bias, dims, blocks,
     m_total, n_total, k_total = dims
     bm, bn, bk = blocks
     nm, nn = nmn
-    i, j = _grid_ij(pl.program_id(0), nm, nn, group_m)
+    i, j = grid_ij(pl.program_id(0), nm, nn, group_m)
     f32 = jnp.float32
     blockwise = layout == "blockwise"
 
@@ -331,7 +298,7 @@ def fp8_matmul(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise", ou
     blockwise = layout == "blockwise"
 
     def ij(p):
-        return _grid_ij(p, nm, nn, group_m)
+        return grid_ij(p, nm, nn, group_m)
 
     width = bk * nk
     a_spec = (pl.BlockSpec((1, width), lambda p, *_: (0, 0)) if row_bcast
