@@ -19,6 +19,9 @@ The GPU test suite checks the fast forms against the CPU reference bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -37,6 +40,30 @@ def check_pow2(family: str, name: str, v, lo: int = 1) -> None:
     """Config validation shared by the kernel families: ``v`` is a power of two >= ``lo``."""
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
         raise ValueError(f"{family} Config.{name}: expected a power of two >= {lo}, got {v!r}")
+
+
+def check_fields(family: str, cfg, *, pow2=(), positive=()) -> None:
+    """A Config's checks: each ``pow2`` field (a name, or ``(name, lo)``) a power of two >= lo, each
+    ``positive`` field an int >= lo (default 1)."""
+    for check, specs in ((check_pow2, pow2), (check_positive, positive)):
+        for spec in specs:
+            name, lo = spec if isinstance(spec, tuple) else (spec, 1)
+            check(family, name, getattr(cfg, name), lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile of one program of the elementwise / row kernels: ``block_rows x block_cols`` elements
+    (powers of two). Each family subclasses it (its own class, its name in error messages)."""
+
+    block_rows: int
+    block_cols: int
+    num_warps: int = 4
+    num_stages: int = 1
+    FAMILY: ClassVar[str] = "tile"
+
+    def __post_init__(self):
+        check_fields(self.FAMILY, self, pow2=("block_rows", "block_cols", "num_warps"), positive=("num_stages",))
 
 
 def check_positive(family: str, name: str, v, lo: int = 1) -> None:

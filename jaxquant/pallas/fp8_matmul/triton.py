@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_positive, check_pow2, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
+from jaxquant.pallas.common import check_fields, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
 from jaxquant.core.device import NUM_SMS
 
 __all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
@@ -79,13 +79,8 @@ class Config:
     row_bcast: bool | None = None
 
     def __post_init__(self):
-        check_pow2("fp8_matmul", "block_m", self.block_m, 16)
-        check_pow2("fp8_matmul", "block_n", self.block_n, 16)
-        check_pow2("fp8_matmul", "block_k", self.block_k, MIN_BLOCK_K)
-        check_pow2("fp8_matmul", "group_m", self.group_m)
-        check_pow2("fp8_matmul", "num_warps", self.num_warps)
-        check_positive("fp8_matmul", "num_stages", self.num_stages)
-        check_pow2("fp8_matmul", "split_k", self.split_k)
+        check_fields("fp8_matmul", self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", MIN_BLOCK_K), "group_m",
+                                               "num_warps", "split_k"), positive=("num_stages",))
         if self.block_k > 256:
             raise ValueError(f"fp8_matmul Config.block_k: expected <= 256 (the accumulator is promoted to "
                              f"float32 every block_k of K), got {self.block_k}")

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.common import check_fields
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
@@ -72,12 +72,8 @@ class Config:
 
     def __post_init__(self):
         # wgmma: 64-row warpgroup tiles, N a multiple of 8 up to 256, s8 K steps of 32 bytes
-        check_pow2("int8_matmul_mgpu", "tile_m", self.tile_m, 64)
-        check_pow2("int8_matmul_mgpu", "tile_n", self.tile_n, 16)
-        check_pow2("int8_matmul_mgpu", "tile_k", self.tile_k, 32)
-        check_pow2("int8_matmul_mgpu", "epi_n", self.epi_n, 8)
-        check_positive("int8_matmul_mgpu", "grid_tile_width", self.grid_tile_width)
-        check_positive("int8_matmul_mgpu", "stages", self.stages, 2)
+        check_fields("int8_matmul_mgpu", self, pow2=(("tile_m", 64), ("tile_n", 16), ("tile_k", 32), ("epi_n", 8)),
+                     positive=("grid_tile_width", ("stages", 2)))
         if self.tile_n > 256 or self.tile_k > 128:
             raise ValueError(f"int8_matmul_mgpu Config: expected tile_n <= 256 (wgmma's N) and tile_k <= 128 "
                              f"(one 128-byte swizzled row), got tile_n={self.tile_n}, tile_k={self.tile_k}")

@@ -51,8 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import int8_epilogue
-from jaxquant.pallas.common import (check_positive, check_pow2, fill_gemm_tiles, finite_or_zero, grid_ij, k_split,
-                                     mul_rn, next_pow2, recip, rne, to_code)
+from jaxquant.pallas.common import (check_fields, fill_gemm_tiles, finite_or_zero, grid_ij, k_split, mul_rn,
+                                    next_pow2, recip, rne, to_code)
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS
 
@@ -92,13 +92,8 @@ class Config:
     row_bcast: bool | None = None
 
     def __post_init__(self):
-        check_pow2("int8_matmul", "block_m", self.block_m, 16)
-        check_pow2("int8_matmul", "block_n", self.block_n, 16)
-        check_pow2("int8_matmul", "block_k", self.block_k, MIN_BLOCK_K)
-        check_pow2("int8_matmul", "group_m", self.group_m)
-        check_pow2("int8_matmul", "num_warps", self.num_warps)
-        check_positive("int8_matmul", "num_stages", self.num_stages)
-        check_pow2("int8_matmul", "split_k", self.split_k)
+        check_fields("int8_matmul", self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", MIN_BLOCK_K), "group_m",
+                                                "num_warps", "split_k"), positive=("num_stages",))
 
 
 # Tiles come from the device's tuned table (jaxquant/tuned/<device>/int8_matmul.json; its "about"

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.common import check_fields, check_pow2
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
@@ -100,11 +100,8 @@ class Config:
     part_m: int | None = None
 
     def __post_init__(self):
-        check_pow2("weight_only_mgpu", "tile_n", self.tile_n, 64)
-        check_pow2("weight_only_mgpu", "tile_m", self.tile_m, 8)
-        check_pow2("weight_only_mgpu", "epi_m", self.epi_m, 8)
-        check_positive("weight_only_mgpu", "grid_tile_width", self.grid_tile_width)
-        check_positive("weight_only_mgpu", "stages", self.stages, 2)
+        check_fields("weight_only_mgpu", self, pow2=(("tile_n", 64), ("tile_m", 8), ("epi_m", 8)),
+                     positive=("grid_tile_width", ("stages", 2)))
         if self.tile_m > 256:
             raise ValueError(f"weight_only_mgpu Config.tile_m: expected <= 256 (wgmma's N), got {self.tile_m}")
         if self.part_m is not None:

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_positive, check_pow2, next_pow2
+from jaxquant.pallas.common import check_fields, next_pow2
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS  # H100 / H200 SXM: 132
 
@@ -119,12 +119,8 @@ class Config:
     row_bcast: bool | None = None
 
     def __post_init__(self):
-        check_pow2("weight_only", "block_m", self.block_m, 16)
-        check_pow2("weight_only", "block_n", self.block_n, 16)
-        check_pow2("weight_only", "block_k", self.block_k, 16)
-        check_pow2("weight_only", "num_warps", self.num_warps)
-        check_positive("weight_only", "split_k", self.split_k)
-        check_positive("weight_only", "num_stages", self.num_stages)
+        check_fields("weight_only", self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", 16), "num_warps"),
+                     positive=("split_k", "num_stages"))
 
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""
