@@ -66,6 +66,32 @@ class TileConfig:
         check_fields(self.FAMILY, self, pow2=("block_rows", "block_cols", "num_warps"), positive=("num_stages",))
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmTileConfig:
+    """Tile of one program of a Triton GEMM (``[M, K] x [N, K]^T``) and its launch parameters
+    (powers of two; block_m, block_n >= 16, block_k >= 32: the int8 / fp8 tensor-core instructions
+    contract K in steps of 32). Each GEMM family subclasses it."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8  # row blocks a launch group (grid_ij)
+    num_warps: int = 4
+    num_stages: int = 3
+    # K is cut into at most split_k equal runs of whole block_k chunks, one program each (k_split):
+    # partial sums [split, M, N] summed in XLA before the epilogue.
+    split_k: int = 1
+    # M == 1: a's tile is its one row [1, block_k], broadcast in registers to the dot's block_m rows
+    # (all equal; row 0 is stored): a's shared-memory buffers hold one row, not block_m rows of
+    # padding, so more programs fit an SM. None: whenever M == 1.
+    row_bcast: bool | None = None
+    FAMILY: ClassVar[str] = "gemm"
+
+    def __post_init__(self):
+        check_fields(self.FAMILY, self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", 32), "group_m",
+                                              "num_warps", "split_k"), positive=("num_stages",))
+
+
 def check_positive(family: str, name: str, v, lo: int = 1) -> None:
     """Config validation shared by the kernel families: ``v`` is an int >= ``lo`` (default 1)."""
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -38,6 +38,7 @@ Limits: every operand and the output have fewer than 2**31 elements (``MAX_ELEME
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 
 import jax
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_fields, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
+from jaxquant.pallas.common import GemmTileConfig, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
 from jaxquant.core.device import NUM_SMS
 
 __all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
@@ -61,26 +62,14 @@ MIN_BLOCK_K = 32
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile of one program and its launch parameters (powers of two; block_m, block_n >= 16,
-    block_k >= 32; blockwise scales need block_n <= 128 and block_k <= 128)."""
+class Config(GemmTileConfig):
+    """The fp8 GEMM's tile (``common.GemmTileConfig``; float32 partials when K is split); blockwise
+    scales need block_n <= 128 and block_k <= 128."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    # K cut into at most split_k equal runs of whole block_k chunks, one program each: float32
-    # partials [split, M, N] summed in XLA (see effective_split).
-    split_k: int = 1
-    # M == 1: a's tile is one row [1, block_k] broadcast in registers to the dot's block_m rows.
-    # None: whenever M == 1.
-    row_bcast: bool | None = None
+    FAMILY: ClassVar[str] = "fp8_matmul"
 
     def __post_init__(self):
-        check_fields("fp8_matmul", self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", MIN_BLOCK_K), "group_m",
-                                               "num_warps", "split_k"), positive=("num_stages",))
+        super().__post_init__()
         if self.block_k > 256:
             raise ValueError(f"fp8_matmul Config.block_k: expected <= 256 (the accumulator is promoted to "
                              f"float32 every block_k of K), got {self.block_k}")

@@ -42,6 +42,7 @@ Limits: Pallas Triton addresses an array with 32-bit element offsets unless it i
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 
 import numpy as np
@@ -51,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import int8_epilogue
-from jaxquant.pallas.common import (check_fields, fill_gemm_tiles, finite_or_zero, grid_ij, k_split, mul_rn,
+from jaxquant.pallas.common import (GemmTileConfig, fill_gemm_tiles, finite_or_zero, grid_ij, k_split, mul_rn,
                                     next_pow2, recip, rne, to_code)
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS
@@ -72,28 +73,12 @@ MIN_BLOCK_K = 32
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile of one program and its launch parameters (powers of two; block_m, block_n >= 16,
-    block_k >= 32)."""
+class Config(GemmTileConfig):
+    """The int8 GEMM's tile (``common.GemmTileConfig``): split K applies to int8 activations
+    (``effective_split``: int32 partials, summed exactly in XLA); ``row_bcast`` is always on when
+    the kernel quantizes a one-row activation itself (its statistics then cost one row)."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    # K is cut into at most split_k equal runs of whole block_k chunks, one program each (int8
-    # activations only; see effective_split): int32 partials [split, M, N], summed in XLA.
-    split_k: int = 1
-    # M == 1: a's tile is its one row [1, block_k], broadcast in registers to the dot's block_m rows
-    # (all equal; row 0 is stored): a's shared-memory buffers hold one row, not block_m rows of
-    # padding, so more programs fit an SM. None: whenever M == 1 (always when the kernel quantizes
-    # the activation itself: its statistics then cost one row).
-    row_bcast: bool | None = None
-
-    def __post_init__(self):
-        check_fields("int8_matmul", self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", MIN_BLOCK_K), "group_m",
-                                                "num_warps", "split_k"), positive=("num_stages",))
+    FAMILY: ClassVar[str] = "int8_matmul"
 
 
 # Tiles come from the device's tuned table (jaxquant/tuned/<device>/int8_matmul.json; its "about"
