@@ -6,7 +6,7 @@ The public API; everything else lives in submodules (docs/architecture.md).
 from jaxquant.core.backend import implementation
 from jaxquant.core.describe import describe
 from jaxquant.core.weights import QuantizedWeight
-from jaxquant.granularity import PerChannel, PerGroup, PerTensor, PerToken
+from jaxquant.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from jaxquant.primitives.affine.api import dequantize, fake_quantize, fake_quantize_backward, quantize, quantize_backward
 from jaxquant.primitives.dynamic.api import choose_qparams, dynamic_quantize
 from jaxquant.primitives.int8_matmul.api import int8_matmul, quantized_linear
@@ -38,4 +38,5 @@ __all__ = [
     "PerChannel",
     "PerToken",
     "PerGroup",
+    "PerBlock",
 ]
