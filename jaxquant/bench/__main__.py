@@ -1,6 +1,6 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
-Options: ``--sections quant[,linear,weight_only,serving]``, ``--quick`` (small shapes, for a CPU smoke
+Options: ``--sections quant[,linear,weight_only,fp8,serving]``, ``--quick`` (small shapes, for a CPU smoke
 run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 ``benchmarks/results``).
 """
@@ -14,21 +14,22 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jaxquant.bench import harness, quant
+from jaxquant.bench import fp8, harness, quant
 
-SECTIONS = {"quant": quant.run}
+SECTIONS = {"quant": quant.run, "fp8": fp8.run}
 TABLES = {}  # section -> table(rows, title), for sections whose rows the generic table does not fit
 
 
-def _register_optional():
-    """Linear-layer sections, present once their kernels exist (imported explicitly, no magic)."""
+def _register_optional(wanted=None):
+    """Linear-layer sections, present once their kernels exist (imported explicitly, no magic);
+    with ``wanted`` (the sections asked for) only those are imported."""
     import importlib.util
     for name in ("linear", "weight_only"):
-        if importlib.util.find_spec(f"jaxquant.bench.{name}") is not None:
+        if (wanted is None or name in wanted) and importlib.util.find_spec(f"jaxquant.bench.{name}") is not None:
             mod = importlib.import_module(f"jaxquant.bench.{name}")
             SECTIONS[name] = mod.run
     # The Flax serving path (MiniLM forward), present when flax (jaxquant[flax]) is installed.
-    if importlib.util.find_spec("flax") is not None:
+    if (wanted is None or "serving" in wanted) and importlib.util.find_spec("flax") is not None:
         from jaxquant.bench import serving
         SECTIONS["serving"] = serving.run
         TABLES["serving"] = serving.table
@@ -42,14 +43,16 @@ def _fmt(v, spec):
 
 
 def main(argv=None) -> int:
-    _register_optional()
     p = argparse.ArgumentParser(prog="python -m jaxquant.bench", description=__doc__)
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated, from quant, fp8, linear, weight_only, serving (default: all present)")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; numbers mean nothing)")
     p.add_argument("--sweep", action="store_true", help="also sweep kernel tiles")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    wanted = [s for s in args.sections.split(",") if s]
+    wanted = None if args.sections is None else [s for s in args.sections.split(",") if s]
+    _register_optional(wanted)
+    wanted = list(SECTIONS) if wanted is None else wanted
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
         p.error(f"unknown sections {unknown}; available: {list(SECTIONS)}")
