@@ -1,7 +1,11 @@
 """Benchmarks of the fp8 paths (``python -m jaxquant.bench --sections fp8``), the harness's method.
 
-Three parts, timed in one run:
+Four parts, timed in one run:
 
+* ``fp8 quantize family``: on bf16 ``[65536, 8192]`` activations, the e4m3 quantize, dequantize,
+  fake_quantize, its STE backward (per token) and dynamic_quantize (per token, 1 x 128 groups, 128 x
+  128 blocks); effective bandwidth (inputs read once, outputs written once) against the device copy.
+  Targets: >= 90% of copy; dynamic per-token >= 3.6 TB/s.
 * ``fp8 GEMM``: ``jaxquant.fp8_matmul`` on e4m3 codes with rowwise (per-token x per-channel) and
   blockwise (1 x 128 x 128 x 128) scales, bf16 out, at 8192^3 and the 4096 x 14336 MLP shapes
   ``(M, N, K)`` = (8192, 4096, 14336) and (8192, 14336, 4096), against XLA's own fp8 dot
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant import shapes
-from jaxquant.bench.harness import Context, chain, chain_layers, rotations, timeit
+from jaxquant.bench.harness import Context, chain, chain_layers, nbytes, rotations, timeit
 
 E4M3 = jnp.float8_e4m3fn
 GEMM_SHAPES = [(8192, 8192, 8192), (8192, 4096, 14336), (8192, 14336, 4096)]
@@ -37,6 +41,9 @@ MLP = (8192, 4096, 14336)  # tokens, hidden, intermediate
 _QUICK_GEMM = [(256, 256, 512)]
 _QUICK_LINEAR = [(1, 256, 256), (16, 256, 256), (256, 256, 256)]
 _QUICK_MLP = (128, 128, 256)
+QUANT_SHAPE = (65536, 8192)
+_QUICK_QUANT = (256, 512)
+DYN_TARGET_GBPS = 3600.0
 
 
 def _impl(ctx):
@@ -45,6 +52,56 @@ def _impl(ctx):
 
 def _dot_t(a, b, out=jnp.bfloat16, pref=jnp.float32):
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((), ())), preferred_element_type=pref).astype(out)
+
+
+# ------------------------------------------------------------------------------------------
+# fp8 quantize family
+# ------------------------------------------------------------------------------------------
+
+
+def _quant_rows(ctx: Context) -> list[dict]:
+    impl = _impl(ctx)
+    shape = _QUICK_QUANT if ctx.quick else QUANT_SHAPE
+    rows = []
+    x = jax.random.normal(jax.random.PRNGKey(19), shape, jnp.float32).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.PRNGKey(23), shape, jnp.float32).astype(jnp.bfloat16)
+    s = (jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 448.0).astype(jnp.float32)
+    q = jq.quantize(x, s, granularity=jq.PerToken(), dtype=E4M3)
+    tok = jq.PerToken()
+
+    def timed(fn, *args):
+        def f(*a):
+            with jq.implementation(impl):
+                return fn(*a)
+        f = jax.jit(f)
+        t = timeit(f, [args], repeats=ctx.repeats)
+        return t, nbytes(*args) + nbytes(jax.eval_shape(f, *args))
+
+    cases = [
+        ("quantize e4m3", "per-token", lambda x, s: jq.quantize(x, s, granularity=tok, dtype=E4M3), (x, s)),
+        ("dequantize e4m3", "per-token", lambda q, s: jq.dequantize(q, s, granularity=tok, dtype=jnp.bfloat16),
+         (q, s)),
+        ("fake_quantize e4m3", "per-token", lambda x, s: jq.fake_quantize(x, s, granularity=tok, code_dtype=E4M3),
+         (x, s)),
+        ("fake_quantize_backward e4m3", "per-token",
+         lambda d, x, s: jq.fake_quantize_backward(d, x, s, granularity=tok, code_dtype=E4M3), (dy, x, s)),
+        ("dynamic_quantize e4m3", "per-token", lambda x: jq.dynamic_quantize(x, dtype=E4M3)[:2], (x,)),
+        ("dynamic_quantize e4m3", "1x128 groups",
+         lambda x: jq.dynamic_quantize(x, granularity=jq.PerGroup(128), dtype=E4M3)[:2], (x,)),
+        ("dynamic_quantize e4m3", "128x128 blocks",
+         lambda x: jq.dynamic_quantize(x, granularity=jq.PerBlock((128, 128)), dtype=E4M3)[:2], (x,)),
+    ]
+    for op, gname, fn, args in cases:
+        ctx.say(f"{op} {gname} {shape}")
+        t, moved = timed(fn, *args)
+        gbps = moved / t / 1e9
+        frac = gbps / ctx.copy_gbps
+        dyn_tok = op.startswith("dynamic") and gname == "per-token"
+        met = frac >= 0.9 and (not dyn_tok or gbps >= DYN_TARGET_GBPS)
+        rows.append(dict(section="fp8", op=op, granularity=gname, shape=list(shape), dtype="bfloat16", ms=t * 1e3,
+                         gbps=gbps, copy_frac=frac,
+                         target=">= 90% of copy" + (", >= 3.6 TB/s" if dyn_tok else ""), met=bool(met)))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,7 +249,7 @@ def _mlp_rows(ctx: Context) -> list[dict]:
 
 def run(ctx: Context) -> list[dict]:
     rows = []
-    for part in (_gemm_rows, _linear_rows, _mlp_rows):
+    for part in (_quant_rows, _gemm_rows, _linear_rows, _mlp_rows):
         try:
             rows += part(ctx)
         except Exception as e:  # a part that fails is reported, the others still run

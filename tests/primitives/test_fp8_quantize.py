@@ -3,7 +3,7 @@ dynamic_quantize) and the PerBlock granularity.
 
 Oracles: PyTorch CPU (``torch.clamp(x * inv, -fmax, fmax).to(torch.float8_*)``) bit for bit on random
 values and on every midpoint between neighbouring fp8 values; numpy for the STE mask and the dynamic
-scale. The kernels (interpret mode on the CPU) equal the reference bit for bit; every new kernel
+scale. The kernels (interpret mode on the CPU, the real kernels on a GPU) equal the reference bit for bit; every new kernel
 variant lowers for CUDA.
 """
 
@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant.core.numerics import fp8_max
 from jaxquant.granularity import param_shape, to_broadcast_form
-from conftest import cuda_kernels, run_impl
+from conftest import TIERS as KERNEL_TIERS, cuda_kernels, run_impl
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 FP8 = [E4M3, E5M2]
 TORCH = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
-TIERS = ["reference", "interpret"]
+KERNEL = KERNEL_TIERS[0]  # interpret mode on the CPU, the real kernels on a GPU
+TIERS = ["reference", KERNEL]
 
 
 def ids(dt):
@@ -179,7 +180,7 @@ def test_kernels_equal_reference(rng, dt, g, shape):
                 jq.quantize_backward(dy, x, s, granularity=g, dtype=dt))
 
     ref = run_impl("reference", fns, x, dy, s)
-    got = run_impl("interpret", fns, x, dy, s)
+    got = run_impl(KERNEL, fns, x, dy, s)
     for name, a, b in zip(("quantize", "dequantize", "fake_quantize", "fq_backward", "q_backward"), got, ref):
         assert_fp8_equal(a, b, name)
 
@@ -362,3 +363,39 @@ def test_lowers_for_cuda(dt, g, shape):
     assert dyn == want
     assert cuda_kernels(lambda x: jq.dynamic_quantize(x, granularity=jq.PerGroup(128), dtype=dt), x) == \
         ["jaxquant_dynamic_quantize"]
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.float16])
+def test_lowers_for_cuda_other_input_dtypes(x_dtype):
+    x, s = jnp.zeros((64, 256), x_dtype), jnp.ones((64,), jnp.float32)
+    for dt in FP8:
+        assert cuda_kernels(lambda x, s: jq.quantize(x, s, granularity=jq.PerToken(), dtype=dt), x, s) == \
+            ["jaxquant_quantize"]
+        assert cuda_kernels(lambda x, s: jq.fake_quantize(x, s, granularity=jq.PerToken(), code_dtype=dt), x, s) == \
+            ["jaxquant_fake_quantize"]
+        assert cuda_kernels(lambda x: jq.dynamic_quantize(x, dtype=dt), x) == ["jaxquant_dynamic_quantize"]
+        assert cuda_kernels(lambda x, s: jq.dequantize(x.astype(dt), s, granularity=jq.PerToken(), dtype=x_dtype),
+                            x, s) == ["jaxquant_dequantize"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", FP8, ids=ids)
+@pytest.mark.parametrize("g", [jq.PerToken(), jq.PerChannel(-1), jq.PerGroup(128), jq.PerBlock((128, 128))])
+def test_gpu_kernels_equal_reference_large(rng, dt, g):
+    """2**24 elements per op on the GPU (hardware rounding, rcp.rn, fp8 conversion) vs the CPU reference."""
+    shape = (2048, 8192)
+    s = make_scale(rng, g, shape)
+    x = rand_x(rng, shape, scale_b(g, shape, s), dt, jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+    def fns(x, dy, s):
+        q = jq.quantize(x, s, granularity=g, dtype=dt)
+        return (q, jq.dequantize(q, s, granularity=g, dtype=jnp.bfloat16),
+                jq.fake_quantize(x, s, granularity=g, code_dtype=dt),
+                jq.fake_quantize_backward(dy, x, s, granularity=g, code_dtype=dt),
+                jq.quantize_backward(dy, x, s, granularity=g, dtype=dt),
+                *jq.dynamic_quantize(x, granularity=g, dtype=dt)[:2])
+
+    for a, b, name in zip(run_impl("pallas", fns, x, dy, s), run_impl("reference", fns, x, dy, s),
+                          ("quantize", "dequantize", "fake_quantize", "fq_backward", "q_backward", "dyn_q", "dyn_s")):
+        assert_fp8_equal(a, b, name)

@@ -138,25 +138,26 @@ def fp8_matmul(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise", ou
     a_scale = V.as_array("a_scale", a_scale)
     w_scale = V.as_array("w_scale", w_scale)
     m, k = math.prod(a.shape[:-1]), a.shape[-1]
+    lead = tuple(a.shape[:-1])
     if layout == "rowwise":
-        if a_scale.size == 1 and a_scale.ndim <= 1:
-            a_scale2 = jnp.reshape(a_scale, (1, 1))
-        elif tuple(a_scale.shape) == tuple(a.shape[:-1]):
-            a_scale2 = jnp.reshape(a_scale, (m, 1))
+        if a_scale.size == 1 and a_scale.ndim <= 1:  # one per-tensor scale
+            a_scale_op = jnp.reshape(a_scale, (1,) * a.ndim)
+        elif tuple(a_scale.shape) == lead:
+            a_scale_op = a_scale[..., None]
         else:
-            raise ValueError(f"a_scale (rowwise): expected a scalar or shape {tuple(a.shape[:-1])} (one per token), "
+            raise ValueError(f"a_scale (rowwise): expected a scalar or shape {lead} (one per token), "
                              f"got shape {tuple(a_scale.shape)}")
         w_scale = jnp.reshape(w_scale, (1,)) if w_scale.ndim == 0 else w_scale
     else:
-        want = tuple(a.shape[:-1]) + (-(-k // BLOCK),)
+        want = lead + (-(-k // BLOCK),)
         if tuple(a_scale.shape) != want:
             raise ValueError(f"a_scale (blockwise): expected shape {want} (1 x 128 groups), got {tuple(a_scale.shape)}")
-        a_scale2 = jnp.reshape(a_scale, (m, want[-1]))
+        a_scale_op = a_scale
     out_dtype = _out_dtype(out_dtype, jnp.bfloat16)
     # the kernels' own checks (formats, shapes, float32 scales) on the 2-d view
-    tr_k.validate(jnp.reshape(a, (m, k)) if a.ndim != 2 else a, w, a_scale2, w_scale, bias, layout, out_dtype)
-    a_scale_op = jnp.reshape(a_scale2, a.shape[:-1] + (a_scale2.shape[-1],)) if a_scale2.shape[0] == m else \
-        jnp.reshape(a_scale2, (1,) * (a.ndim - 1) + (1,))
+    rows = 1 if a_scale_op.size == 1 and layout == "rowwise" else m
+    tr_k.validate(jnp.reshape(a, (m, k)), w, jnp.reshape(a_scale_op, (rows, a_scale_op.shape[-1])), w_scale, bias,
+                  layout, out_dtype)
     a, w, a_scale_op, w_scale, bias = jax.lax.stop_gradient((a, w, a_scale_op, w_scale, bias))
     return P.bind(a, w, a_scale_op, w_scale, bias, layout=layout, out_dtype=out_dtype, config=_check_config(config),
                   impl=_impl())
