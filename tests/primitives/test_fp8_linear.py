@@ -271,6 +271,16 @@ def test_fp8_linear_three_fp8_gemms_in_hlo(recipe, layout):
     assert names.count(quant) >= 3 and set(names) <= {quant, "jaxquant_quantize", gemms[0]}
 
 
+@pytest.mark.parametrize("recipe,layout", [("rowwise", "rowwise"), ("blockwise", "blockwise")])
+def test_fp8_linear_mosaic_on_hopper(hopper, recipe, layout):
+    """Prefill-sized training GEMMs (forward, dgrad, wgrad) take the Mosaic GPU kernel on Hopper."""
+    S = jax.ShapeDtypeStruct
+    loss = lambda x, w: jnp.sum(jq.fp8_linear(x, w, recipe=recipe).astype(jnp.float32))
+    names = cuda_kernels(jax.value_and_grad(loss, (0, 1)), S((2048, 4096), jnp.bfloat16),
+                         S((4096, 4096), jnp.bfloat16))
+    assert [k for k in names if k.startswith("jaxquant_fp8_")] == [f"jaxquant_fp8_gemm_{layout}_mgpu"] * 3, names
+
+
 def test_fp8_linear_transforms(rng):
     x = jnp.asarray(rng.standard_normal((3, 8, 128)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((64, 128)) * 0.1, jnp.float32)
