@@ -49,7 +49,6 @@ import jax.numpy as jnp
 from jaxquant import granularity as gran
 from jaxquant.core import backend
 from jaxquant.core import validation as V
-from jaxquant.core.numerics import is_fp8
 from jaxquant.core.weights import QuantizedWeight, check_quantized_weight
 from jaxquant.pallas.fp8_matmul import mosaic as mg_k
 from jaxquant.pallas.fp8_matmul import triton as tr_k
