@@ -222,7 +222,8 @@ def _numpy_dynamic(x, g, dt):
     xb, pb = to_broadcast_form(jnp.asarray(x), jnp.zeros(pshape), g)
     xb = np.asarray(xb, np.float32)
     axes = tuple(i for i, (a, b) in enumerate(zip(xb.shape, pb.shape)) if b == 1 and a != 1)
-    amax = np.max(np.abs(xb), axis=axes, keepdims=True)  # numpy's max propagates NaN
+    finite = np.where(np.isinf(xb), np.float32(0), xb)  # the statistics ignore infinities
+    amax = np.max(np.abs(finite), axis=axes, keepdims=True)  # numpy's max propagates NaN
     scale = np.maximum(amax * np.float32(1 / fp8_max(dt)), np.float32(2.0**-126)).astype(np.float32)
     scale = np.where(np.isnan(amax), np.float32(np.nan), scale)
     sbx = np.broadcast_to(scale, xb.shape).reshape(x.shape)
@@ -238,6 +239,7 @@ def test_dynamic_quantize(rng, dt, g, shape):
                    np.float32)
     x[0] = 0  # an all-zero row: scale 2**-126, codes 0
     x[-1, 0] = np.nan  # its row / group / block gets a NaN scale
+    x[1, 1], x[1, 2] = np.inf, -np.inf  # ignored by the statistics; saturate to +-fmax
     want_s, want_q = _numpy_dynamic(x, g, dt)
     for impl in TIERS:
         q, s, z = run_impl(impl, lambda x: jq.dynamic_quantize(x, granularity=g, dtype=dt), jnp.asarray(x))
@@ -245,7 +247,8 @@ def test_dynamic_quantize(rng, dt, g, shape):
         assert_fp8_equal(s, want_s, f"{impl} scale")
         assert_fp8_equal(q, want_q, f"{impl} codes")
     if isinstance(g, jq.PerToken):
-        assert float(np.asarray(s)[0]) == 2.0**-126 and np.isnan(np.asarray(s)[-1])
+        assert float(np.asarray(s)[0]) == 2.0**-126 and np.isnan(np.asarray(s)[-1]) and np.isfinite(np.asarray(s)[1])
+        assert list(np.asarray(q)[1, 1:3].astype(np.float32)) == [fp8_max(dt), -fp8_max(dt)]
 
 
 def test_per_block_int8(rng):

@@ -181,8 +181,18 @@ def quantize(x, scale, zero_point=None, *, granularity, qmin=None, qmax=None, dt
     dt = V.code_dtype("dtype", dtype)
     qmin, qmax, fp8 = _int_or_fp8("dtype", dt, qmin, qmax, zero_point)
     scale, zero_point = V.params(x, scale, zero_point, granularity)
-    spec = _Spec(granularity, qmin, qmax, dt, zero_point is not None, check_config(config, AffineConfig), _impl(),
-                 fp8)
+    return quantize_with_computed_params(x, scale, zero_point, granularity=granularity, qmin=qmin, qmax=qmax,
+                                         dtype=dt, config=config)
+
+
+def quantize_with_computed_params(x, scale, zero_point, *, granularity, qmin, qmax, dtype, config=None):
+    """``quantize`` on arguments already checked, with parameters the library computed from data
+    (``dynamic_quantize``, ``quantize_weight``): their values are not checked (a NaN in the data
+    gives a NaN scale by the contract). fp8 ``dtype``: ``qmin`` / ``qmax`` are ignored."""
+    dt = np.dtype(dtype)
+    fp8 = dt if is_fp8(dt) else None
+    spec = _Spec(granularity, 0 if fp8 else qmin, 0 if fp8 else qmax, dt, zero_point is not None,
+                 check_config(config, AffineConfig), _impl(), fp8)
     return _quantize_fn(spec)(x, scale, zero_point)
 
 

@@ -18,7 +18,8 @@ from jaxquant.core import validation as V
 from jaxquant.core.numerics import fp8_max, is_fp8
 from jaxquant.pallas.affine.triton import Config as AffineConfig
 from jaxquant.pallas.dynamic.triton import Config as DynamicConfig
-from jaxquant.primitives.affine.api import check_config as _check_config, quantize
+from jaxquant.primitives.affine.api import check_config as _check_config
+from jaxquant.primitives.affine.api import quantize_with_computed_params
 from jaxquant.primitives.dynamic import primitive as PD
 from jaxquant.primitives.dynamic import reference as ref
 
@@ -46,7 +47,8 @@ def choose_qparams(x, *, granularity, qmin=-128, qmax=127, symmetric=True):
     symmetric: ``scale = max(amax * f32(1/qmax), 2**-126)``, ``zp = 0``;
     asymmetric: ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
     ``scale = max((hi - lo) * f32(1/(qmax - qmin)), 2**-126)``,
-    ``zp = clamp(qmin - rne(lo / scale), qmin, qmax)``. A NaN makes its scale NaN.
+    ``zp = clamp(qmin - rne(lo * f32(1/scale)), qmin, qmax)`` (a float32 reciprocal, then a product).
+    A NaN makes its scale NaN; infinities are ignored by the statistics.
     Computed with XLA reductions (not differentiable: parameters from data are constants).
     """
     x = V.float_array("x", x)
@@ -69,7 +71,8 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
     over x; ``config`` is a ``jaxquant.pallas.dynamic.Config``). ``PerTensor()`` and
     ``PerChannel(axis)``: an XLA reduction (``choose_qparams``; asymmetric: its zero point from
     the rows ``[lo, hi]`` by the dynamic kernel, for a correctly rounded reciprocal on the GPU) then
-    the quantize kernel (two reads of x; ``config`` is an affine Config). Formulas: ``choose_qparams``. ``scale`` is float32,
+    the quantize kernel (two reads of x; ``config`` is an affine Config). Formulas: ``choose_qparams``.
+    ``scale`` is float32,
     ``zero_point`` int32 (zeros when symmetric), both of the granularity's parameter shape. The
     codes are integers: no gradient flows to x.
 
@@ -77,7 +80,7 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
     qmin / qmax; ``symmetric=False`` is an error: zero points are for integer codes),
     ``scale = max(amax * f32(1/fmax), 2**-126)``, ``q = cast_rne(clamp(x * (1/scale), -fmax,
     fmax))``; returns ``(q, scale, None)``. A row / group / block holding a NaN gets a NaN scale
-    and NaN codes. No gradient flows to x (the codes are dynamic constants here; use
+    and NaN codes; infinities are ignored by the statistics and saturate to +-fmax. No gradient flows to x (the codes are dynamic constants here; use
     ``fake_quantize(..., code_dtype=...)`` for a straight-through estimator).
     """
     x = V.float_array("x", x)
@@ -118,7 +121,9 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
         _, s, z = PD.bind(rows, qmin=qmin, qmax=qmax, symmetric=False, out_dtype=dt, impl=_impl())
         scale, zp = jnp.reshape(s, pshape), jnp.reshape(z, pshape)
     if fp8:
-        return quantize(x, scale, granularity=granularity, dtype=dt, config=config), scale, None
-    q = quantize(x, scale, None if symmetric else zp, granularity=granularity, qmin=qmin, qmax=qmax, dtype=dt,
-                 config=config)
+        q = quantize_with_computed_params(x, scale, None, granularity=granularity, qmin=0, qmax=0, dtype=dt,
+                                          config=config)
+        return q, scale, None
+    q = quantize_with_computed_params(x, scale, None if symmetric else zp, granularity=granularity, qmin=qmin,
+                                      qmax=qmax, dtype=dt, config=config)
     return q, scale, zp
