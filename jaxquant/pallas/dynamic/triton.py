@@ -1,7 +1,7 @@
 """Fused dynamic quantization of rows (Pallas Triton): statistics, scale and codes in one pass.
 
 ``x`` is viewed as ``[R, D]`` (per token: a row is a token; per group: a row is one group).
-A program owns ``block_rows`` whole rows. Math (float32; DESIGN.md §1, ``reference.py``)::
+A program owns ``block_rows`` whole rows. Math (float32; docs/numerics.md, ``reference.py``)::
 
     symmetric:   amax = max|x|;  scale = max(amax * f32(1/qmax), 2**-126);  zp = 0
     asymmetric:  lo = min(min x, 0); hi = max(max x, 0)
