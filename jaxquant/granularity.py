@@ -9,7 +9,12 @@ granularity            scale / zero-point shape                    one pair per
 ``PerChannel(axis)``   ``(x.shape[axis],)``                        index along ``axis``
 ``PerToken()``         ``x.shape[:-1]``                            row of the last axis
 ``PerGroup(g)``        ``x.shape[:-1] + (D // g,)``                ``g`` consecutive elements of a row
+``PerBlock((r, c))``   ``x.shape[:-2] + (R // r, C // c)``         ``r x c`` block of the last two
+                                                                   axes ``[..., R, C]``
 =====================  ==========================================  ===============================
+
+``PerBlock((128, 128))`` is the block scaling of fp8 weights ``[N, K]`` (DeepSeek-V3's format; the
+activations' ``1 x 128`` groups are ``PerGroup(128)``); it serves integer codes too.
 
 Canonical view
 --------------
@@ -27,7 +32,11 @@ covers every granularity and its vmaps:
   (for ``PerGroup`` a row is one group of ``g`` elements);
 * ``PerChannel(-1)``: ``[1, rows, C]``, params ``[1, 1, C]``;
 * ``PerChannel(k)`` in the middle: ``[A, C, B]``, params ``[1, C, 1]``;
-* ``PerTensor``: ``[1, 1, N]``, params ``[1, 1, 1]``.
+* ``PerTensor``: ``[1, 1, N]``, params ``[1, 1, 1]``;
+* ``PerBlock((r, c))``: the broadcast form ``[..., R/r, r, C/c, c]`` with params
+  ``[..., R/r, 1, C/c, 1]`` alternates four times (full, shared, full, shared), so the parameters
+  are broadcast along ``r`` (``x.size / c`` values) and the view is ``PerGroup(c)``'s:
+  ``[1, rows, c]``, params ``[1, rows, 1]``.
 
 A longer pattern (only reachable through vmap of a middle-axis ``PerChannel``) is reduced by
 broadcasting the parameters along the leading shared dimensions, which costs parameter-sized
@@ -47,6 +56,7 @@ __all__ = [
     "PerChannel",
     "PerToken",
     "PerGroup",
+    "PerBlock",
     "Granularity",
     "param_shape",
     "to_broadcast_form",
@@ -96,8 +106,28 @@ class PerGroup:
             raise ValueError(f"PerGroup(group_size): expected a positive int, got {g!r}")
 
 
-Granularity = Union[PerTensor, PerChannel, PerToken, PerGroup]
-_GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup)
+@dataclasses.dataclass(frozen=True)
+class PerBlock:
+    """One (scale, zero_point) per ``rows x cols`` block of the last two axes of ``[..., R, C]``.
+
+    ``block_shape = (rows, cols)``; scale shape ``x.shape[:-2] + (R // rows, C // cols)``;
+    ``R % rows == 0`` and ``C % cols == 0``. ``PerBlock((128, 128))`` on a weight ``[N, K]`` is
+    the 128 x 128 block scaling of fp8 checkpoints.
+    """
+
+    block_shape: tuple[int, int]
+
+    def __post_init__(self):
+        b = self.block_shape
+        ok = isinstance(b, (tuple, list)) and len(b) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in b)
+        if not ok:
+            raise ValueError(f"PerBlock(block_shape): expected a pair of positive ints (rows, cols), got {b!r}")
+        object.__setattr__(self, "block_shape", (int(b[0]), int(b[1])))
+
+
+Granularity = Union[PerTensor, PerChannel, PerToken, PerGroup, PerBlock]
+_GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup, PerBlock)
 
 
 def check_granularity(granularity, shape: Sequence[int], *, arg: str = "x") -> None:
@@ -105,7 +135,7 @@ def check_granularity(granularity, shape: Sequence[int], *, arg: str = "x") -> N
     if not isinstance(granularity, _GRANULARITIES):
         raise TypeError(
             "granularity: expected one of PerTensor(), PerChannel(axis), PerToken(), "
-            f"PerGroup(group_size); got {granularity!r}"
+            f"PerGroup(group_size), PerBlock((rows, cols)); got {granularity!r}"
         )
     ndim = len(shape)
     if isinstance(granularity, PerChannel):
@@ -125,6 +155,15 @@ def check_granularity(granularity, shape: Sequence[int], *, arg: str = "x") -> N
                 f"PerGroup(group_size={granularity.group_size}): the last axis of {arg} "
                 f"(size {d}, shape {tuple(shape)}) must be a multiple of group_size"
             )
+    if isinstance(granularity, PerBlock):
+        if ndim < 2:
+            raise ValueError(f"{granularity!r} needs {arg} of rank >= 2 (blocks of the last two axes), "
+                             f"got shape {tuple(shape)}")
+        (r, c), (rr, cc) = granularity.block_shape, shape[-2:]
+        if rr % r or cc % c:
+            raise ValueError(
+                f"PerBlock(block_shape=({r}, {c})): the last two axes of {arg} (shape {tuple(shape)}) "
+                f"must be multiples of the block: {rr} % {r} = {rr % r}, {cc} % {c} = {cc % c}")
 
 
 def param_shape(granularity: Granularity, shape: Sequence[int]) -> tuple[int, ...]:
@@ -137,6 +176,9 @@ def param_shape(granularity: Granularity, shape: Sequence[int]) -> tuple[int, ..
         return (shape[granularity.axis],)
     if isinstance(granularity, PerToken):
         return shape[:-1]
+    if isinstance(granularity, PerBlock):
+        r, c = granularity.block_shape
+        return shape[:-2] + (shape[-2] // r, shape[-1] // c)
     return shape[:-1] + (shape[-1] // granularity.group_size,)
 
 
@@ -157,6 +199,11 @@ def to_broadcast_form(x, param, granularity: Granularity):
         return x, jnp.reshape(param, pshape)
     if isinstance(granularity, PerToken):
         return x, jnp.reshape(param, shape[:-1] + (1,))
+    if isinstance(granularity, PerBlock):
+        r, c = granularity.block_shape
+        lead, (rr, cc) = shape[:-2], shape[-2:]
+        xb = jnp.reshape(x, lead + (rr // r, r, cc // c, c))
+        return xb, jnp.reshape(param, lead + (rr // r, 1, cc // c, 1))
     g = granularity.group_size
     xb = jnp.reshape(x, shape[:-1] + (shape[-1] // g, g))
     return xb, jnp.reshape(param, shape[:-1] + (shape[-1] // g, 1))

@@ -1,6 +1,6 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
-Options: ``--sections quant[,linear,weight_only,serving]``, ``--quick`` (small shapes, for a CPU smoke
+Options: ``--sections quant[,linear,weight_only,fp8,serving]``, ``--quick`` (small shapes, for a CPU smoke
 run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 ``benchmarks/results``).
 """
@@ -18,11 +18,12 @@ try:
 except ModuleNotFoundError as e:  # the benchmark's one extra dependency
     raise ModuleNotFoundError(f"python -m jaxquant.bench needs rich: pip install 'jaxquant[bench]' ({e})") from e
 
-from jaxquant.bench import harness, linear, quant, weight_only
+from jaxquant.bench import fp8, harness, linear, quant, weight_only
 
 # section -> (module, whether it needs flax). A section module has run(ctx, **kw) -> rows and may
 # have table(rows, title) for rows the generic table does not fit.
-SECTIONS = {"quant": quant, "linear": linear, "weight_only": weight_only, "serving": "jaxquant.bench.serving"}
+SECTIONS = {"quant": quant, "linear": linear, "weight_only": weight_only, "fp8": fp8,
+            "serving": "jaxquant.bench.serving"}
 
 
 def _section(name):

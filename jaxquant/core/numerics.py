@@ -12,9 +12,33 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TINY", "compute_dtype", "recip", "to_code", "plus_zero", "ste", "rounded", "int8_epilogue"]
+__all__ = ["TINY", "FP8_DTYPES", "is_fp8", "fp8_max", "fp8_clamp", "compute_dtype", "recip", "to_code", "plus_zero",
+           "ste", "rounded", "int8_epilogue"]
 
 TINY = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal float32
+
+# fp8 code formats and their largest finite values (fmax): 448 and 57344.
+FP8_DTYPES = (np.dtype(jnp.float8_e4m3fn), np.dtype(jnp.float8_e5m2))
+
+
+def is_fp8(dtype) -> bool:
+    """Whether ``dtype`` is one of the fp8 code formats (``float8_e4m3fn``, ``float8_e5m2``)."""
+    return dtype is not None and np.dtype(dtype) in FP8_DTYPES
+
+
+def fp8_max(dtype) -> float:
+    """The largest finite value of an fp8 format: 448.0 (e4m3fn) or 57344.0 (e5m2)."""
+    return float(jnp.finfo(dtype).max)
+
+
+def fp8_clamp(v, fmax: float):
+    """``clamp(v, -fmax, fmax)`` keeping NaN (selects: a max/min could drop or keep NaN by backend).
+
+    The cast of the result to the format rounds half to even and never overflows (jnp / ml_dtypes
+    casts would turn 500 into NaN for e4m3fn, Inf for e5m2; PyTorch's saturate)."""
+    hi, lo = jnp.asarray(fmax, v.dtype), jnp.asarray(-fmax, v.dtype)  # (no negation: Pallas Triton has no
+    return jnp.where(v > hi, hi, jnp.where(v < lo, lo, v))                # lowering for -constant)
+
 
 # A float32 NaN bit pattern; ``rounded`` maps it to itself.
 _NAN_BITS = 0x7FC00001

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
+from jaxquant.core.numerics import FP8_DTYPES
 
 FLOAT_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 INT_CODE_DTYPES = tuple(np.dtype(d) for d in (jnp.int8, jnp.uint8, jnp.int16, jnp.int32))
@@ -46,11 +47,33 @@ def code_dtype(name: str, dtype) -> np.dtype:
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"{name}: expected a dtype, got {dtype!r}") from None
-    if dt not in INT_CODE_DTYPES + FLOAT_DTYPES:
+    if dt not in INT_CODE_DTYPES + FLOAT_DTYPES + FP8_DTYPES:
         raise TypeError(
-            f"{name}: expected an integer container (int8, uint8, int16, int32) or a float dtype for "
-            f"real-valued codes, got {dt.name}")
+            f"{name}: expected an integer container (int8, uint8, int16, int32), an fp8 format "
+            f"(float8_e4m3fn, float8_e5m2) or a float dtype for real-valued codes, got {dt.name}")
     return dt
+
+
+def fp8_dtype(name: str, dtype) -> np.dtype:
+    """An fp8 code format (``float8_e4m3fn`` or ``float8_e5m2``)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: expected an fp8 dtype (float8_e4m3fn or float8_e5m2), got {dtype!r}") from None
+    if dt not in FP8_DTYPES:
+        raise TypeError(f"{name}: expected an fp8 dtype (float8_e4m3fn or float8_e5m2), got {dt.name}")
+    return dt
+
+
+def no_integer_params(dtype_name: str, dt: np.dtype, *, qmin=None, qmax=None, zero_point=None):
+    """fp8 codes have no code range and no zero point: a clear error if either is given."""
+    given = [n for n, v in (("qmin", qmin), ("qmax", qmax), ("zero_point", zero_point)) if v is not None]
+    if given:
+        raise ValueError(
+            f"{'/'.join(given)}: integer-code parameters, not used with {dtype_name}={dt.name} (fp8 codes are "
+            f"clamp(x * (1/scale), -fmax, fmax) rounded to the format, symmetric); got "
+            + ", ".join(f"{n}={'an array' if n == 'zero_point' else v!r}" for n, v in
+                        (("qmin", qmin), ("qmax", qmax), ("zero_point", zero_point)) if v is not None))
 
 
 def _ordered_ints(qmin, qmax):

@@ -16,6 +16,21 @@ code range        symmetric -128..127 (zp = 0);               symmetric -8..7 (z
                   asymmetric -128..127 with zp in -128..127   asymmetric 0..15, zp in 0..15
 ================  ==========================================  ===========================
 
+fp8 weights (``quantize_weight(w, dtype=jnp.float8_e4m3fn[, block_size=128])``, served by
+``quantized_linear`` through the fp8 GEMM):
+
+================  ==========================================  ===========================
+field             per output channel (``block_size=None``)    ``block_size=b`` (e.g. 128)
+================  ==========================================  ===========================
+``codes``         fp8 ``[N, K]`` (``code_dtype``: float8_e4m3fn or float8_e5m2), one byte each
+``scale``         float32 ``[N]``                             float32 ``[N // b, K // b]``
+``zero_point``    ``None`` (fp8 codes are symmetric)
+codes             ``cast_rne(clamp(w * (1/scale), -fmax, fmax))``, fmax 448 (e4m3fn) / 57344 (e5m2)
+================  ==========================================  ===========================
+
+with ``scale = max(amax * f32(1/fmax), 2**-126)`` over each row / ``b x b`` block and
+``w_hat = f32(q) * scale``; ``bits = 8``, ``group_size = None``, ``symmetric = True``.
+
 int4 nibble order: byte ``j`` of row ``n`` holds code ``k = 2j`` in its LOW nibble (bits 0-3)
 and ``k = 2j + 1`` in its HIGH nibble (bits 4-7)::
 
@@ -40,8 +55,9 @@ code -8 only appears when rounding pushes below -7 (never for finite weights). A
 NaN gets a NaN scale and dequantizes to NaN; scales are > 0 otherwise.
 
 ``QuantizedWeight`` is a registered pytree: ``codes``, ``scale``, ``zero_point`` are its
-children (``zero_point=None`` is an empty subtree), ``bits``, ``group_size``, ``symmetric`` and
-``shape`` are static. It passes through ``jax.jit``, ``vmap`` (as an unbatched argument) and any
+children (``zero_point=None`` is an empty subtree), ``bits``, ``group_size``, ``symmetric``,
+``shape``, ``code_dtype`` (None for integer codes, else the fp8 format) and ``block_size`` are
+static. It passes through ``jax.jit``, ``vmap`` (as an unbatched argument) and any
 pytree checkpointer (e.g. orbax), and gets no gradient in ``weight_only_linear``.
 """
 
@@ -54,8 +70,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
+from jaxquant.core.numerics import FP8_DTYPES
 
-__all__ = ["QuantizedWeight", "BITS", "pack_int4", "unpack_int4", "check_group_size",
+__all__ = ["QuantizedWeight", "BITS", "pack_int4", "unpack_int4", "check_group_size", "check_block_size",
            "unpack_codes", "code_range", "check_quantized_weight"]
 
 BITS = (4, 8)
@@ -80,11 +97,15 @@ class QuantizedWeight:
       group_size: int or None for per-channel (static).
       symmetric: bool (static).
       shape: ``(N, K)`` of the float weight (static).
+      code_dtype: None for integer codes, or the fp8 format of fp8 codes (static).
+      block_size: fp8 only: None (one scale per output channel) or ``b`` for ``b x b`` blocks (static).
     """
 
-    __slots__ = ("codes", "scale", "zero_point", "bits", "group_size", "symmetric", "shape")
+    __slots__ = ("codes", "scale", "zero_point", "bits", "group_size", "symmetric", "shape", "code_dtype",
+                 "block_size")
 
-    def __init__(self, codes, scale, zero_point, *, bits: int, group_size: int | None, symmetric: bool, shape):
+    def __init__(self, codes, scale, zero_point, *, bits: int, group_size: int | None, symmetric: bool, shape,
+                 code_dtype=None, block_size: int | None = None):
         self.codes = codes
         self.scale = scale
         self.zero_point = zero_point
@@ -92,22 +113,32 @@ class QuantizedWeight:
         self.group_size = None if group_size is None else int(group_size)
         self.symmetric = bool(symmetric)
         self.shape = tuple(int(s) for s in shape)
+        self.code_dtype = None if code_dtype is None else np.dtype(code_dtype)
+        self.block_size = None if block_size is None else int(block_size)
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the codes are fp8 (``code_dtype`` float8_e4m3fn / float8_e5m2)."""
+        return self.code_dtype is not None
 
     # -- pytree --------------------------------------------------------------------------
+    def _aux(self):
+        return (self.bits, self.group_size, self.symmetric, self.shape, self.code_dtype, self.block_size)
+
     def tree_flatten_with_keys(self):
         k = jax.tree_util.GetAttrKey
         children = ((k("codes"), self.codes), (k("scale"), self.scale), (k("zero_point"), self.zero_point))
-        return children, (self.bits, self.group_size, self.symmetric, self.shape)
+        return children, self._aux()
 
     def tree_flatten(self):
-        return (self.codes, self.scale, self.zero_point), (self.bits, self.group_size, self.symmetric, self.shape)
+        return (self.codes, self.scale, self.zero_point), self._aux()
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         # No validation: transformations rebuild the object with tracers, None or sentinels.
         obj = object.__new__(cls)
         obj.codes, obj.scale, obj.zero_point = children
-        obj.bits, obj.group_size, obj.symmetric, obj.shape = aux
+        obj.bits, obj.group_size, obj.symmetric, obj.shape, obj.code_dtype, obj.block_size = aux
         return obj
 
     # -- conveniences --------------------------------------------------------------------
@@ -119,7 +150,10 @@ class QuantizedWeight:
 
     @property
     def granularity(self):
-        """The granularity of ``scale`` on the ``[N, K]`` weight: ``PerChannel(0)`` or ``PerGroup(g)``."""
+        """The granularity of ``scale`` on the ``[N, K]`` weight: ``PerChannel(0)``, ``PerGroup(g)`` or
+        (fp8 block weights) ``PerBlock((b, b))``."""
+        if self.block_size is not None:
+            return gran.PerBlock((self.block_size, self.block_size))
         return gran.PerChannel(0) if self.group_size is None else gran.PerGroup(self.group_size)
 
     def __repr__(self):
@@ -134,6 +168,10 @@ class QuantizedWeight:
         except Exception:  # leaves replaced by non-arrays inside a transformation
             size = "?"
         g = "per-channel" if self.group_size is None else self.group_size
+        if self.is_fp8:
+            blk = "per-channel" if self.block_size is None else f"{self.block_size}x{self.block_size}"
+            return (f"QuantizedWeight(shape={self.shape}, code_dtype={self.code_dtype.name}, block={blk}, "
+                    f"bytes={size}, codes={desc(self.codes)}, scale={desc(self.scale)})")
         return (f"QuantizedWeight(shape={self.shape}, bits={self.bits}, group_size={g}, "
                 f"symmetric={self.symmetric}, bytes={size}, codes={desc(self.codes)}, "
                 f"scale={desc(self.scale)}, zero_point={desc(self.zero_point)})")
@@ -200,10 +238,59 @@ def check_group_size(group_size, k, *, arg="w", shape=None):
     return int(group_size)
 
 
-def check_quantized_weight(name: str, qw, *, k: int | None = None) -> QuantizedWeight:
-    """Raise a clear error unless ``qw`` is a consistent QuantizedWeight (and of inner size ``k``)."""
+def check_block_size(block_size, shape, *, arg="w"):
+    """fp8 block weights: ``block_size`` a power of two >= 16 dividing N and K of ``shape``."""
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"block_size: expected None (per output channel) or a power of two >= 16 (e.g. 128), "
+                         f"got {block_size!r}")
+    n, k = shape
+    if n % block_size or k % block_size:
+        raise ValueError(f"block_size: N = {n} and K = {k} ({arg} of shape {tuple(shape)}) must be multiples of "
+                         f"block_size = {block_size}")
+    return int(block_size)
+
+
+def _check_fp8_weight(name: str, qw) -> None:
+    if np.dtype(qw.code_dtype) not in FP8_DTYPES:
+        raise ValueError(f"{name}.code_dtype: expected None, float8_e4m3fn or float8_e5m2, got {qw.code_dtype}")
+    if qw.bits != 8 or qw.group_size is not None or not qw.symmetric or qw.zero_point is not None:
+        raise ValueError(f"{name}: fp8 weights have bits=8, group_size=None, symmetric=True and no zero point; "
+                         f"got bits={qw.bits}, group_size={qw.group_size}, symmetric={qw.symmetric}, zero_point="
+                         f"{'None' if qw.zero_point is None else 'an array'}")
+    n, kk = qw.shape
+    check_block_size(qw.block_size, qw.shape, arg=name)
+    b = qw.block_size
+    for field, arr, dt, shp in (("codes", qw.codes, qw.code_dtype, (n, kk)),
+                                ("scale", qw.scale, np.float32, (n,) if b is None else (n // b, kk // b))):
+        if not hasattr(arr, "dtype"):
+            raise TypeError(f"{name}.{field}: expected an array, got {type(arr).__name__}")
+        if np.dtype(arr.dtype) != np.dtype(dt) or tuple(arr.shape) != shp:
+            raise ValueError(f"{name}.{field}: expected {np.dtype(dt).name} of shape {shp} for code_dtype="
+                             f"{np.dtype(qw.code_dtype).name}, block_size={b}, shape={qw.shape}; got "
+                             f"{np.dtype(arr.dtype).name} of shape {tuple(arr.shape)}")
+
+
+def check_quantized_weight(name: str, qw, *, k: int | None = None, fp8: bool = False) -> QuantizedWeight:
+    """Raise a clear error unless ``qw`` is a consistent QuantizedWeight (and of inner size ``k``).
+
+    ``fp8``: whether the caller takes fp8 weights (``quantized_linear`` does; the integer kernels
+    do not)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"{name}: expected a jaxquant.QuantizedWeight (from quantize_weight), got {type(qw).__name__}")
+    if len(qw.shape) != 2:
+        raise ValueError(f"{name}.shape: expected (N, K), got {qw.shape!r}")
+    if qw.code_dtype is not None:
+        if not fp8:
+            raise ValueError(f"{name}: an fp8 weight (code_dtype={np.dtype(qw.code_dtype).name}) runs in "
+                             "jaxquant.quantized_linear, not with integer kernels")
+        _check_fp8_weight(name, qw)
+        if k is not None and qw.shape[1] != k:
+            raise ValueError(f"{name}: expected K = {k} (the last axis of x), got a weight of shape (N, K) = "
+                             f"{qw.shape}")
+        return qw
     if qw.bits not in BITS:
         raise ValueError(f"{name}.bits: expected 4 or 8, got {qw.bits!r}")
     if len(qw.shape) != 2:

@@ -13,17 +13,35 @@ import jax.numpy as jnp
 
 from jaxquant import granularity as gran
 from jaxquant.core import validation as V
-from jaxquant.core.weights import (QuantizedWeight, BITS, check_group_size, check_quantized_weight, code_range,
-                                   pack_int4, unpack_int4)
+from jaxquant.core.numerics import is_fp8
+from jaxquant.core.weights import (QuantizedWeight, BITS, check_block_size, check_group_size, check_quantized_weight,
+                                   code_range, pack_int4, unpack_int4)
 from jaxquant.primitives.affine import reference as affine_ref
 from jaxquant.primitives.affine.api import quantize_with_computed_params
-from jaxquant.primitives.dynamic.api import choose_qparams
+from jaxquant.primitives.dynamic.api import choose_qparams, dynamic_quantize
 
 __all__ = ["quantize_weight", "dequantize_weight", "dequantize_weight_raw"]
 
 
-def quantize_weight(w, *, bits: int = 8, group_size: int | None = None, symmetric: bool = True) -> QuantizedWeight:
-    """Quantize a float weight ``w [N, K]`` (``y = x @ w^T``) to int4 or int8 codes.
+def _quantize_weight_fp8(w, dt, *, bits, group_size, symmetric, block_size) -> QuantizedWeight:
+    if bits != 8 or group_size is not None or not symmetric:
+        raise ValueError(f"dtype={dt.name}: fp8 weights take block_size (None or e.g. 128), not bits / group_size / "
+                         f"symmetric=False; got bits={bits!r}, group_size={group_size!r}, symmetric={symmetric!r}")
+    block_size = check_block_size(block_size, w.shape)
+    g = gran.PerChannel(0) if block_size is None else gran.PerBlock((block_size, block_size))
+    q, scale, _ = dynamic_quantize(jax.lax.stop_gradient(w), granularity=g, dtype=dt)
+    return QuantizedWeight(q, scale.astype(jnp.float32), None, bits=8, group_size=None, symmetric=True,
+                           shape=w.shape, code_dtype=dt, block_size=block_size)
+
+
+def quantize_weight(w, *, bits: int = 8, group_size: int | None = None, symmetric: bool = True, dtype=None,
+                    block_size: int | None = None) -> QuantizedWeight:
+    """Quantize a float weight ``w [N, K]`` (``y = x @ w^T``) to int4, int8 or fp8 codes.
+
+    fp8 (``dtype=jnp.float8_e4m3fn`` or ``jnp.float8_e5m2``): one scale per output channel, or per
+    ``block_size x block_size`` block (``block_size=128``: the DeepSeek-V3 format); codes and scales
+    from ``dynamic_quantize`` (``jaxquant.core.weights``' table). ``quantized_linear`` serves them
+    with the fp8 GEMM.
 
     Args:
       w: float16 / bfloat16 / float32 array of shape ``[N, K]``.
@@ -32,12 +50,24 @@ def quantize_weight(w, *, bits: int = 8, group_size: int | None = None, symmetri
         one scale per ``group_size`` consecutive k of each row.
       symmetric: zero point 0 (signed codes) or a per-(row, group) int32 zero point.
 
-    Returns a ``QuantizedWeight``; formulas in the module docstring (docs/numerics.md, dynamic
-    parameters). Not differentiable (the codes are integers); works under ``jax.jit``.
+    Returns a ``QuantizedWeight``; formulas in ``jaxquant.core.weights``' module docstring (the
+    dynamic parameters of docs/numerics.md). Not differentiable (the codes are integers); works
+    under ``jax.jit``.
     """
     w = V.float_array("w", w)
     if w.ndim != 2:
         raise ValueError(f"w: expected a 2-d weight [N, K] (y = x @ w^T), got shape {tuple(w.shape)}")
+    if dtype is not None:
+        dt = V.code_dtype("dtype", dtype)
+        if is_fp8(dt):
+            return _quantize_weight_fp8(w, dt, bits=bits, group_size=group_size, symmetric=symmetric,
+                                        block_size=block_size)
+        if dt != np.dtype(np.int8):
+            raise TypeError(f"dtype: expected None / int8 (integer codes: see bits) or an fp8 format "
+                            f"(float8_e4m3fn, float8_e5m2), got {dt.name}")
+    if block_size is not None:
+        raise ValueError(f"block_size: only for fp8 weights (dtype=jnp.float8_e4m3fn / float8_e5m2); got "
+                         f"block_size={block_size!r} with integer codes (use group_size)")
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
     n, k = w.shape
@@ -58,13 +88,13 @@ def quantize_weight(w, *, bits: int = 8, group_size: int | None = None, symmetri
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype=jnp.float32):
-    """The float weight ``[N, K]``: ``(q - zp) * scale`` in float32, cast to ``dtype``.
+    """The float weight ``[N, K]``: ``(q - zp) * scale`` (fp8: ``f32(q) * scale``) in float32, cast to ``dtype``.
 
     Plain jnp (XLA fuses the unpacking). Exact inverse of the codes: ``quantize_weight`` of the
     result gives the same codes back only up to the usual re-quantization rules, but
     ``dequantize_weight(qw)`` equals ``jaxquant.dequantize`` of the unpacked codes bit for bit.
     """
-    qw = check_quantized_weight("qw", qw)
+    qw = check_quantized_weight("qw", qw, fp8=True)
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -72,11 +102,17 @@ def dequantize_weight(qw: QuantizedWeight, dtype=jnp.float32):
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"dtype: expected a float dtype, got {dt.name}")
     return dequantize_weight_raw(qw.codes, qw.scale, qw.zero_point, bits=qw.bits, group_size=qw.group_size,
-                                 symmetric=qw.symmetric, dtype=dt)
+                                 symmetric=qw.symmetric, dtype=dt, block_size=qw.block_size)
 
 
-def dequantize_weight_raw(codes, scale, zero_point, *, bits, group_size, symmetric, dtype=jnp.float32):
-    """``dequantize_weight`` on the raw fields (no validation): the reference used by the primitives."""
+def dequantize_weight_raw(codes, scale, zero_point, *, bits, group_size, symmetric, dtype=jnp.float32,
+                          block_size=None):
+    """``dequantize_weight`` on the raw fields (no validation): the reference used by the primitives.
+
+    fp8 codes: ``f32(q) * scale`` per output channel or per ``block_size`` block."""
     q = unpack_int4(codes, signed=symmetric) if bits == 4 else codes
-    g = gran.PerChannel(0) if group_size is None else gran.PerGroup(group_size)
+    if block_size is not None:
+        g = gran.PerBlock((block_size, block_size))
+    else:
+        g = gran.PerChannel(0) if group_size is None else gran.PerGroup(group_size)
     return affine_ref.dequantize(q, scale, zero_point, granularity=g, dtype=dtype)

@@ -16,6 +16,13 @@ Backward math (straight-through estimator, mask recomputed in-kernel from x)::
     fake_quantize_backward:  dx = dy * m
     quantize_backward:       dx = (dy * inv) * m
 
+fp8 codes (``fp8`` = ``float8_e4m3fn`` / ``float8_e5m2``, ``fmax`` = 448 / 57344; no zero point)::
+
+    quantize:                q  = cast_rne(clamp(x * inv, -fmax, fmax))         (NaN stays NaN)
+    dequantize:              x^ = f32(q) * scale
+    fake_quantize:           y  = f32(cast_rne(clamp(x * inv, -fmax, fmax))) * scale
+    m = |x * inv| <= fmax;   the backward ops as above with this mask
+
 Ragged edges are masked (loads and stores), never padded. 1-byte arrays of more than 2**31
 elements are processed in chunks of at most 2**31 elements: Pallas Triton addresses an array
 with 32-bit offsets unless it is larger than 2**32 *bytes*, so an int8 array between 2**31 and
@@ -35,6 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxquant.core.numerics import fp8_clamp, fp8_max
 from jaxquant.granularity import CanonicalView
 from jaxquant.pallas.common import TileConfig, next_pow2, plus_zero, recip, rne, to_code
 
@@ -86,7 +94,25 @@ def heuristics(shape3, param_full, *, target_elems: int = _TARGET_ELEMS) -> Conf
     return Config(block_rows=br, block_cols=bc, num_warps=num_warps, num_stages=1)
 
 
-def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape3, block, offs, masks, pfull, fast):
+def _fp8_body(op, mains, s, inv, ct, fp8):
+    """The fp8 ops on loaded values (module docstring); ``inv`` is None for dequantize."""
+    if op == "dequantize":
+        return mains[0].astype(ct) * s
+    fmax = fp8_max(fp8)
+    v = mains[-1].astype(ct) * inv
+    if op == "quantize":
+        return fp8_clamp(v, fmax)  # the caller's cast to fp8 rounds half to even
+    if op == "fake_quantize":
+        return fp8_clamp(v, fmax).astype(fp8).astype(ct) * s
+    m = jnp.abs(v) <= jnp.asarray(fmax, ct)  # False for NaN and +-Inf
+    dy = mains[0].astype(ct)
+    if op == "quantize_backward":
+        dy = dy * inv
+    return jnp.where(m, dy, dy * jnp.asarray(0, ct))
+
+
+def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape3, block, offs, masks, pfull, fast,
+            fp8=None):
     main_refs = refs[:n_main]
     s_ref = refs[n_main]
     z_ref = refs[n_main + 1] if has_zp else None
@@ -124,7 +150,12 @@ def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape
     z = load(z_ref, pmask, 0).astype(ct) if has_zp else jnp.zeros((), ct)
     mains = [load(ref, mask, 0) for ref in main_refs]
 
-    if op == "dequantize":
+    if fp8 is not None:
+        inv = None
+        if op != "dequantize":
+            inv = load(inv_ref, pmask, 1).astype(ct) if has_inv else recip(s, fast)
+        out = _fp8_body(op, mains, s, inv, ct, fp8)
+    elif op == "dequantize":
         out = plus_zero(mains[0].astype(ct) - z) * s
     else:
         xs = mains[-1].astype(ct)
@@ -160,8 +191,11 @@ def _compute_dtype(op, mains, out_dtype):
 
 
 def affine(op, *mains, scale, zero_point=None, qmin=0, qmax=0, out_dtype=None,
-           view=None, config: Config | None = None, interpret: bool = False):
+           view=None, config: Config | None = None, interpret: bool = False, fp8=None):
     """Run one op of the family on operands in the canonical view.
+
+    ``fp8``: None for integer codes (``qmin``, ``qmax``, ``zero_point``), or the fp8 format of the
+    codes (``zero_point`` must be None; ``qmin`` / ``qmax`` are ignored).
 
     ``mains``: ``(x,)`` for quantize / fake_quantize, ``(q,)`` for dequantize, ``(dy, x)`` for
     the backward ops, each of shape ``view.x_shape3``; ``scale`` (float) and ``zero_point``
@@ -183,14 +217,14 @@ def affine(op, *mains, scale, zero_point=None, qmin=0, qmax=0, out_dtype=None,
     # Chunking for 1-byte arrays whose element offsets would overflow int32 (module doc).
     one_byte = any(np.dtype(m.dtype).itemsize == 1 for m in mains) or out_dtype.itemsize == 1
     if one_byte and math.prod(shape3) - 1 > _MAX_I32_OFFSET:
-        return _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg, br, bc, interpret)
+        return _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg, br, bc, interpret, fp8)
 
     return _call(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, shape3, pfull, cfg, br, bc,
-                 interpret, row_range=None)
+                 interpret, row_range=None, fp8=fp8)
 
 
 def _call(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, shape3, pfull, cfg, br, bc, interpret,
-          row_range):
+          row_range, fp8=None):
     """One pallas_call; ``row_range=(start_block, n_blocks, out_rows)`` restricts it to rows."""
     b, r, c = shape3
     pb_full, pr_full, pc_full = pfull
@@ -223,7 +257,7 @@ def _call(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, shape3, pfull
     kernel = functools.partial(
         _kernel, op=op, has_zp=has_zp, has_inv=has_inv, n_main=len(mains), qmin=qmin, qmax=qmax, ct=ct,
         out_dtype=out_dtype, shape3=shape3, block=(br, bc), offs=(row_off, 0), masks=masks, pfull=pfull,
-        fast=not interpret)
+        fast=not interpret, fp8=None if fp8 is None else np.dtype(fp8))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, out_rows, c), out_dtype),
@@ -268,7 +302,7 @@ def _reciprocal(scale, interpret):
     return jnp.reshape(out, shape)
 
 
-def _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg, br, bc, interpret):
+def _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg, br, bc, interpret, fp8=None):
     """Split along rows (R) into pieces of < 2**31 elements.
 
     Inputs wider than 1 byte are not copied: each chunk's pallas_call reads them at a row-block
@@ -284,7 +318,7 @@ def _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg,
             view2 = CanonicalView((1, n // c2, c2), (False, False, False), None)
             mains2 = [jnp.reshape(m, view2.x_shape3) for m in mains]
             out = affine(op, *mains2, scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax,
-                         out_dtype=out_dtype, view=view2, config=None, interpret=interpret)
+                         out_dtype=out_dtype, view=view2, config=None, interpret=interpret, fp8=fp8)
             return jnp.reshape(out, (b, r, c))
         raise NotImplementedError(
             f"jaxquant: the Pallas Triton backend cannot split the [B, R, C] = {view.x_shape3} view of a "
@@ -304,8 +338,8 @@ def _chunked(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, view, cfg,
             cs = scale[:, r0:r1, :] if pfull[1] else scale
             cz = zero_point if (zero_point is None or not pfull[1]) else zero_point[:, r0:r1, :]
             outs.append(_call(op, cm, cs, cz, qmin, qmax, out_dtype, ct, (b, r1 - r0, c), pfull, cfg, br, bc,
-                              interpret, row_range=None))
+                              interpret, row_range=None, fp8=fp8))
         else:
             outs.append(_call(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, (b, r, c), pfull, cfg,
-                              br, bc, interpret, row_range=(start, nb, r1 - r0)))
+                              br, bc, interpret, row_range=(start, nb, r1 - r0), fp8=fp8))
     return jnp.concatenate(outs, axis=1)

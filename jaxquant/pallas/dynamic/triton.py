@@ -8,6 +8,11 @@ A program owns ``block_rows`` whole rows. Math (float32; docs/numerics.md, ``ref
                  scale = max((hi - lo) * f32(1/(qmax - qmin)), 2**-126)
                  zp = clamp(qmin - rne(lo * (1 / scale)), qmin, qmax)
     q = clamp(rne(x * (1/scale)) + zp, qmin, qmax)
+fp8 codes (``out_dtype`` ``float8_e4m3fn`` / ``float8_e5m2``; symmetric, ``qmax`` = fmax = 448 /
+57344 so the scale is ``max(amax * f32(1/fmax), 2**-126)``)::
+
+    q = cast_rne(clamp(x * (1/scale), -fmax, fmax))          (NaN stays NaN)
+
 A row containing NaN gets scale NaN (and zp = qmin when asymmetric); NaN propagation is made
 explicit with a per-row NaN flag, because Triton's max/min reductions may drop NaNs.
 
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxquant.core.numerics import fp8_clamp, is_fp8
 from jaxquant.pallas.common import (TileConfig, abs_max_bits, bits_to_float, finite_or_zero, next_pow2, recip, rne,
                                     to_code)
 
@@ -140,6 +146,8 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
         zp = to_code(jnp.asarray(qmin, ct) - rne(lo * inv, fast), qmin, qmax, fast)
 
     def codes(x):
+        if is_fp8(out_dtype):  # the cast rounds half to even; the clamp keeps NaN
+            return fp8_clamp(x * inv, qmax).astype(out_dtype)
         v = rne(x * inv, fast)
         if not symmetric:
             v = v + zp
@@ -166,6 +174,8 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
 def dynamic_quantize_rows(x, *, qmin: int, qmax: int, symmetric: bool, out_dtype, config: Config | None = None,
                           interpret: bool = False):
     """Quantize each row of a 2-d ``x [R, D]``. Returns ``(q [R, D], scale [R, 1], zp [R, 1])``.
+
+    fp8 ``out_dtype``: ``symmetric=True`` with ``qmin, qmax = -fmax, fmax`` (module docstring).
 
     The scale is float32 (float64 for float64 x); zp is int32 (zeros when symmetric, made
     outside the kernel).

@@ -1,6 +1,9 @@
 """The affine primitives (``jaxquant_quantize``, ``_dequantize``, ``_fake_quantize``,
 ``_fake_quantize_backward``, ``_quantize_backward``) on operands in *broadcast form*.
 
+Params: ``qmin``, ``qmax`` (integer codes), ``out_dtype``, ``fp8`` (None, or the fp8 format of the
+codes: ``float8_e4m3fn`` / ``float8_e5m2``; then no zero point), ``config``, ``impl``.
+
 Operands: the main arrays (``x``; ``q`` for dequantize; ``dy, x`` for the backward ops), all of
 one shape, then ``scale`` (float32 / float64) and optionally ``zero_point`` (int32), whose every
 dimension is 1 or equal to x's (``jaxquant.granularity``). The kernel path views them as
@@ -48,14 +51,28 @@ def _view(avals):
     return gran.canonical_view(shape, pshape)
 
 
+def _fp8_reference(op, m, scale, out_dtype, fp8):
+    if op == "quantize":
+        return ref.quantize_fp8_bf(m[0], scale, code=fp8)
+    if op == "dequantize":
+        return ref.dequantize_fp8_bf(m[0], scale, dtype=out_dtype)
+    if op == "fake_quantize":
+        return ref.fake_quantize_fp8_bf(m[0], scale, code=fp8)
+    if op == "fake_quantize_backward":
+        return ref.fake_quantize_backward_fp8_bf(m[0], m[1], scale, code=fp8)
+    return ref.quantize_backward_fp8_bf(m[0], m[1], scale, code=fp8)
+
+
 def _make(op):
     mains = _MAINS[op]
 
-    def abstract_eval(*, scale, zero_point, qmin, qmax, out_dtype, config, impl, **main_avals):
+    def abstract_eval(*, scale, zero_point, qmin, qmax, out_dtype, fp8, config, impl, **main_avals):
         return jax.core.ShapedArray(main_avals[mains[0]].shape, out_dtype)
 
-    def reference(*, scale, zero_point, qmin, qmax, out_dtype, config, impl, **arrays):
+    def reference(*, scale, zero_point, qmin, qmax, out_dtype, fp8, config, impl, **arrays):
         m = [arrays[n] for n in mains]
+        if fp8 is not None:
+            return _fp8_reference(op, m, scale, out_dtype, fp8)
         if op == "quantize":
             return ref.quantize_bf(m[0], scale, zero_point, qmin=qmin, qmax=qmax, dtype=out_dtype)
         if op == "dequantize":
@@ -74,7 +91,7 @@ def _make(op):
             names = ("jaxquant_reciprocal",) + names
         return Choice("triton", cfg, names, interpret=interpret)
 
-    def kernel(choice, *, scale, zero_point, qmin, qmax, out_dtype, config, impl, **arrays):
+    def kernel(choice, *, scale, zero_point, qmin, qmax, out_dtype, fp8, config, impl, **arrays):
         m = [arrays[n] for n in mains]
         shape = m[0].shape
         scale, zero_point, view = _broadcast_params(shape, scale, zero_point)
@@ -82,7 +99,7 @@ def _make(op):
         z3 = None if zero_point is None else jnp.reshape(zero_point, view.param_shape3)
         out = kernels.affine(op, *m3, scale=jnp.reshape(scale, view.param_shape3), zero_point=z3, qmin=qmin,
                              qmax=qmax, out_dtype=out_dtype, view=view, config=choice.config,
-                             interpret=choice.interpret)
+                             interpret=choice.interpret, fp8=fp8)
         return jnp.reshape(out, shape)
 
     return Op(f"jaxquant_{op}", [Operand(n, MAIN) for n in mains] + list(_PARAMS), abstract_eval=abstract_eval,
@@ -92,7 +109,10 @@ def _make(op):
 OPS = {op: _make(op) for op in _MAINS}
 
 
-def bind(op, *mains, scale, zero_point, qmin=0, qmax=0, out_dtype, config=None, impl="auto"):
-    """Bind the primitive of ``op`` on broadcast-form operands (already validated)."""
+def bind(op, *mains, scale, zero_point, qmin=0, qmax=0, out_dtype, config=None, impl="auto", fp8=None):
+    """Bind the primitive of ``op`` on broadcast-form operands (already validated).
+
+    ``fp8``: None (integer codes) or the fp8 format of the codes (then no zero point; qmin / qmax
+    unused)."""
     return OPS[op](*mains, scale, zero_point, qmin=int(qmin), qmax=int(qmax), out_dtype=np.dtype(out_dtype),
-                   config=config, impl=impl)
+                   fp8=None if fp8 is None else np.dtype(fp8), config=config, impl=impl)

@@ -2,7 +2,9 @@
 
 Formulas: ``jaxquant.primitives.dynamic.reference``. ``PerToken`` / ``PerGroup`` run the fused
 kernel (statistics, scale and codes in one pass, ``jaxquant_dynamic_quantize``); ``PerTensor`` /
-``PerChannel`` reduce with XLA and then quantize with the affine kernel.
+``PerChannel`` / ``PerBlock`` reduce with XLA and then quantize with the affine kernel (for
+``PerBlock`` the block statistics are a 2-d reduction that the row kernel does not cover; the
+second read of x is the price).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 from jaxquant import granularity as gran
 from jaxquant.core import backend
 from jaxquant.core import validation as V
+from jaxquant.core.numerics import fp8_max, is_fp8
 from jaxquant.pallas.affine.triton import Config as AffineConfig
 from jaxquant.pallas.dynamic.triton import Config as DynamicConfig
 from jaxquant.primitives.affine.api import check_config as _check_config
@@ -72,12 +75,28 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
     ``scale`` is float32,
     ``zero_point`` int32 (zeros when symmetric), both of the granularity's parameter shape. The
     codes are integers: no gradient flows to x.
+
+    fp8 ``dtype`` (``float8_e4m3fn`` / ``float8_e5m2``, ``fmax`` 448 / 57344): symmetric only (no
+    qmin / qmax; ``symmetric=False`` is an error: zero points are for integer codes),
+    ``scale = max(amax * f32(1/fmax), 2**-126)``, ``q = cast_rne(clamp(x * (1/scale), -fmax,
+    fmax))``; returns ``(q, scale, None)``. A row / group / block holding a NaN gets a NaN scale
+    and NaN codes; infinities are ignored by the statistics and saturate to +-fmax. No gradient flows to x (the codes are dynamic constants here; use
+    ``fake_quantize(..., code_dtype=...)`` for a straight-through estimator).
     """
     x = V.float_array("x", x)
     dt = V.code_dtype("dtype", dtype)
-    if dt not in V.INT_CODE_DTYPES:
-        raise TypeError(f"dtype: expected an integer container (int8, uint8, int16, int32), got {dt.name}")
-    qmin, qmax = _dynamic_range(dt, qmin, qmax, symmetric)
+    fp8 = is_fp8(dt)
+    if fp8:
+        V.no_integer_params("dtype", dt, qmin=qmin, qmax=qmax)
+        if not symmetric:
+            raise ValueError(f"symmetric: expected True for dtype={dt.name} (fp8 codes have no zero point), "
+                             "got False")
+        qmin, qmax = -int(fp8_max(dt)), int(fp8_max(dt))
+    elif dt not in V.INT_CODE_DTYPES:
+        raise TypeError(f"dtype: expected an integer container (int8, uint8, int16, int32) or an fp8 format "
+                        f"(float8_e4m3fn, float8_e5m2), got {dt.name}")
+    else:
+        qmin, qmax = _dynamic_range(dt, qmin, qmax, symmetric)
     gran.check_granularity(granularity, x.shape)
     x = jax.lax.stop_gradient(x)
     if isinstance(granularity, (gran.PerToken, gran.PerGroup)):
@@ -87,7 +106,7 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
             x, shape[:-1] + (shape[-1] // granularity.group_size, granularity.group_size))
         q, s, z = PD.bind(xr, qmin=qmin, qmax=qmax, symmetric=symmetric, out_dtype=dt, config=config, impl=_impl())
         pshape = gran.param_shape(granularity, shape)
-        return jnp.reshape(q, shape), jnp.reshape(s, pshape), jnp.reshape(z, pshape)
+        return jnp.reshape(q, shape), jnp.reshape(s, pshape), None if fp8 else jnp.reshape(z, pshape)
     _check_config(config, AffineConfig)
     if symmetric:  # scale = max(amax * f32(1/qmax), 2**-126): multiplications only, exact in XLA
         scale, zp = ref.choose_qparams(x, granularity=granularity, qmin=qmin, qmax=qmax, symmetric=True)
@@ -101,6 +120,10 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
         rows = jnp.stack([jnp.reshape(lo, (-1,)), jnp.reshape(hi, (-1,))], axis=-1)
         _, s, z = PD.bind(rows, qmin=qmin, qmax=qmax, symmetric=False, out_dtype=dt, impl=_impl())
         scale, zp = jnp.reshape(s, pshape), jnp.reshape(z, pshape)
+    if fp8:
+        q = quantize_with_computed_params(x, scale, None, granularity=granularity, qmin=0, qmax=0, dtype=dt,
+                                          config=config)
+        return q, scale, None
     q = quantize_with_computed_params(x, scale, None if symmetric else zp, granularity=granularity, qmin=qmin,
                                       qmax=qmax, dtype=dt, config=config)
     return q, scale, zp

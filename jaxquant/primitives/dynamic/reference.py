@@ -9,6 +9,9 @@ multiplied::
                  scale = max((hi - lo) * f32(1 / (qmax - qmin)), TINY)
                  zp    = clamp(qmin - rne(lo * (1 / scale)), qmin, qmax)   (NaN -> qmin)
 
+fp8 codes (symmetric only): ``scale = max(amax * f32(1 / fmax), TINY)`` (``fmax`` = 448 / 57344:
+``qmax = fmax`` above) and ``q = cast_rne(clamp(x * (1/scale), -fmax, fmax))``.
+
 A row containing NaN gets a NaN scale (its codes are ``qmin`` and it dequantizes to NaN: the NaN
 stays visible). The statistics ignore infinities: ``amax``, ``lo`` and ``hi`` are taken over the
 finite values (and NaN), so a row holding +-Inf keeps the scale of its finite values and its
@@ -21,8 +24,8 @@ import numpy as np
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
-from jaxquant.core.numerics import TINY, compute_dtype, recip, to_code
-from jaxquant.primitives.affine.reference import code_range, quantize, quantize_bf
+from jaxquant.core.numerics import TINY, compute_dtype, fp8_max, is_fp8, recip, to_code
+from jaxquant.primitives.affine.reference import code_range, quantize, quantize_bf, quantize_fp8_bf
 
 __all__ = ["dynamic_qparams_rows", "dynamic_quantize_rows", "reduce_extrema", "choose_qparams", "dynamic_quantize"]
 
@@ -60,6 +63,8 @@ def dynamic_qparams_rows(x, *, qmin, qmax, symmetric, axis=-1, keepdims=True):
 def dynamic_quantize_rows(x, *, qmin, qmax, symmetric, dtype):
     """Dynamic quantization of each row of the last axis: ``(q, scale[..., 1], zp[..., 1])``."""
     scale, zp = dynamic_qparams_rows(x, qmin=qmin, qmax=qmax, symmetric=symmetric)
+    if is_fp8(dtype):  # qmin, qmax = -fmax, fmax
+        return quantize_fp8_bf(x, scale, code=dtype), scale, zp
     q = quantize_bf(x, scale, zp, qmin=qmin, qmax=qmax, dtype=dtype)
     return q, scale, zp
 
@@ -74,6 +79,10 @@ def _reduce_axes(granularity, x):
         return x, tuple(a for a in range(nd) if a != axis)
     if isinstance(granularity, gran.PerToken):
         return x, (nd - 1,)
+    if isinstance(granularity, gran.PerBlock):  # [..., R/r, r, C/c, c]: reduce r and c
+        r, c = granularity.block_shape
+        rr, cc = x.shape[-2:]
+        return jnp.reshape(x, x.shape[:-2] + (rr // r, r, cc // c, c)), (nd - 1, nd + 1)
     g = granularity.group_size
     return jnp.reshape(x, x.shape[:-1] + (x.shape[-1] // g, g)), (nd,)
 
@@ -100,7 +109,11 @@ def choose_qparams(x, *, granularity, qmin, qmax, symmetric=True):
 
 
 def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetric=True, qmin=None, qmax=None):
-    """``choose_qparams`` then ``quantize``: returns ``(q, scale, zero_point)``."""
+    """``choose_qparams`` then ``quantize``: returns ``(q, scale, zero_point)`` (fp8: zero_point None)."""
+    if is_fp8(dtype):
+        fmax = int(fp8_max(dtype))
+        scale, _ = choose_qparams(x, granularity=granularity, qmin=-fmax, qmax=fmax, symmetric=True)
+        return quantize(x, scale, granularity=granularity, dtype=dtype), scale, None
     qmin, qmax = code_range(dtype, qmin, qmax)
     scale, zp = choose_qparams(x, granularity=granularity, qmin=qmin, qmax=qmax, symmetric=symmetric)
     q = quantize(x, scale, zp, granularity=granularity, qmin=qmin, qmax=qmax, dtype=dtype)
