@@ -46,6 +46,7 @@ from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 from jaxquant.flax import geometry as G
 from jaxquant.flax.geometry import Geometry
+from jaxquant.flax import sharding as S
 
 __all__ = ["fake_quantize_weight", "fake_quantize_activation", "lsq_grad_factor", "weight_params",
            "serving_weight", "qat_matmul", "serve_matmul", "compute_dtype", "act_scale_from_amax", "QuantStat",
@@ -165,10 +166,14 @@ def serve_matmul(x2, qw: W.QuantizedWeight, bias, config: QuantConfig, act_scale
 
 def maybe_abstract(fn, *args):
     """``fn(*args)``, or its ``jax.eval_shape`` when an argument is abstract (``ShapeDtypeStruct``
-    leaves of a model built by ``nnx.eval_shape``): conversion then only computes shapes."""
+    leaves of a model built by ``nnx.eval_shape``): conversion then only computes shapes. Arrays
+    on a mesh of explicit sharding types are converted with the sharding left to XLA
+    (``sharding.auto_typed``)."""
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(args)):
         return jax.eval_shape(fn, *args)
-    return fn(*args)
+    if S.explicit_context(args):
+        fn = jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())
+    return fn(*S.auto_typed(args))
 
 
 def geometry_of(module) -> Geometry | None:

@@ -192,3 +192,31 @@ def annotate_layer(layer, kernel, path: str = ""):
         if isinstance(var, nnx.Variable):
             setattr(layer, attr, annotated(type(var), var.get_value(), kernel, axes(layer.config, n, k)))
     return layer
+
+
+def auto_typed(tree):
+    """``tree`` with each concrete array placed on an ``Explicit``-axes mesh moved to the same
+    devices and spec on that mesh with ``Auto`` axes (no copy).
+
+    Conversion (scales, codes, int4 packing) reshapes ``W [N, K]`` into groups; under explicit
+    sharding types a reshape that splits a sharded axis needs its output sharding spelled out, so
+    the one-time conversion runs with the sharding left to XLA, and ``annotate_layer`` places the
+    results back on the kernel's mesh."""
+    def move(a):
+        sharding = getattr(a, "sharding", None)
+        if (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and isinstance(sharding, NamedSharding)
+                and not isinstance(sharding.mesh, jax.sharding.AbstractMesh)
+                and any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)):
+            mesh = sharding.mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.mesh.axis_names))
+            return jax.device_put(a, NamedSharding(mesh, sharding.spec))
+        return a
+    return jax.tree.map(move, tree)
+
+
+def explicit_context(tree) -> bool:
+    """Whether ``tree`` holds tracers under a mesh context of explicit sharding types (inside
+    ``nnx.eval_shape`` / ``jit`` under ``jax.set_mesh``): conversion then runs in
+    ``jax.sharding.auto_axes`` (replicated results, placed by ``annotate_layer``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (bool(mesh.axis_names) and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+            and any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree)))
