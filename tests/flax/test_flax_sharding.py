@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxquant.flax import (W4A16, W8A8, QATLayer, QuantConfig, QuantizationWarning, QuantizedLayer, quantize,
-                           quantize_variables)
+                           quantize_variables, restore_checkpoint, save_checkpoint)
 from jaxquant.flax.sharding import weight_axes
 from jaxquant.flax import geometry as G
 
@@ -278,3 +278,15 @@ def test_sharded_mlp_equals_one_device():
             assert ref["all-gather"] == 0 and sum(ref.values()) < r[name]["weight_bytes"] / 10, r
         assert r["W8A8 (from QAT)"]["reference"]["max_abs_diff"] == 0.0
     print(json.dumps(reports, indent=1))
+
+
+def test_checkpoint_restores_sharded(tmp_path):
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    served = quantize(MLP(nnx.Rngs(0)), W4A16)
+    save_checkpoint(tmp_path / "ckpt", served)
+    abstract = nnx.eval_shape(lambda: quantize(MLP(nnx.Rngs(1)), W4A16))
+    restored = restore_checkpoint(tmp_path / "ckpt", abstract, mesh=mesh)
+    codes = restored.up.codes.get_value()
+    assert codes.sharding == NamedSharding(mesh, P("model", None))
+    assert restored.down.w_scale.get_value().sharding == NamedSharding(mesh, P(None, "model"))
+    np.testing.assert_array_equal(codes, served.up.codes.get_value())
