@@ -231,7 +231,9 @@ class QATLayer(nnx.Module):
     optimizers and checkpoints see the model's usual parameters), plus, with ``learnable_scales``,
     ``w_scale`` (and a float ``w_zero_point`` when asymmetric) as ``nnx.Param`` of shape ``[N]`` /
     ``[N, K // g]``, and with ``"static"`` activations the calibrated ``act_scale`` (``QuantStat``).
-    ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that.
+    ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that. The kernel
+    and bias keep their variables' metadata (sharding annotations); ``quantize`` names the
+    learnable scales' axes after the kernel's (``jaxquant.flax.sharding.annotate_layer``).
     """
 
     def __init__(self, layer: nnx.Module, geometry: Geometry, config: QuantConfig, *, act_scale=None):
@@ -287,7 +289,9 @@ class QuantizedLayer(nnx.Module):
     (``Quantized`` variables: int8 ``[N, K]`` or packed ``[N, K // 2]``, float32 and int32 ``[N]`` or
     ``[N, K // g]``), the float ``bias`` (its own dtype), ``act_scale`` (``QuantStat``, static
     activations); runs ``jaxquant.quantized_linear`` (W8A8) or ``jaxquant.weight_only_linear``.
-    ``dtype`` / ``kernel_dtype`` keep the float layer's compute-dtype behaviour.
+    ``dtype`` / ``kernel_dtype`` keep the float layer's compute-dtype behaviour. ``quantize`` gives
+    the quantized variables the float kernel's sharding names mapped onto ``W [N, K]``
+    (``jaxquant.flax.sharding.annotate_layer``).
     """
 
     def __init__(self, geometry: Geometry, config: QuantConfig, qweight: W.QuantizedWeight, bias=None, *,
