@@ -23,15 +23,19 @@ QAT ``kernel`` / ``bias``              unchanged          unchanged (the float l
 with ``n`` / ``k`` the names of the kernel axes kept / contracted: for ``nnx.Linear`` /
 ``nn.Dense`` (kernel ``[K, N]``) the kernel's ``(k, n)`` names are swapped. Where several kernel
 axes flatten into one (``LinearGeneral`` heads ``[E, H, D]`` -> N = H * D), the flat axis takes the
-name of its most major axis of size > 1 when the axes after it are unsharded: a block of
-``H / m`` heads is a contiguous block of N. Any other sharding of a flattened group (a minor axis
-sharded under an unsharded major one) is not a block of the flat axis: that axis of ``W`` is left
-unsharded, with a ``QuantizationWarning``.
+name of the group's one sharded axis when every axis before it in the group has size 1: a block
+of ``H / m`` heads is a contiguous block of N. Any other sharding of a flattened group (an axis
+sharded under a major axis of size > 1, two sharded axes) is not a block sharding of the flat
+axis: that axis of ``W`` is left unsharded, with a ``QuantizationWarning``. Logical names that
+the logical axis rules map to no mesh axis count as unsharded.
 
 Names are carried as they are: mesh axis names, or logical names resolved later by the same
 rules as the kernel's (nnx ``sharding_rules`` metadata, linen ``LogicallyPartitioned.rules`` /
-``nn.logical_axis_rules``). Where the kernel's array is placed on a mesh (a ``NamedSharding``),
-the new arrays are placed on it with their mapped specs.
+``nn.logical_axis_rules``). nnx: where the kernel's array is placed on a mesh (a
+``NamedSharding``; abstract: a ``ShapeDtypeStruct`` with one; traced under ``jax.set_mesh``), the
+new arrays are placed on it with their mapped specs. The conversion itself runs with the
+sharding left to XLA on meshes of explicit sharding types (``auto_typed``, ``explicit_context``):
+grouping ``W`` splits its K axis, which explicit sharding types do not infer.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from jaxquant.flax.config import QuantConfig
 from jaxquant.flax.geometry import Geometry
 from jaxquant.flax.rules import QuantizationWarning
 
-__all__ = ["weight_axes", "codes_axes", "qparam_axes", "kernel_axes", "annotated", "linen_box"]
+__all__ = ["weight_axes", "codes_axes", "qparam_axes", "kernel_axes", "annotated", "annotate_layer", "linen_box",
+           "auto_typed", "explicit_context"]
 
 #: nnx metadata keys copied from the float kernel onto the variables that replace it.
 _COPIED = ("sharding_rules", "mesh")
