@@ -78,6 +78,15 @@ def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *,
     gradients (``jaxquant.fake_quantize_learnable``; groups are channels of the
     ``[N * K/g, g]`` view).
     """
+    if S.explicit_context((w,)):
+        # grouping W splits / merges its sharded axes, which explicit sharding types do not infer:
+        # leave the sharding to XLA inside, and give W_hat the sharding of W
+        fq = lambda w, s, z: _fake_quantize_weight(w, config, s, z, learnable)
+        return jax.sharding.auto_axes(fq, out_sharding=jax.typeof(w).sharding.spec)(w, scale, zero_point)
+    return _fake_quantize_weight(w, config, scale, zero_point, learnable)
+
+
+def _fake_quantize_weight(w, config: QuantConfig, scale, zero_point, learnable: bool):
     qmin, qmax = config.weight_range
     n, k = w.shape
     config.check_features(k)
@@ -168,12 +177,12 @@ def maybe_abstract(fn, *args):
     """``fn(*args)``, or its ``jax.eval_shape`` when an argument is abstract (``ShapeDtypeStruct``
     leaves of a model built by ``nnx.eval_shape``): conversion then only computes shapes. Arrays
     on a mesh of explicit sharding types are converted with the sharding left to XLA
-    (``sharding.auto_typed``)."""
+    (``sharding.call_auto_typed``)."""
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(args)):
         return jax.eval_shape(fn, *args)
     if S.explicit_context(args):
         fn = jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())
-    return fn(*S.auto_typed(args))
+    return S.call_auto_typed(fn, args)
 
 
 def geometry_of(module) -> Geometry | None:

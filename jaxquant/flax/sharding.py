@@ -34,7 +34,7 @@ rules as the kernel's (nnx ``sharding_rules`` metadata, linen ``LogicallyPartiti
 ``nn.logical_axis_rules``). nnx: where the kernel's array is placed on a mesh (a
 ``NamedSharding``; abstract: a ``ShapeDtypeStruct`` with one; traced under ``jax.set_mesh``), the
 new arrays are placed on it with their mapped specs. The conversion itself runs with the
-sharding left to XLA on meshes of explicit sharding types (``auto_typed``, ``explicit_context``):
+sharding left to XLA on meshes of explicit sharding types (``call_auto_typed``, ``explicit_context``):
 grouping ``W`` splits its K axis, which explicit sharding types do not infer.
 """
 
@@ -54,7 +54,7 @@ from jaxquant.flax.geometry import Geometry
 from jaxquant.flax.rules import QuantizationWarning
 
 __all__ = ["weight_axes", "codes_axes", "qparam_axes", "kernel_axes", "annotated", "annotate_layer", "linen_box",
-           "auto_typed", "explicit_context"]
+           "call_auto_typed", "explicit_context"]
 
 #: nnx metadata keys copied from the float kernel onto the variables that replace it.
 _COPIED = ("sharding_rules", "mesh")
@@ -199,23 +199,39 @@ def annotate_layer(layer, kernel, path: str = ""):
     return layer
 
 
-def auto_typed(tree):
-    """``tree`` with each concrete array placed on an ``Explicit``-axes mesh moved to the same
-    devices and spec on that mesh with ``Auto`` axes (no copy).
+def _explicit_mesh(a):
+    """The concrete mesh of explicit sharding types ``a`` is placed on, or None."""
+    sharding = getattr(a, "sharding", None)
+    if (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and isinstance(sharding, NamedSharding)
+            and not isinstance(sharding.mesh, jax.sharding.AbstractMesh)
+            and any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)):
+        return sharding.mesh
+    return None
+
+
+def call_auto_typed(fn, args):
+    """``fn(*args)``; where concrete arrays of ``args`` lie on a mesh of explicit sharding types,
+    run with that mesh's axes ``Auto`` (same devices and specs, no copy) and put the results back
+    on it with the specs XLA chose.
 
     Conversion (scales, codes, int4 packing) reshapes ``W [N, K]`` into groups; under explicit
     sharding types a reshape that splits a sharded axis needs its output sharding spelled out, so
-    the one-time conversion runs with the sharding left to XLA, and ``annotate_layer`` places the
-    results back on the kernel's mesh."""
-    def move(a):
-        sharding = getattr(a, "sharding", None)
-        if (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and isinstance(sharding, NamedSharding)
-                and not isinstance(sharding.mesh, jax.sharding.AbstractMesh)
-                and any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)):
-            mesh = sharding.mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.mesh.axis_names))
-            return jax.device_put(a, NamedSharding(mesh, sharding.spec))
-        return a
-    return jax.tree.map(move, tree)
+    the one-time conversion leaves the sharding to XLA, and ``annotate_layer`` then places the
+    results by their mapped specs."""
+    meshes = {m for m in map(_explicit_mesh, jax.tree.leaves(args)) if m is not None}
+    if not meshes:
+        return fn(*args)
+    if len(meshes) > 1:
+        raise ValueError(f"quantize: the arrays of one layer lie on different meshes: {meshes}")
+    mesh = meshes.pop()
+    auto = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    moved = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(auto, a.sharding.spec))
+                         if _explicit_mesh(a) is not None else a, args)
+    with jax.set_mesh(auto):
+        out = fn(*moved)
+    back = lambda a: (jax.device_put(a, NamedSharding(mesh, a.sharding.spec))
+                      if isinstance(getattr(a, "sharding", None), NamedSharding) else a)
+    return jax.tree.map(back, out)
 
 
 def explicit_context(tree) -> bool:
