@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxquant.flax import (W4A16, W8A8, QATLayer, QuantConfig, QuantizationWarning, QuantizedLayer, quantize,
                            quantize_variables, restore_checkpoint, save_checkpoint)
@@ -168,8 +168,14 @@ def test_logical_names_with_sharding_rules():
 # ------------------------------------------------------------------------------------------
 # placement and abstract models
 # ------------------------------------------------------------------------------------------
+def explicit_mesh():
+    """A one-device mesh of explicit sharding types: converting the grouped weights of a kernel
+    placed on it needs the sharding left to XLA (jaxquant.flax.sharding.call_auto_typed)."""
+    return jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+
 def test_placed_like_the_kernel():
-    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    mesh = explicit_mesh()
     with nnx.use_eager_sharding(True), jax.set_mesh(mesh):
         model = MLP(nnx.Rngs(0))
     assert model.up.kernel.get_value().sharding == NamedSharding(mesh, P(None, "model"))
@@ -180,8 +186,19 @@ def test_placed_like_the_kernel():
     np.testing.assert_array_equal(served(x), quantize(MLP(nnx.Rngs(0)), W4A16)(x))
 
 
+def test_grouped_qat_under_an_explicit_mesh():
+    x = jax.random.normal(jax.random.key(2), (4, 256))
+    plain = quantize(nnx.Sequential(linear(256, 512, (None, "model"), ("model",))), W4A16, mode="qat")
+    mesh = explicit_mesh()
+    with nnx.use_eager_sharding(True), jax.set_mesh(mesh):
+        qat = quantize(nnx.Sequential(linear(256, 512, (None, "model"), ("model",))), W4A16, mode="qat")
+        y = nnx.jit(lambda m, x: m(x))(qat, x)
+    assert qat.layers[0].kernel.get_value().sharding == NamedSharding(mesh, P(None, "model"))
+    np.testing.assert_array_equal(y, plain(x))
+
+
 def test_abstract_models_keep_the_annotations():
-    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    mesh = explicit_mesh()
     with nnx.use_eager_sharding(True), jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: quantize(MLP(nnx.Rngs(0)), W4A16))
     codes = abstract.up.codes.get_value()
