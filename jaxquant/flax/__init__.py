@@ -20,6 +20,9 @@
   ``QuantConfig.calibration``, ``weight_qparams`` (``jaxquant.flax.calibrate``).
 * ``summary(model)`` — ``jaxquant.flax.summary``; ``save_checkpoint`` / ``restore_checkpoint``
   (orbax, with each layer's config) — ``jaxquant.flax.checkpoint``.
+* Sharding — ``jaxquant.flax.sharding``: the float kernels' sharding annotations (nnx
+  ``out_sharding`` metadata, linen ``nn.Partitioned`` boxes) carried onto QAT scales and serving
+  codes / scales / zero points (``W [N, K]``; docs/flax.md, "Sharded models").
 * LSQ — ``fake_quantize_learnable`` (``jaxquant.primitives.lsq.api``): learnable-scale fake quantization.
 
 The demo model (the float all-MiniLM-L6-v2 sentence encoder) is ``jaxquant.models.minilm``.

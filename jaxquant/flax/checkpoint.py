@@ -11,6 +11,9 @@ weights are never materialised::
 
     abstract = nnx.eval_shape(lambda: quantize(Model(rngs=nnx.Rngs(0)), rules))
     model = restore_checkpoint(path, abstract)
+
+Sharded: ``restore_checkpoint(path, abstract, mesh=mesh)`` places each array by the model's
+partition specs (the float kernels' annotations, carried onto codes and scales by ``quantize``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import pathlib
 
 import jax
+from jax.sharding import NamedSharding
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -60,10 +64,23 @@ def _config_name(cfg: dict) -> str:
     return str(QuantConfig(**cfg))
 
 
-def restore_checkpoint(path, model: nnx.Module) -> nnx.Module:
+def _concrete_sharding(a):
+    """The sharding of an array (or an abstract one's, on a concrete mesh), else None."""
+    sharding = getattr(a, "sharding", None)
+    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        return None
+    return sharding
+
+
+def restore_checkpoint(path, model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """Restore a ``save_checkpoint`` directory into ``model`` (in place; it may be abstract, from
     ``nnx.eval_shape``) and return it. Raises ``ValueError`` naming every layer whose kind, state
-    or config differs from the checkpoint's."""
+    or config differs from the checkpoint's.
+
+    ``mesh``: restore each array sharded on it by the model's partition specs
+    (``nnx.get_partition_spec``: the sharding annotations, carried onto the quantized variables by
+    ``quantize``). Without it, an array of ``model`` placed on a mesh is restored with its sharding,
+    others on the default device."""
     path = pathlib.Path(path).absolute()
     meta = path / METADATA
     if not meta.exists():
@@ -75,7 +92,12 @@ def restore_checkpoint(path, model: nnx.Module) -> nnx.Module:
     if diffs:
         raise ValueError(f"restore_checkpoint: {len(diffs)} layer(s) of {path} do not match the model:\n"
                          + "\n".join(diffs))
-    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.state(model))
+    state = nnx.state(model)
+    if mesh is not None:
+        shardings = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), nnx.get_partition_spec(state))
+    else:
+        shardings = jax.tree_util.tree_map(_concrete_sharding, state)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(path / "state", target)
     nnx.update(model, restored)

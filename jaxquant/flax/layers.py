@@ -46,6 +46,7 @@ from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
 from jaxquant.flax import geometry as G
 from jaxquant.flax.geometry import Geometry
+from jaxquant.flax import sharding as S
 
 __all__ = ["fake_quantize_weight", "fake_quantize_activation", "lsq_grad_factor", "weight_params",
            "serving_weight", "qat_matmul", "serve_matmul", "compute_dtype", "act_scale_from_amax", "QuantStat",
@@ -77,6 +78,15 @@ def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *,
     gradients (``jaxquant.fake_quantize_learnable``; groups are channels of the
     ``[N * K/g, g]`` view).
     """
+    if S.explicit_context((w,)):
+        # grouping W splits / merges its sharded axes, which explicit sharding types do not infer:
+        # leave the sharding to XLA inside, and give W_hat the sharding of W
+        fq = lambda w, s, z: _fake_quantize_weight(w, config, s, z, learnable)
+        return jax.sharding.auto_axes(fq, out_sharding=jax.typeof(w).sharding.spec)(w, scale, zero_point)
+    return _fake_quantize_weight(w, config, scale, zero_point, learnable)
+
+
+def _fake_quantize_weight(w, config: QuantConfig, scale, zero_point, learnable: bool):
     qmin, qmax = config.weight_range
     n, k = w.shape
     config.check_features(k)
@@ -165,10 +175,14 @@ def serve_matmul(x2, qw: W.QuantizedWeight, bias, config: QuantConfig, act_scale
 
 def maybe_abstract(fn, *args):
     """``fn(*args)``, or its ``jax.eval_shape`` when an argument is abstract (``ShapeDtypeStruct``
-    leaves of a model built by ``nnx.eval_shape``): conversion then only computes shapes."""
+    leaves of a model built by ``nnx.eval_shape``): conversion then only computes shapes. Arrays
+    on a mesh of explicit sharding types are converted with the sharding left to XLA
+    (``sharding.call_auto_typed``)."""
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree_util.tree_leaves(args)):
         return jax.eval_shape(fn, *args)
-    return fn(*args)
+    if S.explicit_context(args):
+        fn = jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())
+    return S.call_auto_typed(fn, args)
 
 
 def geometry_of(module) -> Geometry | None:
@@ -226,7 +240,9 @@ class QATLayer(nnx.Module):
     optimizers and checkpoints see the model's usual parameters), plus, with ``learnable_scales``,
     ``w_scale`` (and a float ``w_zero_point`` when asymmetric) as ``nnx.Param`` of shape ``[N]`` /
     ``[N, K // g]``, and with ``"static"`` activations the calibrated ``act_scale`` (``QuantStat``).
-    ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that.
+    ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that. The kernel
+    and bias keep their variables' metadata (sharding annotations); ``quantize`` names the
+    learnable scales' axes after the kernel's (``jaxquant.flax.sharding.annotate_layer``).
     """
 
     def __init__(self, layer: nnx.Module, geometry: Geometry, config: QuantConfig, *, act_scale=None):
@@ -282,7 +298,9 @@ class QuantizedLayer(nnx.Module):
     (``Quantized`` variables: int8 ``[N, K]`` or packed ``[N, K // 2]``, float32 and int32 ``[N]`` or
     ``[N, K // g]``), the float ``bias`` (its own dtype), ``act_scale`` (``QuantStat``, static
     activations); runs ``jaxquant.quantized_linear`` (W8A8) or ``jaxquant.weight_only_linear``.
-    ``dtype`` / ``kernel_dtype`` keep the float layer's compute-dtype behaviour.
+    ``dtype`` / ``kernel_dtype`` keep the float layer's compute-dtype behaviour. ``quantize`` gives
+    the quantized variables the float kernel's sharding names mapped onto ``W [N, K]``
+    (``jaxquant.flax.sharding.annotate_layer``).
     """
 
     def __init__(self, geometry: Geometry, config: QuantConfig, qweight: W.QuantizedWeight, bias=None, *,

@@ -31,6 +31,11 @@ to find the layers. ``calibration=Calibration(run, batches)`` sets static activa
 ``GPTQ(run, batches)`` rounds weights by GPTQ), where ``run(apply, batch)`` calls ``apply(*inputs)``
 (the float model's forward on one batch).
 
+Sharding: a kernel boxed by ``nn.with_partitioning`` / ``nn.with_logical_partitioning`` gives
+its box (same type, mesh and rules) to the new variables, with its axis names mapped onto
+``W [N, K]`` (``jaxquant.flax.sharding``): ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding``
+work on the converted variables as on the float ones.
+
 Errors name the layer: applying a serving model to float variables, a QAT model with learnable
 scales to variables without them, or a config that cannot serve a layer (``strict=True``; else
 the layer stays float with one warning).
@@ -47,6 +52,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes as linen_dtypes
 from flax import traverse_util
+from flax.core import meta as flax_meta
 
 from jaxquant.core import weights as W
 from jaxquant.flax import geometry as G
@@ -55,6 +61,7 @@ from jaxquant.flax.config import QuantConfig
 from jaxquant.flax.gptq import GPTQ, gptq_quantize_weight
 from jaxquant.flax.observe import _MASK, Calibration, path_str
 from jaxquant.flax.rules import QuantizationWarning, Rule, match
+from jaxquant.flax import sharding as S
 
 __all__ = ["LinenQuantized", "quantize_linen", "quantize_variables", "LinenLayer", "linen_layers"]
 
@@ -209,8 +216,9 @@ def _qat_forward(module, path, geometry, config, next_fun, args, kwargs):
     # Let Flax create / fetch the float params exactly as the layer does (its initialisers, names
     # and shapes); the float result is unused and removed by XLA under jit.
     next_fun(*args, **kwargs)
-    kernel = module.scope.get_variable("params", "kernel")
-    bias = module.scope.get_variable("params", "bias") if geometry.bias_shape is not None else None
+    # scope.get_variable returns partitioning boxes (nn.with_partitioning) as they are stored
+    kernel = flax_meta.unbox(module.scope.get_variable("params", "kernel"))
+    bias = flax_meta.unbox(module.scope.get_variable("params", "bias")) if geometry.bias_shape is not None else None
     x = args[0]
     dtype = L.compute_dtype(x, module.dtype, kernel.dtype)
     w = geometry.weight(kernel)
@@ -401,22 +409,29 @@ def _convert_layer(mode, l: LinenLayer, flat, out, stats, calibration):
                                                                 else ""))
         return flat[collection][key]
 
-    kernel = need("params", "kernel")
+    kernel_box = need("params", "kernel")
+    kernel = flax_meta.unbox(kernel_box)
+    n_ax = k_ax = None
+    if isinstance(kernel_box, flax_meta.Partitioned):
+        logical = isinstance(kernel_box, nn.LogicallyPartitioned)
+        rules = (getattr(kernel_box, "rules", None) or nn.get_logical_axis_rules()) if logical else None
+        n_ax, k_ax = S.weight_axes(g, kernel_box.names, name, rules, unmapped_replicated=True)
+    box = lambda v, axes: S.linen_box(v, kernel_box, axes(c, n_ax, k_ax))
     act = None
     if c.activations == "static":
         act = need("quant_stats", "act_scale") if l.from_qat else L.act_scale_from_amax(stats[1])
     if mode == "qat":
         if c.learnable_scales:
             s, z = L.maybe_abstract(lambda k: _learnable_init(g.weight(k), c), kernel)
-            out["params"][p + ("w_scale",)] = s
+            out["params"][p + ("w_scale",)] = box(s, S.qparam_axes)
             if z is not None:
-                out["params"][p + ("w_zero_point",)] = z
+                out["params"][p + ("w_zero_point",)] = box(z, S.qparam_axes)
         if act is not None:
             out["quant_stats"][p + ("act_scale",)] = act
         return
     if l.from_qat and c.learnable_scales:
-        s = need("params", "w_scale")
-        z = None if c.weight_symmetric else need("params", "w_zero_point")
+        s = flax_meta.unbox(need("params", "w_scale"))
+        z = None if c.weight_symmetric else flax_meta.unbox(need("params", "w_zero_point"))
         qw = L.maybe_abstract(lambda k, s, z: L.serving_weight(g.weight(k), s, L.rounded_zero_point(z, c), c),
                               kernel, s, z)
     elif isinstance(calibration, GPTQ) and not l.from_qat:
@@ -428,9 +443,9 @@ def _convert_layer(mode, l: LinenLayer, flat, out, stats, calibration):
                               kernel)
     for var in ("kernel", "w_scale", "w_zero_point"):
         out["params"].pop(p + (var,), None)
-    out["quantized"][p + ("codes",)] = qw.codes
-    out["quantized"][p + ("w_scale",)] = qw.scale
+    out["quantized"][p + ("codes",)] = box(qw.codes, S.codes_axes)
+    out["quantized"][p + ("w_scale",)] = box(qw.scale, S.qparam_axes)
     if qw.zero_point is not None:
-        out["quantized"][p + ("w_zero_point",)] = qw.zero_point
+        out["quantized"][p + ("w_zero_point",)] = box(qw.zero_point, S.qparam_axes)
     if act is not None:
         out["quant_stats"][p + ("act_scale",)] = act

@@ -22,6 +22,9 @@ nnx models: ``nnx.Linear``, ``nnx.LinearGeneral`` (``nnx.MultiHeadAttention``'s 
   ``activations="static"``) from the inputs the float layers see; ``GPTQ(run, batches, ...)``
   also rounds the weights by GPTQ. Weight scales follow ``QuantConfig.calibration`` (absmax,
   percentile, MSE clip search).
+* Sharding annotations carry over (``jaxquant.flax.sharding``): a QAT layer keeps the float
+  ``kernel`` / ``bias`` variables (and their ``out_sharding`` names); its learnable scales, and a
+  serving layer's codes / scales / zero points, get the kernel's names mapped onto ``W [N, K]``.
 * Abstract models work: ``nnx.eval_shape(lambda: quantize(Model(...), rules))`` builds the serving
   model without computing anything (for ``restore_checkpoint``), and a model whose variables are
   ``jax.ShapeDtypeStruct`` is quantized to one with abstract serving variables.
@@ -43,6 +46,7 @@ from jaxquant.flax.geometry import UnsupportedLayer
 from jaxquant.flax.gptq import GPTQ, gptq_calibrate
 from jaxquant.flax.observe import Calibration, collect_input_stats, path_str, resolve, set_child
 from jaxquant.flax.rules import QuantizationWarning, as_rules, match
+from jaxquant.flax.sharding import annotate_layer
 
 __all__ = ["quantize", "MODES", "FLOAT_NOTE"]
 
@@ -183,6 +187,7 @@ def _quantize_nnx(model, rules, mode, strict, calibration):
                 lambda k: _quantize_kernel(k, geometry, config), node.kernel.get_value())
             new = L.QuantizedLayer(geometry, config, qw, getattr(node, "bias", None), act_scale=act,
                                    dtype=getattr(node, "dtype", None), kernel_dtype=node.kernel.get_value().dtype)
+        new = annotate_layer(new, node.kernel, path_str(path))
         if not path:
             return new
         parent, key = resolve(model, path)
