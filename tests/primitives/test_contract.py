@@ -118,3 +118,18 @@ def test_implementation_is_part_of_the_jit_cache_key():
         t.join()
         seen["main"] = jq.core.backend.current_implementation()
     assert seen == {"thread": "auto", "main": "interpret"}
+
+
+def test_w8a8_epilogue_order_with_constant_scales():
+    """Scales closed over by a jitted function are constants XLA could reassociate:
+    (acc * s_a) * w_scale must stay in that order (equal to numpy's float32 products)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 256)), jnp.float32)
+    qw = jq.quantize_weight(jnp.asarray(rng.standard_normal((64, 256)), jnp.float32))
+    act = jnp.float32(0.02)
+    q = np.asarray(jq.quantize(x, act, granularity=jq.PerTensor())).astype(np.int64)
+    acc = (q @ np.asarray(qw.codes).astype(np.int64).T).astype(np.float32)
+    want = (acc * np.float32(0.02)) * np.asarray(qw.scale)[None, :]
+    for impl in ("reference", "interpret"):
+        got = run_impl(impl, lambda x: jq.quantized_linear(x, qw, act_scale=act), x)
+        assert_same_bits(got, want, impl)
