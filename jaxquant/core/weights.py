@@ -196,18 +196,21 @@ def pack_int4(q):
     return jnp.where(byte > 127, byte - 256, byte).astype(jnp.int8)
 
 
+def nibbles(b, *, signed: bool):
+    """int8 bytes -> ``(low nibbles, high nibbles)`` as int8: two's-complement -8..7 (``signed``,
+    by arithmetic shifts) or unsigned 0..15 (by masks). Plain ``jnp`` ops: kernels use it too."""
+    if signed:
+        return jnp.right_shift(jnp.left_shift(b, jnp.int8(4)), jnp.int8(4)), jnp.right_shift(b, jnp.int8(4))
+    return b & jnp.int8(0xF), jnp.right_shift(b, jnp.int8(4)) & jnp.int8(0xF)
+
+
 def unpack_int4(packed, *, signed: bool):
     """Inverse of ``pack_int4``: int8 ``[..., K // 2]`` -> int8 codes ``[..., K]``.
 
     ``signed``: two's-complement nibbles -8..7 (symmetric weights); else unsigned 0..15.
     """
     b = packed.astype(jnp.int8)
-    if signed:
-        lo = jnp.right_shift(jnp.left_shift(b, jnp.int8(4)), jnp.int8(4))
-        hi = jnp.right_shift(b, jnp.int8(4))
-    else:
-        lo = b & jnp.int8(0xF)
-        hi = jnp.right_shift(b, jnp.int8(4)) & jnp.int8(0xF)
+    lo, hi = nibbles(b, signed=signed)
     return jnp.reshape(jnp.stack([lo, hi], axis=-1), b.shape[:-1] + (2 * b.shape[-1],))
 
 
@@ -253,6 +256,17 @@ def check_block_size(block_size, shape, *, arg="w"):
     return int(block_size)
 
 
+def _check_arrays(name: str, fields, layout: str) -> None:
+    """Each ``(field, array, dtype, shape)`` of ``fields``: an array of that dtype and shape (the
+    error names ``layout``, the weight's format that implies them)."""
+    for field, arr, dt, shp in fields:
+        if not hasattr(arr, "dtype"):
+            raise TypeError(f"{name}.{field}: expected an array, got {type(arr).__name__}")
+        if np.dtype(arr.dtype) != np.dtype(dt) or tuple(arr.shape) != shp:
+            raise ValueError(f"{name}.{field}: expected {np.dtype(dt).name} of shape {shp} for {layout}; got "
+                             f"{np.dtype(arr.dtype).name} of shape {tuple(arr.shape)}")
+
+
 def _check_fp8_weight(name: str, qw) -> None:
     if np.dtype(qw.code_dtype) not in FP8_DTYPES:
         raise ValueError(f"{name}.code_dtype: expected None, float8_e4m3fn or float8_e5m2, got {qw.code_dtype}")
@@ -263,14 +277,9 @@ def _check_fp8_weight(name: str, qw) -> None:
     n, kk = qw.shape
     check_block_size(qw.block_size, qw.shape, arg=name)
     b = qw.block_size
-    for field, arr, dt, shp in (("codes", qw.codes, qw.code_dtype, (n, kk)),
-                                ("scale", qw.scale, np.float32, (n,) if b is None else (n // b, kk // b))):
-        if not hasattr(arr, "dtype"):
-            raise TypeError(f"{name}.{field}: expected an array, got {type(arr).__name__}")
-        if np.dtype(arr.dtype) != np.dtype(dt) or tuple(arr.shape) != shp:
-            raise ValueError(f"{name}.{field}: expected {np.dtype(dt).name} of shape {shp} for code_dtype="
-                             f"{np.dtype(qw.code_dtype).name}, block_size={b}, shape={qw.shape}; got "
-                             f"{np.dtype(arr.dtype).name} of shape {tuple(arr.shape)}")
+    _check_arrays(name, (("codes", qw.codes, qw.code_dtype, (n, kk)),
+                         ("scale", qw.scale, np.float32, (n,) if b is None else (n // b, kk // b))),
+                  f"code_dtype={np.dtype(qw.code_dtype).name}, block_size={b}, shape={qw.shape}")
 
 
 def check_quantized_weight(name: str, qw, *, k: int | None = None, fp8: bool = False) -> QuantizedWeight:
@@ -293,22 +302,14 @@ def check_quantized_weight(name: str, qw, *, k: int | None = None, fp8: bool = F
         return qw
     if qw.bits not in BITS:
         raise ValueError(f"{name}.bits: expected 4 or 8, got {qw.bits!r}")
-    if len(qw.shape) != 2:
-        raise ValueError(f"{name}.shape: expected (N, K), got {qw.shape!r}")
     n, kk = qw.shape
     check_group_size(qw.group_size, kk, arg=f"{name} (shape {qw.shape})")
     if qw.bits == 4 and kk % 2:
         raise ValueError(f"{name}: bits=4 needs an even K, got shape {qw.shape}")
     exp_codes = (n, kk // 2) if qw.bits == 4 else (n, kk)
-    for field, arr, dt, shp in (("codes", qw.codes, np.int8, exp_codes),
-                                ("scale", qw.scale, np.float32,
-                                 (n,) if qw.group_size is None else (n, kk // qw.group_size))):
-        if not hasattr(arr, "dtype"):
-            raise TypeError(f"{name}.{field}: expected an array, got {type(arr).__name__}")
-        if np.dtype(arr.dtype) != np.dtype(dt) or tuple(arr.shape) != shp:
-            raise ValueError(f"{name}.{field}: expected {np.dtype(dt).name} of shape {shp} for bits={qw.bits}, "
-                             f"group_size={qw.group_size}, shape={qw.shape}; got {np.dtype(arr.dtype).name} of "
-                             f"shape {tuple(arr.shape)}")
+    _check_arrays(name, (("codes", qw.codes, np.int8, exp_codes),
+                         ("scale", qw.scale, np.float32, (n,) if qw.group_size is None else (n, kk // qw.group_size))),
+                  f"bits={qw.bits}, group_size={qw.group_size}, shape={qw.shape}")
     if qw.symmetric:
         if qw.zero_point is not None:
             raise ValueError(f"{name}.zero_point: expected None for a symmetric weight, got an array")

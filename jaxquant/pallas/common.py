@@ -232,3 +232,85 @@ def fill_gemm_tiles(m: int, n: int, bm: int, bn: int, max_split: int, sms: int) 
     while split * 2 <= max_split and more(split):
         split *= 2
     return bm, bn, split
+
+
+def gemm_blocks(cfg: GemmTileConfig, m: int, n: int, k: int, min_block_k: int):
+    """``(bm, bn, bk, nm, nn, nk, group_m)``: ``cfg``'s tile clipped to an ``[m, k] x [n, k]^T``
+    problem (powers of two, not below 16 x 16 x ``min_block_k``), the block counts along M, N, K
+    and the launch group (``grid_ij``) clipped to the row blocks."""
+    bm = min(cfg.block_m, max(16, next_pow2(m)))
+    bn = min(cfg.block_n, max(16, next_pow2(n)))
+    bk = min(cfg.block_k, max(min_block_k, next_pow2(k)))
+    nm, nn, nk = pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)
+    return bm, bn, bk, nm, nn, nk, max(1, min(cfg.group_m, nm))
+
+
+def gemm_output(m: int, n: int, bm: int, bn: int, split: int, dtype, ij):
+    """``(out_shape, out_spec, grid)`` of a grouped-launch GEMM (program ``p`` -> tile ``ij(p)``):
+    ``[m, n]`` on the grid ``(tiles,)``, or split-K partials ``[split, m, n]`` on ``(tiles, split)``."""
+    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    if split > 1:
+        return (jax.ShapeDtypeStruct((split, m, n), dtype), pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p))),
+                (tiles, split))
+    return jax.ShapeDtypeStruct((m, n), dtype), pl.BlockSpec((bm, bn), lambda p: ij(p)), (tiles,)
+
+
+def triton_call(kernel, operands, *, out_shape, grid, in_specs, out_specs, cfg, interpret: bool, name: str):
+    """``pallas_call`` of a Triton kernel with ``cfg``'s ``num_warps`` / ``num_stages``, applied to ``operands``."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=name,
+    )(*operands)
+
+
+# ----------------------------------------------------------------------------------------
+# In-kernel pieces of the Triton GEMMs: edge masks, the per-column epilogue, the masked store
+# ----------------------------------------------------------------------------------------
+
+
+def mask_and(a, b):
+    """``a & b`` of two masks, either of which may be None (no mask: everything in bounds)."""
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def tile_masks(i, j, bm: int, bn: int, m_total: int, n_total: int):
+    """``(rmask [bm, 1], cmask [1, bn])`` of output tile ``(i, j)``: the rows / columns inside
+    ``[m_total, n_total]``; None along an axis the tiles divide."""
+    rmask = cmask = None
+    if m_total % bm:
+        rmask = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total
+    if n_total % bn:
+        cmask = (j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total
+    return rmask, cmask
+
+
+def column_epilogue(y, ws_ref, b_ref, cmask, fast: bool):
+    """float32 ``y [bm, bn]`` ``* w_scale`` then ``+ bias``, each a per-column ``[1, bn]`` ref (None:
+    absent). ``mul_rn``: a PTX mul.rn on the GPU, never contracted into an FMA with the bias add
+    (Triton contracts ``(acc * s) * ws + b`` otherwise, which differs from the reference by more
+    than an ulp under cancellation)."""
+    f32 = jnp.float32
+    if ws_ref is not None:
+        ws = ws_ref[...] if cmask is None else pltriton.load(ws_ref, mask=cmask, other=1)
+        y = mul_rn(y, jnp.broadcast_to(ws.astype(f32), y.shape), fast)
+    if b_ref is not None:
+        b = b_ref[...] if cmask is None else pltriton.load(b_ref, mask=cmask, other=0)
+        y = y + b.astype(f32)
+    return y
+
+
+def store_tile(o_ref, out, rmask, cmask) -> None:
+    """``o_ref[...] = out``, leaving the rows / columns outside the output (``tile_masks``) alone."""
+    omask = mask_and(rmask, cmask)
+    if omask is None:
+        o_ref[...] = out
+    else:
+        pltriton.store(o_ref, out, mask=omask)

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import GemmTileConfig, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
+from jaxquant.pallas.common import (GemmTileConfig, column_epilogue, fill_gemm_tiles, gemm_blocks, gemm_output, grid_ij,
+                                   k_split, mask_and, mul_rn, next_pow2, store_tile, tile_masks, triton_call)
 from jaxquant.core.device import NUM_SMS
 
 __all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
@@ -131,26 +132,19 @@ def _kernel(a_ref, as_ref, w_ref, ws_ref, *rest, layout, has_bias, dims, blocks,
     f32 = jnp.float32
     blockwise = layout == "blockwise"
 
-    rmask = cmask = None
-    if m_total % bm:
-        rmask = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total
-    if n_total % bn:
-        cmask = (j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total
+    rmask, cmask = tile_masks(i, j, bm, bn, m_total, n_total)
     n_run, tail = divmod(k_total, bk)
     k_first = 0
     if split > 1:  # this program's run of K chunks (split divides them: effective_split)
         n_run //= split
         k_first = pl.program_id(1) * n_run
 
-    def and_(x, y):
-        return y if x is None else x if y is None else x & y
-
     def load_tile(ref, kc, row_mask, masked_k):
         kk = pl.multiple_of(kc * bk, bk) if not isinstance(kc, int) else kc * bk
         view = ref.at[:, pl.ds(kk, bk)]
         mask = row_mask
         if masked_k:
-            mask = and_(mask, (kk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)) < k_total)
+            mask = mask_and(mask, (kk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)) < k_total)
         # other=0.0: Pallas Triton casts an int fill to fp8 with no rule (a float one has it)
         return view[...] if mask is None else pltriton.load(view, mask=mask, other=0.0)
 
@@ -184,17 +178,8 @@ def _kernel(a_ref, as_ref, w_ref, ws_ref, *rest, layout, has_bias, dims, blocks,
             # mul_rn: never contracted into an FMA with the bias add (the W8A8 epilogue's order)
             sa = as_ref[...] if not a_per_row or rmask is None else pltriton.load(as_ref, mask=rmask, other=1)
             y = mul_rn(y, jnp.broadcast_to(sa.astype(f32), y.shape), fast)
-            ws = ws_ref[...] if cmask is None else pltriton.load(ws_ref, mask=cmask, other=1)
-            y = mul_rn(y, jnp.broadcast_to(ws.astype(f32), y.shape), fast)
-        if has_bias:
-            b = b_ref[...] if cmask is None else pltriton.load(b_ref, mask=cmask, other=0)
-            y = y + b.astype(f32)
-    out = y.astype(out_dtype)
-    omask = and_(rmask, cmask)
-    if omask is None:
-        o_ref[...] = out
-    else:
-        pltriton.store(o_ref, out, mask=omask)
+        y = column_epilogue(y, None if blockwise else ws_ref, b_ref, cmask, fast)
+    store_tile(o_ref, y.astype(out_dtype), rmask, cmask)
 
 
 def validate(a, w, a_scale, w_scale, bias, layout: str, out_dtype) -> None:
@@ -272,11 +257,7 @@ def fp8_matmul(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise", ou
         k = 32
     cfg = config or heuristics(m, n, k, layout=layout)
     cfg.check_layout(layout)
-    bm = min(cfg.block_m, max(16, next_pow2(m)))
-    bn = min(cfg.block_n, max(16, next_pow2(n)))
-    bk = min(cfg.block_k, max(MIN_BLOCK_K, next_pow2(k)))
-    nm, nn, nk = pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)
-    group_m = max(1, min(cfg.group_m, nm))
+    bm, bn, bk, nm, nn, nk, group_m = gemm_blocks(cfg, m, n, k, MIN_BLOCK_K)
     split = effective_split(cfg.split_k, k, bk)
     row_bcast = m == 1 and cfg.row_bcast is not False
     blockwise = layout == "blockwise"
@@ -311,22 +292,9 @@ def fp8_matmul(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise", ou
         _kernel, layout=layout, has_bias=kernel_bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn),
         group_m=group_m, split=split, row_bcast=row_bcast, a_per_row=a_per_row, out_dtype=kernel_dtype,
         fast=not interpret)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, n), kernel_dtype)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p)))
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, n), kernel_dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda p: ij(p))
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(nm * nn, split) if split > 1 else (nm * nn,),
-        in_specs=in_specs,
-        out_specs=out_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"jaxquant_fp8_matmul_{layout}",
-    )(*operands)
+    out_shape, out_spec, grid = gemm_output(m, n, bm, bn, split, kernel_dtype, ij)
+    y = triton_call(kernel, operands, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec, cfg=cfg,
+                    interpret=interpret, name=f"jaxquant_fp8_matmul_{layout}")
     if split == 1:
         return y
     return epilogue(jnp.sum(y, axis=0), a_scale, w_scale, bias, layout, out_dtype)

@@ -52,8 +52,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import int8_epilogue
-from jaxquant.pallas.common import (GemmTileConfig, fill_gemm_tiles, finite_or_zero, grid_ij, k_split, mul_rn,
-                                    next_pow2, recip, rne, to_code)
+from jaxquant.pallas.common import (GemmTileConfig, column_epilogue, fill_gemm_tiles, finite_or_zero, gemm_blocks,
+                                    gemm_output, grid_ij, k_split, mask_and, mul_rn, next_pow2, recip, rne, store_tile,
+                                    tile_masks, to_code, triton_call)
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS
 
@@ -148,11 +149,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     nm, nn = nmn
     i, j = grid_ij(pl.program_id(0), nm, nn, group_m)
 
-    rmask = cmask = None
-    if m_total % bm:
-        rmask = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m_total
-    if n_total % bn:
-        cmask = (j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < n_total
+    rmask, cmask = tile_masks(i, j, bm, bn, m_total, n_total)
     n_full, tail = divmod(k_total, bk)
     n_all = n_full  # every K chunk of the row (the dynamic statistics need them all)
     k_first = 0
@@ -160,18 +157,13 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
         n_full //= split
         k_first = pl.program_id(1) * n_full
 
-    def and_(a, b):
-        if a is None:
-            return b
-        return a if b is None else a & b
-
     def load_tile(ref, k, row_mask, masked_k):
         kk = k * bk if isinstance(k, int) else pl.multiple_of(k * bk, bk)
         view = ref.at[:, pl.ds(kk, bk)]
         m = row_mask
         if masked_k:
             kmask = (kk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)) < k_total
-            m = and_(m, kmask)
+            m = mask_and(m, kmask)
         if m is None:
             return view[...]
         return pltriton.load(view, mask=m, other=0)
@@ -245,23 +237,11 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
         out = acc.astype(out_dtype)
     else:
         y = acc.astype(f32)
-        # mul_rn: on the GPU a PTX mul.rn, which is never contracted into an FMA with the bias add
-        # (Triton contracts (acc*s)*ws + b otherwise, which differs from the reference by more than
-        # an ulp under cancellation); the epilogue is then bit-exact with the reference.
+        # mul_rn (column_epilogue says why): the epilogue is then bit-exact with the reference.
         if a_scale is not None:
             y = mul_rn(y, jnp.broadcast_to(a_scale, y.shape), fast)
-        if has_w_scale:
-            ws = ws_ref[...] if cmask is None else pltriton.load(ws_ref, mask=cmask, other=1)
-            y = mul_rn(y, jnp.broadcast_to(ws.astype(f32), y.shape), fast)
-        if has_bias:
-            b = b_ref[...] if cmask is None else pltriton.load(b_ref, mask=cmask, other=0)
-            y = y + b.astype(f32)
-        out = y.astype(out_dtype)
-    omask = and_(rmask, cmask)
-    if omask is None:
-        o_ref[...] = out
-    else:
-        pltriton.store(o_ref, out, mask=omask)
+        out = column_epilogue(y, ws_ref, b_ref, cmask, fast).astype(out_dtype)
+    store_tile(o_ref, out, rmask, cmask)
 
 
 def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "int8", out_dtype=None,
@@ -306,12 +286,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
                 f"jaxquant int8_matmul: {name} has {size} elements; one kernel call handles < 2**31 "
                 "(split the problem along M or N)")
     cfg = config or heuristics(m, n, k, device_kind=device_kind)
-    bm = min(cfg.block_m, max(16, next_pow2(m)))
-    bn = min(cfg.block_n, max(16, next_pow2(n)))
-    bk = min(cfg.block_k, max(MIN_BLOCK_K, next_pow2(k)))
-    nm, nn = pl.cdiv(m, bm), pl.cdiv(n, bn)
-    nk = pl.cdiv(k, bk)
-    group_m = max(1, min(cfg.group_m, nm))
+    bm, bn, bk, nm, nn, nk, group_m = gemm_blocks(cfg, m, n, k, MIN_BLOCK_K)
     split = effective_split(cfg.split_k, k, bk, a_mode, m)
     row_bcast = m == 1 and (a_mode != "int8" or cfg.row_bcast is not False)
     epilogue = None
@@ -356,25 +331,12 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
         _kernel, a_mode=a_mode, has_a_scale=has_a_scale, a_per_row=a_per_row, has_w_scale=w_scale is not None,
         has_bias=bias is not None, dims=(m, n, k), blocks=(bm, bn, bk), nmn=(nm, nn), group_m=group_m,
         out_dtype=out_dtype, fast=not interpret, split=split, row_bcast=row_bcast)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, n), out_dtype)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p)))
-        if a_mode == "dynamic":  # + the activation scale [1, 1] (row_bcast: M == 1)
-            out_shape = (out_shape, jax.ShapeDtypeStruct((1, 1), jnp.float32))
-            out_spec = (out_spec, pl.BlockSpec((1, 1), lambda p, s: (0, 0)))
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda p: ij(p))
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(nm * nn, split) if split > 1 else (nm * nn,),
-        in_specs=in_specs,
-        out_specs=out_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"jaxquant_int8_matmul_{a_mode}",
-    )(*operands)
+    out_shape, out_spec, grid = gemm_output(m, n, bm, bn, split, out_dtype, ij)
+    if split > 1 and a_mode == "dynamic":  # + the activation scale [1, 1] (row_bcast: M == 1)
+        out_shape = (out_shape, jax.ShapeDtypeStruct((1, 1), jnp.float32))
+        out_spec = (out_spec, pl.BlockSpec((1, 1), lambda p, s: (0, 0)))
+    y = triton_call(kernel, operands, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec, cfg=cfg,
+                    interpret=interpret, name=f"jaxquant_int8_matmul_{a_mode}")
     if epilogue is None:
         return y
     a_s, w_s, b, final_dtype = epilogue

@@ -90,9 +90,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_fields, next_pow2
+from jaxquant.pallas.common import check_fields, next_pow2, triton_call
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS  # H100 / H200 SXM: 132
+from jaxquant.core.weights import nibbles
 
 __all__ = ["Config", "heuristics", "fit_block_k", "choose_split", "float32_dot_algorithm", "weight_only_matmul", "NUM_SMS", "MIN_GROUP", "supports"]
 
@@ -197,13 +198,7 @@ def _unpack_parts(b, bits, symmetric):
     """
     if bits == 8:
         return [b]
-    if symmetric:
-        lo = jnp.right_shift(jnp.left_shift(b, jnp.int8(4)), jnp.int8(4))
-        hi = jnp.right_shift(b, jnp.int8(4))
-    else:
-        lo = b & jnp.int8(0xF)
-        hi = jnp.right_shift(b, jnp.int8(4)) & jnp.int8(0xF)
-    return [lo, hi]
+    return list(nibbles(b, signed=symmetric))
 
 
 def _half_bits(v: float, dt) -> int:
@@ -523,16 +518,8 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         _kernel, n_x=len(xs), x_pairs=x_pairs, row_bcast=row_bcast, bm=bm, bn=bn, bk=bk, unit=unit, steps=steps, m_total=m, n_total=n, k_total=k,
         bits=bits, group=group_size, symmetric=symmetric, has_zp=has_zp, has_bias=has_bias, cdt=cdt,
         out_dtype=kdt, fast=cfg.fast_dequant and not interpret, f32_algorithm=float32_dot_algorithm(interpret))
-    y = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"jaxquant_weight_only_w{bits}",
-    )(*operands)
+    y = triton_call(kernel, operands, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec, cfg=cfg,
+                    interpret=interpret, name=f"jaxquant_weight_only_w{bits}")
     if split == 1:
         return y
     y = jnp.sum(y, axis=0)
