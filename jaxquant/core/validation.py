@@ -42,27 +42,28 @@ def int_array(name: str, x):
     return x
 
 
-def code_dtype(name: str, dtype) -> np.dtype:
+def dtype_in(name: str, dtype, allowed, expected: str, *, not_a_dtype: str = "a dtype") -> np.dtype:
+    """``np.dtype(dtype)`` if it is one of ``allowed``, else a TypeError saying ``expected``
+    (``not_a_dtype`` when ``dtype`` is not a dtype at all)."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name}: expected a dtype, got {dtype!r}") from None
-    if dt not in INT_CODE_DTYPES + FLOAT_DTYPES + FP8_DTYPES:
-        raise TypeError(
-            f"{name}: expected an integer container (int8, uint8, int16, int32), an fp8 format "
-            f"(float8_e4m3fn, float8_e5m2) or a float dtype for real-valued codes, got {dt.name}")
+        raise TypeError(f"{name}: expected {not_a_dtype}, got {dtype!r}") from None
+    if dt not in allowed:
+        raise TypeError(f"{name}: expected {expected}, got {dt.name}")
     return dt
+
+
+def code_dtype(name: str, dtype) -> np.dtype:
+    return dtype_in(name, dtype, INT_CODE_DTYPES + FLOAT_DTYPES + FP8_DTYPES,
+                    "an integer container (int8, uint8, int16, int32), an fp8 format "
+                    "(float8_e4m3fn, float8_e5m2) or a float dtype for real-valued codes")
 
 
 def fp8_dtype(name: str, dtype) -> np.dtype:
     """An fp8 code format (``float8_e4m3fn`` or ``float8_e5m2``)."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{name}: expected an fp8 dtype (float8_e4m3fn or float8_e5m2), got {dtype!r}") from None
-    if dt not in FP8_DTYPES:
-        raise TypeError(f"{name}: expected an fp8 dtype (float8_e4m3fn or float8_e5m2), got {dt.name}")
-    return dt
+    expected = "an fp8 dtype (float8_e4m3fn or float8_e5m2)"
+    return dtype_in(name, dtype, FP8_DTYPES, expected, not_a_dtype=expected)
 
 
 def no_integer_params(dtype_name: str, dt: np.dtype, *, qmin=None, qmax=None, zero_point=None):

@@ -57,6 +57,7 @@ from jaxquant.primitives.dynamic.api import dynamic_quantize
 from jaxquant.primitives.fp8_matmul import primitive as P
 from jaxquant.primitives.fp8_matmul.reference import BLOCK
 from jaxquant.primitives.int8_matmul import api as int8_api
+from jaxquant.primitives.linear import dy_at, frozen_weight_linear
 from jaxquant.primitives.weights import dequantize_weight_raw
 
 __all__ = ["fp8_matmul", "quantized_linear", "fp8_linear", "RECIPES"]
@@ -71,41 +72,17 @@ def _impl():
 
 
 def _check_config(config):
-    if config is not None and not isinstance(config, (tr_k.Config, mg_k.Config)):
-        raise TypeError("config: expected a jaxquant.pallas.fp8_matmul.triton.Config, a "
-                        f"jaxquant.pallas.fp8_matmul.mosaic.Config or None, got {config!r}")
-    return config
+    return V.config("config", config, tr_k.Config, mg_k.Config)
 
 
 def _out_dtype(out_dtype, default):
     if out_dtype is None:
         return np.dtype(default)
-    try:
-        dt = np.dtype(out_dtype)
-    except TypeError:
-        raise TypeError(f"out_dtype: expected a dtype, got {out_dtype!r}") from None
-    if dt not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype: expected float16, bfloat16 or float32, got {dt.name}")
-    return dt
-
-
-def _float_x(x):
-    x = V.as_array("x", x)
-    if np.dtype(x.dtype) not in _OUT_DTYPES:
-        raise TypeError(f"x: expected a float16, bfloat16 or float32 array, got a {np.dtype(x.dtype).name} array "
-                        f"of shape {tuple(x.shape)}")
-    if x.ndim < 1:
-        raise ValueError("x: expected an array [..., K] of rank >= 1, got a scalar")
-    return x
+    return V.dtype_in("out_dtype", out_dtype, _OUT_DTYPES, "float16, bfloat16 or float32")
 
 
 def _bias(bias, n):
-    if bias is None:
-        return None
-    bias = V.float_array("bias", bias)
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"bias: expected shape ({n},) (one value per output channel N), got {tuple(bias.shape)}")
-    return bias
+    return None if bias is None else V.vector("bias", bias, n, what="one value per output channel N")
 
 
 # ------------------------------------------------------------------------------------------
@@ -191,27 +168,17 @@ def _serve_forward(spec: _ServeSpec, x, codes, w_scale, bias, act_scale):
                   impl=spec.impl)
 
 
+def _serve_dx(spec: _ServeSpec, dy, codes, w_scale, bias, act_scale, x_dtype):
+    """Straight through the activation quantizer: ``dy @ W_hat`` (the dequantized weight, float32)."""
+    w_hat = dequantize_weight_raw(codes, w_scale, None, bits=8, group_size=None, symmetric=True,
+                                  dtype=jnp.float32, block_size=spec.block_size)
+    return dy_at(dy, w_hat, jax.lax.Precision.HIGHEST).astype(x_dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _serve_fn(spec: _ServeSpec):
-    @jax.custom_vjp
-    def f(x, codes, w_scale, bias, act_scale):
-        return _serve_forward(spec, x, codes, w_scale, bias, act_scale)
-
-    def fwd(x, codes, w_scale, bias, act_scale):
-        return f(x, codes, w_scale, bias, act_scale), (codes, w_scale, bias, jnp.zeros((0,), x.dtype))
-
-    def bwd(res, dy):
-        # straight through the activation quantizer: dx = dy @ W_hat (the dequantized weight)
-        codes, w_scale, bias, x_proto = res
-        w_hat = dequantize_weight_raw(codes, w_scale, None, bits=8, group_size=None, symmetric=True,
-                                      dtype=jnp.float32, block_size=spec.block_size)
-        dx = jax.lax.dot_general(dy.astype(jnp.float32), w_hat, (((dy.ndim - 1,), (0,)), ((), ())),
-                                 precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-        db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1))).astype(bias.dtype)
-        return dx.astype(x_proto.dtype), None, None, db, None
-
-    f.defvjp(fwd, bwd)
-    return f
+    return frozen_weight_linear(functools.partial(_serve_forward, spec), functools.partial(_serve_dx, spec),
+                                bias_arg=3)
 
 
 def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, config=None):
@@ -230,7 +197,7 @@ def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, c
     """
     if not (isinstance(qweight, QuantizedWeight) and qweight.is_fp8):
         return int8_api.quantized_linear(x, qweight, bias, out_dtype=out_dtype, act_scale=act_scale, config=config)
-    x = _float_x(x)
+    x = V.activation("x", x)
     qw = check_quantized_weight("qweight", qweight, k=x.shape[-1], fp8=True)
     if qw.block_size not in (None, BLOCK):
         raise ValueError(f"qweight.block_size: expected None or {BLOCK} (the fp8 GEMM's block format), "
@@ -337,7 +304,7 @@ def fp8_linear(x, w, bias=None, *, recipe: str = "rowwise", grad_dtype=jnp.float
     ``dbias``, each from fp8 GEMMs with fresh dynamic scales (a straight-through estimator of the
     quantizers). Works under ``jit``, ``grad``, ``vmap``, ``remat`` and ``scan``.
     """
-    x = _float_x(x)
+    x = V.activation("x", x)
     w = V.float_array("w", w)
     if w.ndim != 2 or w.shape[1] != x.shape[-1]:
         raise ValueError(f"w: expected a 2-d weight [N, K] with K = {x.shape[-1]} (the last axis of x; y = x @ w^T), "

@@ -31,6 +31,7 @@ from jaxquant.core import backend
 from jaxquant.core import validation as V
 from jaxquant.core.weights import check_quantized_weight
 from jaxquant.pallas.int8_matmul import mosaic, triton
+from jaxquant.primitives.linear import dy_at, frozen_weight_linear
 from jaxquant.primitives.int8_matmul.primitive import int8_matmul_op, quantized_linear_op
 
 __all__ = ["quantized_linear", "int8_matmul"]
@@ -52,38 +53,20 @@ def _bind_linear(spec: _Spec, x, codes, w_scale, bias, act_scale):
                                impl=spec.impl)
 
 
-def _dx(dy, codes, w_scale, x_dtype):
+def _dx(dy, codes, w_scale, bias, act_scale, x_dtype):
     """STE backward: ``dy @ W_hat`` with ``W_hat = codes * w_scale[:, None]`` (in x's dtype, f32 accumulation)."""
     x_dtype = np.dtype(x_dtype)
     w_hat = codes.astype(jnp.float32) * jnp.reshape(w_scale, (-1, 1)).astype(jnp.float32)
     if x_dtype == np.float32:
-        dyc, wc, prec = dy.astype(jnp.float32), w_hat, jax.lax.Precision.HIGHEST
+        dx = dy_at(dy, w_hat, jax.lax.Precision.HIGHEST)
     else:
-        dyc, wc, prec = dy.astype(x_dtype), w_hat.astype(x_dtype), None
-    dx = jax.lax.dot_general(dyc, wc, (((dyc.ndim - 1,), (0,)), ((), ())), precision=prec,
-                             preferred_element_type=jnp.float32)
+        dx = dy_at(dy, w_hat.astype(x_dtype))
     return dx.astype(x_dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def _linear_fn(spec: _Spec):
-    @jax.custom_vjp
-    def f(x, codes, w_scale, bias, act_scale):
-        return _bind_linear(spec, x, codes, w_scale, bias, act_scale)
-
-    def fwd(x, codes, w_scale, bias, act_scale):
-        return f(x, codes, w_scale, bias, act_scale), (codes, w_scale, bias, jnp.zeros((0,), x.dtype))
-
-    def bwd(res, dy):
-        codes, w_scale, bias, x_proto = res
-        dx = _dx(dy, codes, w_scale, x_proto.dtype)
-        db = None
-        if bias is not None:
-            db = jnp.sum(dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1))).astype(bias.dtype)
-        return dx, None, None, db, None
-
-    f.defvjp(fwd, bwd)
-    return f
+    return frozen_weight_linear(functools.partial(_bind_linear, spec), _dx, bias_arg=3)
 
 
 def _check_config(config):
@@ -93,15 +76,8 @@ def _check_config(config):
 def _out_dtype(out_dtype, default, *, allow_int32=False):
     if out_dtype is None:
         return np.dtype(default)
-    try:
-        dt = np.dtype(out_dtype)
-    except TypeError:
-        raise TypeError(f"out_dtype: expected a dtype, got {out_dtype!r}") from None
     allowed = _OUT_DTYPES + ((np.dtype(np.int32),) if allow_int32 else ())
-    if dt not in allowed:
-        names = ", ".join(d.name for d in allowed)
-        raise TypeError(f"out_dtype: expected one of {names}, got {dt.name}")
-    return dt
+    return V.dtype_in("out_dtype", out_dtype, allowed, "one of " + ", ".join(d.name for d in allowed))
 
 
 def _check_qweight(qweight, k):

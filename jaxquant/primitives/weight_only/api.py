@@ -17,13 +17,13 @@ import dataclasses
 import functools
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 
 from jaxquant.core import backend
 from jaxquant.core import validation as V
 from jaxquant.core.weights import check_quantized_weight
 from jaxquant.pallas.weight_only import mosaic, triton
+from jaxquant.primitives.linear import dy_at, frozen_weight_linear
 from jaxquant.primitives.weight_only.primitive import weight_only_linear_op
 from jaxquant.primitives.weights import dequantize_weight_raw
 
@@ -46,29 +46,17 @@ def _bind(spec: _Spec, x, codes, scale, zp, bias):
                                  symmetric=spec.symmetric, k=spec.shape[1], config=spec.config, impl=spec.impl)
 
 
+def _dx(spec: _Spec, dy, codes, scale, zp, bias, x_dtype):
+    """``dy @ W_hat``: W_hat dequantized in x's dtype (float32 for float32 x), float32 accumulation."""
+    wdt = jnp.float32 if np.dtype(x_dtype) == np.float32 else x_dtype
+    w = dequantize_weight_raw(codes, scale, zp, bits=spec.bits, group_size=spec.group_size,
+                              symmetric=spec.symmetric, dtype=wdt)
+    return dy_at(dy, w).astype(x_dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _linear_fn(spec: _Spec):
-    @jax.custom_vjp
-    def f(x, codes, scale, zp, bias):
-        return _bind(spec, x, codes, scale, zp, bias)
-
-    def fwd(x, codes, scale, zp, bias):
-        return f(x, codes, scale, zp, bias), (x, codes, scale, zp, bias)
-
-    def bwd(res, dy):
-        x, codes, scale, zp, bias = res
-        wdt = jnp.float32 if np.dtype(x.dtype) == np.float32 else x.dtype
-        w = dequantize_weight_raw(codes, scale, zp, bits=spec.bits, group_size=spec.group_size,
-                                    symmetric=spec.symmetric, dtype=wdt)
-        dx = jax.lax.dot_general(dy.astype(wdt), w, (((dy.ndim - 1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(x.dtype)
-        db = None
-        if bias is not None:
-            db = jnp.sum(dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1))).astype(bias.dtype)
-        return dx, None, None, None, db
-
-    f.defvjp(fwd, bwd)
-    return f
+    return frozen_weight_linear(functools.partial(_bind, spec), functools.partial(_dx, spec), bias_arg=4)
 
 
 def weight_only_linear(x, qweight, bias=None, *, config: triton.Config | mosaic.Config | None = None):
