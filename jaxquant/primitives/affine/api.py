@@ -73,51 +73,48 @@ def _bwd_op(op, dy, x, scale, zp, spec):
     return _bind(op, [dyb, xb], x.shape, sb, zb, spec, out_dtype=x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _quantize_fn(spec: _Spec):
+def _custom_vjp(op, spec, out_dtype, backward):
+    """The kernel ``op`` on ``(x, scale, zp)`` (in ``out_dtype``; None: x's dtype) as a ``custom_vjp``
+    whose ``backward(res, ct)`` gets the inputs as ``res``."""
     @jax.custom_vjp
     def f(x, scale, zp):
-        return _fwd_op("quantize", x, scale, zp, spec, spec.out_dtype)
+        return _fwd_op(op, x, scale, zp, spec, x.dtype if out_dtype is None else out_dtype)
 
     def fwd(x, scale, zp):
         return f(x, scale, zp), (x, scale, zp)
 
-    def bwd(res, dq):
-        x, scale, zp = res
-        if jnp.issubdtype(spec.out_dtype, jnp.integer):
-            return jnp.zeros_like(x), jnp.zeros_like(scale), None
-        return _backward_fn("quantize_backward", spec)(dq, x, scale, zp), jnp.zeros_like(scale), None
-
-    f.defvjp(fwd, bwd)
+    f.defvjp(fwd, backward)
     return f
+
+
+def _ste_backward(name, spec):
+    """The straight-through backward ``name`` (a kernel) for x; scale's cotangent is zero."""
+    def bwd(res, dy):
+        x, scale, zp = res
+        return _backward_fn(name, spec)(dy, x, scale, zp), jnp.zeros_like(scale), None
+    return bwd
+
+
+def _zero_backward(res, dq):
+    """Integer codes are piecewise constant in x: a zero gradient."""
+    x, scale, _ = res
+    return jnp.zeros_like(x), jnp.zeros_like(scale), None
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_fn(spec: _Spec):
+    integer = jnp.issubdtype(spec.out_dtype, jnp.integer)
+    return _custom_vjp("quantize", spec, spec.out_dtype,
+                       _zero_backward if integer else _ste_backward("quantize_backward", spec))
 
 
 @functools.lru_cache(maxsize=None)
 def _fake_quantize_fn(spec: _Spec):
-    @jax.custom_vjp
-    def f(x, scale, zp):
-        return _fwd_op("fake_quantize", x, scale, zp, spec, x.dtype)
-
-    def fwd(x, scale, zp):
-        return f(x, scale, zp), (x, scale, zp)
-
-    def bwd(res, dy):
-        x, scale, zp = res
-        return _backward_fn("fake_quantize_backward", spec)(dy, x, scale, zp), jnp.zeros_like(scale), None
-
-    f.defvjp(fwd, bwd)
-    return f
+    return _custom_vjp("fake_quantize", spec, None, _ste_backward("fake_quantize_backward", spec))
 
 
 @functools.lru_cache(maxsize=None)
 def _dequantize_fn(spec: _Spec):
-    @jax.custom_vjp
-    def f(q, scale, zp):
-        return _fwd_op("dequantize", q, scale, zp, spec, spec.out_dtype)
-
-    def fwd(q, scale, zp):
-        return f(q, scale, zp), (q, scale, zp)
-
     def bwd(res, dy):
         # d/dscale of (q - zp) * scale is (q - zp): summed over the elements sharing a scale.
         q, scale, zp = res
@@ -129,8 +126,7 @@ def _dequantize_fn(spec: _Spec):
         dscale = jnp.reshape(jnp.sum(prod, axis=axes, keepdims=True), scale.shape).astype(scale.dtype)
         return None, dscale, None
 
-    f.defvjp(fwd, bwd)
-    return f
+    return _custom_vjp("dequantize", spec, spec.out_dtype, bwd)
 
 
 def _impl():
