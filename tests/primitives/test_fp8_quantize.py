@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jaxquant as jq
 from jaxquant.core.numerics import fp8_max
 from jaxquant.granularity import param_shape, to_broadcast_form
-from conftest import TIERS as KERNEL_TIERS, cuda_kernels, run_impl
+from conftest import TIERS as KERNEL_TIERS, assert_same_bits, cuda_kernels, run_impl
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 FP8 = [E4M3, E5M2]
@@ -29,18 +29,18 @@ def ids(dt):
     return np.dtype(dt).name
 
 
-def assert_fp8_equal(a, b, what=""):
-    """Equal fp8 (or float) arrays: NaN at the same places, every other element bit-identical.
-    (A NaN's payload is not part of the contract: e5m2 has several NaN encodings.)"""
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    fa, fb = a.astype(np.float64), b.astype(np.float64)
-    na, nb = np.isnan(fa), np.isnan(fb)
-    assert (na == nb).all(), f"{what}: NaN positions differ at {int((na != nb).sum())} elements"
-    ua = a.view(f"u{a.dtype.itemsize}")[~na]
-    ub = b.view(f"u{b.dtype.itemsize}")[~nb]
-    bad = ua != ub
-    assert not bad.any(), f"{what}: {int(bad.sum())}/{ua.size} differ, e.g. {fa[~na][bad][:5]} vs {fb[~nb][bad][:5]}"
+FP8_OPS = ("quantize", "dequantize", "fake_quantize", "fq_backward", "q_backward")
+
+
+def fp8_ops(g, dt):
+    """``(x, dy, s) ->`` the fp8 quantize family's ``FP8_OPS`` with granularity ``g``, format ``dt``."""
+    def fns(x, dy, s):
+        q = jq.quantize(x, s, granularity=g, dtype=dt)
+        return (q, jq.dequantize(q, s, granularity=g, dtype=jnp.bfloat16),
+                jq.fake_quantize(x, s, granularity=g, code_dtype=dt),
+                jq.fake_quantize_backward(dy, x, s, granularity=g, code_dtype=dt),
+                jq.quantize_backward(dy, x, s, granularity=g, dtype=dt))
+    return fns
 
 
 def torch_codes(x, inv, dt):
@@ -121,7 +121,7 @@ def test_every_midpoint_matches_torch(dt, impl):
     n = x.size
     x = jnp.asarray(np.pad(x, (0, (-n) % 64)).reshape(-1, 64))
     q = run_impl(impl, lambda x: jq.quantize(x, jnp.float32(1), granularity=jq.PerTensor(), dtype=dt), x)
-    assert_fp8_equal(q, torch_codes(x, 1.0, dt), "quantize vs torch at midpoints")
+    assert_same_bits(q, torch_codes(x, 1.0, dt), "quantize vs torch at midpoints")
 
 
 @pytest.mark.parametrize("dt", FP8, ids=ids)
@@ -134,7 +134,7 @@ def test_random_values_match_torch(rng, dt, g, shape):
     want = torch_codes(x, inv, dt)
     for impl in TIERS:
         q = run_impl(impl, lambda x, s: jq.quantize(x, s, granularity=g, dtype=dt), x, s)
-        assert_fp8_equal(q, want, f"{impl} quantize vs torch")
+        assert_same_bits(q, want, f"{impl} quantize vs torch")
 
 
 def test_many_random_values_match_torch(rng):
@@ -144,7 +144,7 @@ def test_many_random_values_match_torch(rng):
         s = jnp.asarray(2.0 ** rng.uniform(-8, 8, size=(512,)), jnp.float32)
         inv = (np.float32(1) / np.asarray(s)).astype(np.float32)[:, None]
         q = run_impl("reference", lambda x, s: jq.quantize(x, s, granularity=jq.PerToken(), dtype=dt), x, s)
-        assert_fp8_equal(q, torch_codes(x, inv, dt), "reference vs torch")
+        assert_same_bits(q, torch_codes(x, inv, dt), "reference vs torch")
 
 
 def test_specials():
@@ -172,17 +172,11 @@ def test_kernels_equal_reference(rng, dt, g, shape):
     x = rand_x(rng, shape, scale_b(g, shape, s), dt, jnp.bfloat16 if len(shape) == 3 else jnp.float32)
     dy = jnp.asarray(rng.standard_normal(shape), x.dtype)
 
-    def fns(x, dy, s):
-        q = jq.quantize(x, s, granularity=g, dtype=dt)
-        return (q, jq.dequantize(q, s, granularity=g, dtype=jnp.bfloat16),
-                jq.fake_quantize(x, s, granularity=g, code_dtype=dt),
-                jq.fake_quantize_backward(dy, x, s, granularity=g, code_dtype=dt),
-                jq.quantize_backward(dy, x, s, granularity=g, dtype=dt))
-
+    fns = fp8_ops(g, dt)
     ref = run_impl("reference", fns, x, dy, s)
     got = run_impl(KERNEL, fns, x, dy, s)
-    for name, a, b in zip(("quantize", "dequantize", "fake_quantize", "fq_backward", "q_backward"), got, ref):
-        assert_fp8_equal(a, b, name)
+    for name, a, b in zip(FP8_OPS, got, ref):
+        assert_same_bits(a, b, name)
 
 
 @pytest.mark.parametrize("dt", FP8, ids=ids)
@@ -195,17 +189,17 @@ def test_reference_formulas(rng, dt):
     dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     q = jq.quantize(x, s, granularity=g, dtype=dt)
     deq = np.asarray(q).astype(np.float32) * sb
-    assert_fp8_equal(jq.dequantize(q, s, granularity=g), deq, "dequantize")
-    assert_fp8_equal(jq.fake_quantize(x, s, granularity=g, code_dtype=dt), deq, "fake_quantize")
+    assert_same_bits(jq.dequantize(q, s, granularity=g), deq, "dequantize")
+    assert_same_bits(jq.fake_quantize(x, s, granularity=g, code_dtype=dt), deq, "fake_quantize")
     inv = (np.float32(1) / sb).astype(np.float32)
     with np.errstate(invalid="ignore"):
         m = np.abs(np.asarray(x) * inv) <= fp8_max(dt)
     dyn = np.asarray(dy)
-    assert_fp8_equal(jq.fake_quantize_backward(dy, x, s, granularity=g, code_dtype=dt), np.where(m, dyn, dyn * 0))
+    assert_same_bits(jq.fake_quantize_backward(dy, x, s, granularity=g, code_dtype=dt), np.where(m, dyn, dyn * 0))
     g_x = jax.grad(lambda x: jnp.sum(jq.fake_quantize(x, s, granularity=g, code_dtype=dt) * dy))(x)
-    assert_fp8_equal(g_x, np.where(m, dyn, dyn * 0), "grad of fake_quantize")
+    assert_same_bits(g_x, np.where(m, dyn, dyn * 0), "grad of fake_quantize")
     qb = np.where(m, dyn * inv, dyn * inv * 0).astype(np.float32)
-    assert_fp8_equal(jq.quantize_backward(dy, x, s, granularity=g, dtype=dt), qb, "quantize_backward")
+    assert_same_bits(jq.quantize_backward(dy, x, s, granularity=g, dtype=dt), qb, "quantize_backward")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +238,8 @@ def test_dynamic_quantize(rng, dt, g, shape):
     for impl in TIERS:
         q, s, z = run_impl(impl, lambda x: jq.dynamic_quantize(x, granularity=g, dtype=dt), jnp.asarray(x))
         assert z is None
-        assert_fp8_equal(s, want_s, f"{impl} scale")
-        assert_fp8_equal(q, want_q, f"{impl} codes")
+        assert_same_bits(s, want_s, f"{impl} scale")
+        assert_same_bits(q, want_q, f"{impl} codes")
     if isinstance(g, jq.PerToken):
         assert float(np.asarray(s)[0]) == 2.0**-126 and np.isnan(np.asarray(s)[-1]) and np.isfinite(np.asarray(s)[1])
         assert list(np.asarray(q)[1, 1:3].astype(np.float32)) == [fp8_max(dt), -fp8_max(dt)]
@@ -258,13 +252,13 @@ def test_per_block_int8(rng):
     for sym in (True, False):
         outs = [run_impl(i, lambda x: jq.dynamic_quantize(x, granularity=g, symmetric=sym), x) for i in TIERS]
         for a, b in zip(*outs):
-            assert_fp8_equal(a, b, f"dynamic int8 symmetric={sym}")
+            assert_same_bits(a, b, f"dynamic int8 symmetric={sym}")
     q, s, _ = jq.dynamic_quantize(x, granularity=g)
     assert s.shape == (2, 2, 3) and q.dtype == jnp.int8
     blk = np.asarray(x)[1, 4:8, 16:24]
     assert float(s[1, 1, 2]) == np.float32(np.abs(blk).max() * np.float32(1 / 127))
     f = [run_impl(i, lambda x, s: jq.fake_quantize(x, s, granularity=g, qmin=-128, qmax=127), x, s) for i in TIERS]
-    assert_fp8_equal(f[0], f[1], "fake_quantize int8 per block")
+    assert_same_bits(f[0], f[1], "fake_quantize int8 per block")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,15 +277,15 @@ def test_transforms(rng):
         with jq.implementation(impl):
             # vmap over the leading axis: each slice is a [4, 16] array with [2, 2] block scales
             v = jax.jit(jax.vmap(f))(x, s)
-            assert_fp8_equal(v, want, f"{impl} vmap")
+            assert_same_bits(v, want, f"{impl} vmap")
             gv = jax.jit(jax.vmap(jax.grad(lambda x, s, d: jnp.sum(f(x, s) * d))))(x, s, dy)
             gd = jax.grad(lambda x: jnp.sum(f(x, s) * dy))(x)
-            assert_fp8_equal(gv, gd, f"{impl} vmap of grad")
+            assert_same_bits(gv, gd, f"{impl} vmap of grad")
             gq = jax.jit(jax.grad(lambda x: jnp.sum(jq.quantize(x, s, granularity=g, dtype=E4M3).astype(jnp.float32))))(x)
             want_q = jq.quantize_backward(jnp.ones_like(x), x, s, granularity=g, dtype=E4M3)
-            assert_fp8_equal(gq, want_q, f"{impl} grad of quantize (STE)")
+            assert_same_bits(gq, want_q, f"{impl} grad of quantize (STE)")
             r = jax.jit(jax.grad(jax.checkpoint(lambda x: jnp.sum(f(x, s) * dy))))(x)
-            assert_fp8_equal(r, gd, f"{impl} remat")
+            assert_same_bits(r, gd, f"{impl} remat")
     # dequantize's scale gradient: sum(dy * f32(q)) over each block
     q = jq.quantize(x, s, granularity=g, dtype=E4M3)
     ds = jax.grad(lambda s: jnp.sum(jq.dequantize(q, s, granularity=g) * dy))(s)
@@ -393,13 +387,8 @@ def test_gpu_kernels_equal_reference_large(rng, dt, g):
     dy = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
 
     def fns(x, dy, s):
-        q = jq.quantize(x, s, granularity=g, dtype=dt)
-        return (q, jq.dequantize(q, s, granularity=g, dtype=jnp.bfloat16),
-                jq.fake_quantize(x, s, granularity=g, code_dtype=dt),
-                jq.fake_quantize_backward(dy, x, s, granularity=g, code_dtype=dt),
-                jq.quantize_backward(dy, x, s, granularity=g, dtype=dt),
-                *jq.dynamic_quantize(x, granularity=g, dtype=dt)[:2])
+        return (*fp8_ops(g, dt)(x, dy, s), *jq.dynamic_quantize(x, granularity=g, dtype=dt)[:2])
 
     for a, b, name in zip(run_impl("pallas", fns, x, dy, s), run_impl("reference", fns, x, dy, s),
-                          ("quantize", "dequantize", "fake_quantize", "fq_backward", "q_backward", "dyn_q", "dyn_s")):
-        assert_fp8_equal(a, b, name)
+                          FP8_OPS + ("dyn_q", "dyn_s")):
+        assert_same_bits(a, b, name)
