@@ -169,6 +169,10 @@ class Op:
             def fn(*a):
                 return self.run(choice, self.named(a, present), op_params)
 
+            # Under a mesh with Explicit axes the avals carry shardings, which pallas_call refuses;
+            # the op's operands are whole arrays here (custom_partitioning splits them).
+            ctx = ctx.replace(avals_in=[sharding_lib.unsharded(a) for a in ctx.avals_in],
+                              avals_out=[sharding_lib.unsharded(a) for a in ctx.avals_out])
             if self.sharding is not None and sharding_lib.may_partition(ctx.module_context.axis_context):
                 fn = sharding_lib.partitioned(self, params, tuple(ctx.avals_in), fn, platform)
                 if self.p.multiple_results:

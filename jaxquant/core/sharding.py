@@ -39,6 +39,7 @@ codes, ``K // group`` of the scales): splitting it over ``n`` devices splits eac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable
@@ -49,8 +50,8 @@ from jax._src import dispatch as _dispatch  # prim_requires_devices_during_lower
 from jax.experimental.custom_partitioning import ArrayMapping, CompoundFactor, SdyShardingRule, custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["Rule", "Shard", "broadcast_factors", "leading", "may_partition", "partitioned", "shardy_rule",
-           "register"]
+__all__ = ["Rule", "Shard", "Partition", "broadcast_factors", "leading", "may_partition", "partitioned",
+           "shardy_rule", "register", "recording"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,33 @@ class Shard:
     def pmax(self, v, *factors):
         axes = self.split(*factors)
         return jax.lax.pmax(v, axes) if axes else v
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """How XLA partitioned one op (recorded for ``jaxquant.describe``): the operand and result
+    layouts, the per-shard operand shapes and the per-shard program (``jaxpr``: the kernels and the
+    collectives each device runs)."""
+
+    op: str
+    in_specs: tuple
+    out_specs: tuple
+    local: tuple  # jax.ShapeDtypeStruct per operand, per device
+    jaxpr: Any
+
+
+_RECORDS: list | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect a ``Partition`` for every op partitioned while compiling inside the block."""
+    global _RECORDS
+    saved, _RECORDS = _RECORDS, []
+    try:
+        yield _RECORDS
+    finally:
+        _RECORDS = saved
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,6 +235,11 @@ def _mesh_of(arg_shapes, mesh):
     return Mesh(np.array(devices), ("_jaxquant",)), False
 
 
+def unsharded(aval):
+    """``aval`` without a sharding in its type (Explicit mesh axes put one there)."""
+    return jax.core.ShapedArray(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
 def may_partition(axis_context) -> bool:
     """Whether a lowering under ``axis_context`` can be partitioned (more than one device, not
     inside a fully manual ``shard_map``); else the op lowers as on one device."""
@@ -279,6 +312,11 @@ def _build(key, op, whole):
                 out = op.p.bind(*args, **params)
             return tuple(out) if multiple else out
 
+        if _RECORDS is not None:
+            shapes = [jax.ShapeDtypeStruct(sh.shard_shape(a.shape), a.dtype) for sh, a in zip(in_sh, arg_shapes)]
+            jaxpr = jax.make_jaxpr(local, axis_env=list(mesh.shape.items()))(*shapes)
+            _RECORDS.append(Partition(op.name, tuple(s.spec for s in in_sh), tuple(s.spec for s in out_sh),
+                                      tuple(shapes), jaxpr))
         return mesh, local, (out_sh if multiple else out_sh[0]), in_sh
 
     fn.def_partition(partition=partition, sharding_rule=shardy_rule(rule, named, outs))
