@@ -13,6 +13,10 @@ import zlib
 
 if "JAX_PLATFORMS" not in os.environ and not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
     os.environ["JAX_PLATFORMS"] = "cpu"
+# The sharding tests (tests/sharding) partition over 8 CPU devices: XLA makes them from the host
+# when this flag is set before jax initialises its backends (unsharded tests run on device 0).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import numpy as np
 import pytest

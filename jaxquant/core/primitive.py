@@ -174,7 +174,7 @@ class Op:
             ctx = ctx.replace(avals_in=[sharding_lib.unsharded(a) for a in ctx.avals_in],
                               avals_out=[sharding_lib.unsharded(a) for a in ctx.avals_out])
             if self.sharding is not None and sharding_lib.may_partition(ctx.module_context.axis_context):
-                fn = sharding_lib.partitioned(self, params, tuple(ctx.avals_in), fn, platform)
+                fn = sharding_lib.partitioned(self, params, tuple(ctx.avals_in), fn, platform, choice)
                 if self.p.multiple_results:
                     return mlir.lower_fun(lambda *a: list(fn(*a)), multiple_results=True)(ctx, *args)
             return mlir.lower_fun(fn, multiple_results=self.p.multiple_results)(ctx, *args)

@@ -27,8 +27,11 @@ replicated    factors the op cannot split (kept whole; Shardy: need-replication 
 per_shard     ``per_shard(shard, arrays, params)``: the local computation when the default (bind
               the primitive on the shards) is not enough; ``shard`` (``Shard``) names the mesh axes
               of each factor and offers ``psum`` / ``pmax`` over them
-check         ``check(uneven)``: raises for a layout the op cannot serve (``uneven``: the factors
-              whose requested mesh axes do not divide their dimensions)
+check         ``check(uneven, mesh)``: raises for a layout the op cannot serve (``uneven``: the
+              factors whose requested mesh axes do not divide their dimensions)
+pin           ``pin(choice, local_avals) -> config or None``: the kernel config the shards run when
+              the caller gave none (the one-device choice, for an op whose float summation order
+              depends on the config: the shards then sum in the one-device order)
 ============  ====================================================================================
 
 A factor may label dimensions of different sizes (e.g. ``K`` of x, ``K // 2`` of packed int4
@@ -64,6 +67,7 @@ class Rule:
     replicated: tuple[str, ...] = ()
     per_shard: Callable | None = None
     check: Callable | None = None
+    pin: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,20 +257,21 @@ def may_partition(axis_context) -> bool:
     return set(manual) != set(mesh.axis_names) and mesh.size > 1
 
 
-def partitioned(op, params: dict, avals: tuple, whole: Callable, platform: str):
+def partitioned(op, params: dict, avals: tuple, whole: Callable, platform: str, choice=None):
     """The function the op lowers to under a multi-device ``jax.jit``: ``whole`` (the op's lowering
-    on whole arrays) wrapped in ``custom_partitioning`` with the op's rule for these ``avals``.
+    on whole arrays, ``choice`` its kernel choice) wrapped in ``custom_partitioning`` with the op's
+    rule for these ``avals``.
 
     Cached per (op, params, operand shapes and dtypes, platform); ``whole`` must be determined by them.
     """
     key = (op.name, tuple(sorted(params.items())), tuple((a.shape, a.dtype) for a in avals), platform)
-    return _build(key, op, whole)
+    return _build(key, op, whole, choice)
 
 
 _CACHE: dict = {}  # key of ``partitioned`` -> the custom_partitioning function
 
 
-def _build(key, op, whole):
+def _build(key, op, whole, choice):
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
@@ -309,7 +314,11 @@ def _build(key, op, whole):
             if rule.per_shard is not None and any(axes.get(f) for f in rule.reduction):
                 out = rule.per_shard(shard, arrays, op_params)
             else:
-                out = op.p.bind(*args, **params)
+                p = params
+                if rule.pin is not None and params["config"] is None and choice is not None:
+                    p = dict(params, config=rule.pin(choice, {k: None if a is None else jax.typeof(a)
+                                                              for k, a in arrays.items()}))
+                out = op.p.bind(*args, **p)
             return tuple(out) if multiple else out
 
         if _RECORDS is not None:

@@ -127,7 +127,20 @@ def _sharding(avals, params):
     if avals["bias"] is not None:
         operands["bias"] = ("n",)
     check = functools.partial(_check_layout, params["k"], params["bits"], params["group_size"])
-    return shd.Rule(operands, (fm + ("n",),), reduction=("k",), per_shard=_split_k, check=check)
+    return shd.Rule(operands, (fm + ("n",),), reduction=("k",), per_shard=_split_k, check=check,
+                     pin=functools.partial(_pin, params["bits"], params["group_size"]))
+
+
+def _pin(bits, group_size, choice, avals):
+    """Token- / N-split shards run the one-device kernel config (the same K blocks and split: the
+    same float32 summation order, so the same bits), when it serves the shard's shape."""
+    if choice.implementation == "triton":
+        return choice.config
+    if choice.implementation == "mosaic_gpu":
+        x, n = avals["x"], avals["codes"].shape[0]
+        if wm_k.supports(math.prod(x.shape[:-1]), n, x.shape[-1], bits, group_size, x.dtype, config=choice.config):
+            return choice.config
+    return None
 
 
 def _check_layout(k, bits, group_size, uneven, mesh):
