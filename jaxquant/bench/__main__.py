@@ -1,6 +1,6 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
-Options: ``--sections quant[,linear,weight_only,serving]``, ``--quick`` (small shapes, for a CPU smoke
+Options: ``--sections quant[,linear,weight_only,serving,sharding]``, ``--quick`` (small shapes, for a CPU smoke
 run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 ``benchmarks/results``).
 """
@@ -8,16 +8,22 @@ run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# The sharding section partitions over every device; on a machine without GPUs XLA makes 8 CPU
+# devices when asked before jax starts (the other sections run on device 0 as before).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jaxquant.bench import harness, quant
+from jaxquant.bench import harness, quant, sharding
 
-SECTIONS = {"quant": quant.run}
-TABLES = {}  # section -> table(rows, title), for sections whose rows the generic table does not fit
+SECTIONS = {"quant": quant.run, "sharding": sharding.run}
+TABLES = {"sharding": sharding.table}  # section -> table(rows, title), for sections whose rows the generic table does not fit
 
 
 def _register_optional():
