@@ -8,6 +8,7 @@ run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -16,31 +17,29 @@ import sys
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+try:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+except ModuleNotFoundError as e:  # the benchmark's one extra dependency
+    raise ModuleNotFoundError(f"python -m jaxquant.bench needs rich: pip install 'jaxquant[bench]' ({e})") from e
 
-from jaxquant.bench import harness, quant, sharding
+from jaxquant.bench import harness, linear, quant, sharding, weight_only
 
-SECTIONS = {"quant": quant.run, "sharding": sharding.run}
-TABLES = {"sharding": sharding.table}  # section -> table(rows, title), for sections whose rows the generic table does not fit
-
-
-def _register_optional():
-    """Linear-layer sections, present once their kernels exist (imported explicitly, no magic)."""
-    import importlib.util
-    for name in ("linear", "weight_only"):
-        if importlib.util.find_spec(f"jaxquant.bench.{name}") is not None:
-            mod = importlib.import_module(f"jaxquant.bench.{name}")
-            SECTIONS[name] = mod.run
-    # The Flax serving path (MiniLM forward), present when flax (jaxquant[flax]) is installed.
-    if importlib.util.find_spec("flax") is not None:
-        from jaxquant.bench import serving
-        SECTIONS["serving"] = serving.run
-        TABLES["serving"] = serving.table
+# section -> (module, whether it needs flax). A section module has run(ctx, **kw) -> rows and may
+# have table(rows, title) for rows the generic table does not fit.
+SECTIONS = {"quant": quant, "linear": linear, "weight_only": weight_only, "serving": "jaxquant.bench.serving",
+            "sharding": sharding}
 
 
-import importlib  # noqa: E402
+def _section(name):
+    mod = SECTIONS[name]
+    if isinstance(mod, str):  # needs flax (jaxquant[flax]): imported when asked for
+        try:
+            mod = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"section {name!r} needs flax: pip install 'jaxquant[flax]' ({e})") from e
+    return mod
 
 
 def _fmt(v, spec):
@@ -48,7 +47,6 @@ def _fmt(v, spec):
 
 
 def main(argv=None) -> int:
-    _register_optional()
     p = argparse.ArgumentParser(prog="python -m jaxquant.bench", description=__doc__)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run; numbers mean nothing)")
@@ -70,9 +68,13 @@ def main(argv=None) -> int:
         task = prog.add_task("device copy bandwidth")
         ctx.progress = lambda msg: prog.update(task, description=msg)
         ctx.copy_gbps = harness.copy_bandwidth(ctx)
+        tables = {}
         for name in wanted:
+            mod = _section(name)
             kwargs = {"sweep": args.sweep} if name == "quant" else {}
-            rows += SECTIONS[name](ctx, **kwargs)
+            rows += mod.run(ctx, **kwargs)
+            if hasattr(mod, "table"):
+                tables[name] = mod.table
     path = harness.write_results(args.out, ctx, rows)
 
     out = Console(width=200)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     for col in ("section", "op", "granularity / shape", "ms/call", "ms/layer*", "GB/s | TOP/s", "copy %", "vs jnp*",
                 "vs bf16*", "target met"):
         table.add_column(col)
-    for r in (r for r in rows if r["section"] not in TABLES):
+    for r in (r for r in rows if r["section"] not in tables):
         if "error" in r:
             table.add_row(r["section"], r["op"], str(r.get("config")), "error", "", "", "", "", "", "")
             continue
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                       "" if r.get("met") is None else ("yes" if r["met"] else "NO"))
     if table.row_count:
         out.print(table)
-    for name, make_table in TABLES.items():
+    for name, make_table in tables.items():
         own = [r for r in rows if r["section"] == name]
         if own:
             out.print(make_table(own, f"{name}: {title}"))

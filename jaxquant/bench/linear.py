@@ -44,6 +44,7 @@ from jaxquant.bench import harness
 from jaxquant.bench.harness import Context, chain, chain_layers, rotations, timeit
 from jaxquant.pallas.int8_matmul import triton as mm_k
 from jaxquant.primitives.int8_matmul import primitive as L
+from jaxquant.primitives.int8_matmul.reference import quantize_activation_reference
 from jaxquant.core.weights import QuantizedWeight
 from jaxquant.primitives.weights import quantize_weight
 
@@ -75,13 +76,13 @@ def _fns(auto, n, k):
 
     def ours(x, codes, scale):
         with jq.implementation(auto):
-            return L.quantized_linear(x, qw_of(codes, scale))
+            return jq.quantized_linear(x, qw_of(codes, scale))
 
     def plain(x, codes, scale):
         # What a JAX user writes today (PERF.md): per-token quantize in jnp, XLA's int8 x int8 ->
         # int32 dot, scale epilogue. Written out: the library's reference accumulates int32
         # operands (exact everywhere, but slow on the GPU), which is not the user's pipeline.
-        q, s = L.quantize_activation_reference(x)
+        q, s = quantize_activation_reference(x)
         acc = jax.lax.dot_general(q, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         return ((acc.astype(jnp.float32) * s) * scale[None, :]).astype(x.dtype)
 
@@ -153,10 +154,10 @@ def run(ctx: Context) -> list[dict]:
                    met=bool(vb >= want_b and (want_j is None or vj >= want_j)))
         if m >= 2048 and ctx.platform != "cpu":
             x, qw, _ = sets[0]
-            q, s = L.quantize_activation_reference(x)
+            q, s = quantize_activation_reference(x)
             xla_int8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                                                                 preferred_element_type=jnp.int32))
-            gemm = jax.jit(lambda a, b, s, ws: L.int8_matmul(a, b, s[:, 0], ws, out_dtype=jnp.bfloat16))
+            gemm = jax.jit(lambda a, b, s, ws: jq.int8_matmul(a, b, s[:, 0], ws, out_dtype=jnp.bfloat16))
             ti = timeit(xla_int8, [(q, st[1].codes) for st in sets], repeats=ctx.repeats)
             tg = timeit(gemm, [(q, st[1].codes, s, st[1].scale) for st in sets], repeats=ctx.repeats)
             row.update(xla_int8_ms=ti * 1e3, xla_int8_tops=flops / ti / 1e12, gemm_ms=tg * 1e3,
@@ -207,9 +208,9 @@ def sweep(ctx: Context) -> list[dict]:
 
     m, n, k = 8192, 8192, 8192
     x, qw, _ = _make_set(0, m, n, k)
-    q, s = L.quantize_activation_reference(x)
+    q, s = quantize_activation_reference(x)
     for cfg in _BIG:
-        f = jax.jit(lambda a, b, s, ws, cfg=cfg: L.int8_matmul(a, b, s[:, 0], ws, out_dtype=jnp.bfloat16, config=cfg))
+        f = jax.jit(lambda a, b, s, ws, cfg=cfg: jq.int8_matmul(a, b, s[:, 0], ws, out_dtype=jnp.bfloat16, config=cfg))
         time_cfg("gemm", m, n, k, cfg, f, [(q, qw.codes, s, qw.scale)])
     del x, qw, q, s
     shapes_ = [(m_, n_, k_, _MID) for m_ in (128, 512) for (n_, k_) in [(4096, 4096), (4096, 14336), (8192, 8192)]]

@@ -40,7 +40,8 @@ from jaxquant import shapes
 from jaxquant.bench import harness
 from jaxquant.bench.harness import Context, chain, chain_layers, nbytes, rotations, timeit
 from jaxquant.pallas.weight_only import triton as K
-from jaxquant.primitives.weight_only.primitive import kernel_config, weight_only_linear
+from jaxquant.primitives.weight_only.api import weight_only_linear
+from jaxquant.primitives.weight_only.primitive import kernel_config
 from jaxquant.primitives.weights import dequantize_weight, quantize_weight
 
 M_LIST = [1, 16, 64, 128, 512, 2048, 8192]

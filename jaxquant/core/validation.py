@@ -92,11 +92,36 @@ def free_range(qmin, qmax):
     return qmin, qmax
 
 
+def concrete(x):
+    """x as a numpy array when its value is known at trace time (not a tracer), else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def positive_scale(name: str, scale):
+    """A scale must be finite and > 0. Checked when its value is known at trace time (eager calls,
+    constants under jit); a traced scale cannot be checked and follows the op's formula (docs/numerics.md:
+    e.g. a zero scale saturates every non-zero code). Returns ``scale``."""
+    v = concrete(scale)
+    if v is not None and v.size:
+        vf = v.astype(np.float64)
+        bad = ~(np.isfinite(vf) & (vf > 0))
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0]) if v.ndim else ()
+            raise ValueError(f"{name}: expected finite values > 0, got {vf[idx] if v.ndim else float(vf)}"
+                             f"{f' at index {idx}' if v.ndim else ''} ({int(bad.sum())} of {v.size} invalid)")
+    return scale
+
+
 def params(x, scale, zero_point, granularity, *, x_name: str = "x"):
     """Check scale / zero point against x and the granularity. Returns (scale, zero_point)."""
     gran.check_granularity(granularity, x.shape, arg=x_name)
     expected = gran.param_shape(granularity, x.shape)
-    scale = float_array("scale", scale)
+    scale = positive_scale("scale", float_array("scale", scale))
     if tuple(scale.shape) != expected:
         raise ValueError(
             f"scale: expected shape {expected} for {granularity!r} on {x_name} of shape {tuple(x.shape)}, "

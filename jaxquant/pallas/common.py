@@ -84,6 +84,12 @@ def plus_zero(v):
     return jnp.where(v == 0, jnp.zeros((), v.dtype), v)
 
 
+def finite_or_zero(x):
+    """x with +-Inf replaced by 0 (NaN kept): dynamic statistics ignore infinities
+    (docs/numerics.md), so a row holding +Inf keeps a finite scale and +Inf gets the code qmax."""
+    return jnp.where(jnp.abs(x) == jnp.inf, jnp.zeros((), x.dtype), x)
+
+
 def abs_max_bits(x):
     """Row max of |x| (axis 1, keepdims) as int32 bit patterns, NaN-propagating, in ONE reduction.
 

@@ -16,7 +16,7 @@ from jaxquant.core import validation as V
 from jaxquant.core.weights import (QuantizedWeight, BITS, check_group_size, check_quantized_weight, code_range,
                                    pack_int4, unpack_int4)
 from jaxquant.primitives.affine import reference as affine_ref
-from jaxquant.primitives.affine.api import quantize
+from jaxquant.primitives.affine.api import quantize_with_computed_params
 from jaxquant.primitives.dynamic.api import choose_qparams
 
 __all__ = ["quantize_weight", "dequantize_weight", "dequantize_weight_raw"]
@@ -50,7 +50,8 @@ def quantize_weight(w, *, bits: int = 8, group_size: int | None = None, symmetri
     w = jax.lax.stop_gradient(w)
     scale, zp = choose_qparams(w, granularity=g, qmin=qmin, qmax=qmax, symmetric=symmetric)
     cdt = jnp.uint8 if (bits == 4 and not symmetric) else jnp.int8
-    q = quantize(w, scale, None if symmetric else zp, granularity=g, qmin=qmin, qmax=qmax, dtype=cdt)
+    q = quantize_with_computed_params(w, scale, None if symmetric else zp, granularity=g, qmin=qmin, qmax=qmax,
+                                      dtype=cdt)
     codes = pack_int4(q) if bits == 4 else q
     return QuantizedWeight(codes, scale.astype(jnp.float32), None if symmetric else zp.astype(jnp.int32),
                            bits=bits, group_size=group_size, symmetric=symmetric, shape=(n, k))

@@ -6,7 +6,7 @@ A program owns ``block_rows`` whole rows. Math (float32; DESIGN.md §1, ``refere
     symmetric:   amax = max|x|;  scale = max(amax * f32(1/qmax), 2**-126);  zp = 0
     asymmetric:  lo = min(min x, 0); hi = max(max x, 0)
                  scale = max((hi - lo) * f32(1/(qmax - qmin)), 2**-126)
-                 zp = clamp(qmin - rne(lo / scale), qmin, qmax)
+                 zp = clamp(qmin - rne(lo * (1 / scale)), qmin, qmax)
     q = clamp(rne(x * (1/scale)) + zp, qmin, qmax)
 A row containing NaN gets scale NaN (and zp = qmin when asymmetric); NaN propagation is made
 explicit with a per-row NaN flag, because Triton's max/min reductions may drop NaNs.
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import abs_max_bits, bits_to_float, check_positive, check_pow2, next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import (abs_max_bits, bits_to_float, check_positive, check_pow2, finite_or_zero, next_pow2,
+                                     recip, rne, to_code)
 
 __all__ = ["Config", "heuristics", "dynamic_quantize_rows"]
 
@@ -103,6 +104,7 @@ def _kernel(x_ref, q_ref, s_ref, *z_refs, rows, cols, br, bc, nchunks, row_off, 
     int_amax = symmetric and ct == np.float32
 
     def stats(x):
+        x = finite_or_zero(x)  # the statistics ignore infinities
         if int_amax:  # one NaN-propagating integer reduction (common.abs_max_bits)
             return (abs_max_bits(x),)
         nan = jnp.max(jnp.where(x != x, one, zero), axis=1, keepdims=True)

@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import int8_epilogue
-from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import check_positive, check_pow2, finite_or_zero, mul_rn, next_pow2, recip, rne, to_code
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS
 
@@ -267,7 +267,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
             nan, amax = carry
             x = load_tile(a_ref, k, a_mask, masked_k).astype(f32)
             nan = jnp.maximum(nan, jnp.max(jnp.where(x != x, 1.0, 0.0).astype(f32), axis=1, keepdims=True))
-            amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1, keepdims=True))
+            amax = jnp.maximum(amax, jnp.max(finite_or_zero(jnp.abs(x)), axis=1, keepdims=True))
             return nan, amax
 
         nan, amax = k_loop(stats, (zero, zero), whole_row=True)

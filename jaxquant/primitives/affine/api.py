@@ -161,7 +161,16 @@ def quantize(x, scale, zero_point=None, *, granularity, qmin=None, qmax=None, dt
     dt = V.code_dtype("dtype", dtype)
     qmin, qmax = V.code_range(dt, qmin, qmax)
     scale, zero_point = V.params(x, scale, zero_point, granularity)
-    spec = _Spec(granularity, qmin, qmax, dt, zero_point is not None, check_config(config, AffineConfig), _impl())
+    return quantize_with_computed_params(x, scale, zero_point, granularity=granularity, qmin=qmin, qmax=qmax,
+                                         dtype=dt, config=config)
+
+
+def quantize_with_computed_params(x, scale, zero_point, *, granularity, qmin, qmax, dtype, config=None):
+    """``quantize`` on arguments already checked, with parameters the library computed from data
+    (``dynamic_quantize``, ``quantize_weight``): their values are not checked (a NaN in the data
+    gives a NaN scale by the contract)."""
+    spec = _Spec(granularity, qmin, qmax, np.dtype(dtype), zero_point is not None, check_config(config, AffineConfig),
+                 _impl())
     return _quantize_fn(spec)(x, scale, zero_point)
 
 

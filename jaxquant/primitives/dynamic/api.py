@@ -15,7 +15,8 @@ from jaxquant.core import backend
 from jaxquant.core import validation as V
 from jaxquant.pallas.affine.triton import Config as AffineConfig
 from jaxquant.pallas.dynamic.triton import Config as DynamicConfig
-from jaxquant.primitives.affine.api import check_config as _check_config, quantize
+from jaxquant.primitives.affine.api import check_config as _check_config
+from jaxquant.primitives.affine.api import quantize_with_computed_params
 from jaxquant.primitives.dynamic import primitive as PD
 from jaxquant.primitives.dynamic import reference as ref
 
@@ -43,7 +44,8 @@ def choose_qparams(x, *, granularity, qmin=-128, qmax=127, symmetric=True):
     symmetric: ``scale = max(amax * f32(1/qmax), 2**-126)``, ``zp = 0``;
     asymmetric: ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
     ``scale = max((hi - lo) * f32(1/(qmax - qmin)), 2**-126)``,
-    ``zp = clamp(qmin - rne(lo / scale), qmin, qmax)``. A NaN makes its scale NaN.
+    ``zp = clamp(qmin - rne(lo * f32(1/scale)), qmin, qmax)`` (a float32 reciprocal, then a product).
+    A NaN makes its scale NaN; infinities are ignored by the statistics.
     Computed with XLA reductions (not differentiable: parameters from data are constants).
     """
     x = V.float_array("x", x)
@@ -66,7 +68,8 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
     over x; ``config`` is a ``jaxquant.pallas.dynamic.Config``). ``PerTensor()`` and
     ``PerChannel(axis)``: an XLA reduction (``choose_qparams``; asymmetric: its zero point from
     the rows ``[lo, hi]`` by the dynamic kernel, for a correctly rounded reciprocal on the GPU) then
-    the quantize kernel (two reads of x; ``config`` is an affine Config). Formulas: ``choose_qparams``. ``scale`` is float32,
+    the quantize kernel (two reads of x; ``config`` is an affine Config). Formulas: ``choose_qparams``.
+    ``scale`` is float32,
     ``zero_point`` int32 (zeros when symmetric), both of the granularity's parameter shape. The
     codes are integers: no gradient flows to x.
     """
@@ -98,6 +101,6 @@ def dynamic_quantize(x, *, granularity=gran.PerToken(), dtype=jnp.int8, symmetri
         rows = jnp.stack([jnp.reshape(lo, (-1,)), jnp.reshape(hi, (-1,))], axis=-1)
         _, s, z = PD.bind(rows, qmin=qmin, qmax=qmax, symmetric=False, out_dtype=dt, impl=_impl())
         scale, zp = jnp.reshape(s, pshape), jnp.reshape(z, pshape)
-    q = quantize(x, scale, None if symmetric else zp, granularity=granularity, qmin=qmin, qmax=qmax, dtype=dt,
-                 config=config)
+    q = quantize_with_computed_params(x, scale, None if symmetric else zp, granularity=granularity, qmin=qmin,
+                                      qmax=qmax, dtype=dt, config=config)
     return q, scale, zp

@@ -67,10 +67,12 @@ def global_row_qparams(shard, x, factor, *, qmin, qmax, symmetric, out_dtype, im
     """``(scale, zp)`` ``[..., 1]`` of rows of ``x [..., D]`` whose last axis is split over the mesh
     axes of ``factor``: one ``pmax`` of the local statistics (amax, or -lo and hi, and a NaN
     flag: a few floats per row), then the reference formulas. Max and min are exact, so the
-    parameters equal those of the whole rows."""
+    parameters equal those of the whole rows. Infinities are left out of the statistics, as in
+    the reference."""
     ct = compute_dtype(x.dtype)
     xf = x.astype(ct)
     nan = jnp.any(jnp.isnan(xf), axis=-1, keepdims=True).astype(ct)
+    xf = jnp.where(jnp.isinf(xf), jnp.zeros((), ct), xf)
     if symmetric:
         amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True, initial=0)
         st = shard.pmax(jnp.concatenate([amax, nan], axis=-1), factor)

@@ -10,7 +10,9 @@ multiplied::
                  zp    = clamp(qmin - rne(lo * (1 / scale)), qmin, qmax)   (NaN -> qmin)
 
 A row containing NaN gets a NaN scale (its codes are ``qmin`` and it dequantizes to NaN: the NaN
-stays visible). Infinities: see ``_extrema``.
+stays visible). The statistics ignore infinities: ``amax``, ``lo`` and ``hi`` are taken over the
+finite values (and NaN), so a row holding +-Inf keeps the scale of its finite values and its
++Inf / -Inf get the codes qmax / qmin, as in ``quantize``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ from jaxquant.primitives.affine.reference import code_range, quantize, quantize_
 __all__ = ["dynamic_qparams_rows", "dynamic_quantize_rows", "reduce_extrema", "choose_qparams", "dynamic_quantize"]
 
 
+def _finite_or_zero(xf):
+    return jnp.where(jnp.isinf(xf), jnp.zeros((), xf.dtype), xf)
+
+
 def _extrema(xf, has_nan, *, axis, keepdims):
-    """``lo = min(min xf, 0)``, ``hi = max(max xf, 0)`` over ``axis``, both NaN where ``has_nan``."""
+    """``lo = min(min xf, 0)``, ``hi = max(max xf, 0)`` over ``axis`` (infinities ignored), both NaN
+    where ``has_nan``."""
+    xf = _finite_or_zero(xf)
     lo = jnp.minimum(jnp.min(xf, axis=axis, keepdims=keepdims, initial=0), 0)
     hi = jnp.maximum(jnp.max(xf, axis=axis, keepdims=keepdims, initial=0), 0)
     return jnp.where(has_nan, jnp.nan, lo), jnp.where(has_nan, jnp.nan, hi)
@@ -38,7 +46,7 @@ def dynamic_qparams_rows(x, *, qmin, qmax, symmetric, axis=-1, keepdims=True):
     xf = x.astype(ct)
     has_nan = jnp.any(jnp.isnan(xf), axis=axis, keepdims=keepdims)
     if symmetric:
-        amax = jnp.max(jnp.abs(xf), axis=axis, keepdims=keepdims, initial=0)
+        amax = jnp.max(jnp.abs(_finite_or_zero(xf)), axis=axis, keepdims=keepdims, initial=0)
         amax = jnp.where(has_nan, jnp.nan, amax)  # explicit: NaN-propagating max
         scale = jnp.maximum(amax * np.asarray(1 / qmax, ct), ct.type(TINY))
         zp = jnp.zeros(scale.shape, jnp.int32)

@@ -159,7 +159,7 @@ def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, c
     if bias is not None:
         bias = _vector("bias", bias, n, what="one value per output channel N of qweight")
     if act_scale is not None:
-        act_scale = V.float_array("act_scale", act_scale)
+        act_scale = V.positive_scale("act_scale", V.float_array("act_scale", act_scale))
         if act_scale.size != 1 or act_scale.ndim > 1:
             raise ValueError(f"act_scale: expected a scalar (one static per-tensor scale), got shape "
                              f"{tuple(act_scale.shape)}")
@@ -198,7 +198,7 @@ def int8_matmul(a, w, a_scale=None, w_scale=None, bias=None, *, out_dtype=None, 
                          f"{tuple(w.shape)}")
     n = w.shape[0]
     if a_scale is not None:
-        a_scale = V.float_array("a_scale", a_scale)
+        a_scale = V.positive_scale("a_scale", V.float_array("a_scale", a_scale))
         if a_scale.ndim == 0:
             a_scale = jnp.reshape(a_scale, (1,) * a.ndim)
         elif tuple(a_scale.shape) == tuple(a.shape[:-1]):
@@ -208,7 +208,8 @@ def int8_matmul(a, w, a_scale=None, w_scale=None, bias=None, *, out_dtype=None, 
                              f"got shape {tuple(a_scale.shape)}")
         a_scale = a_scale.astype(jnp.float32)
     if w_scale is not None:
-        w_scale = _vector("w_scale", w_scale, n, what="one scale per output channel N of w").astype(jnp.float32)
+        w_scale = V.positive_scale("w_scale", _vector("w_scale", w_scale, n, what="one scale per output channel N of w"))
+        w_scale = w_scale.astype(jnp.float32)
     if bias is not None:
         bias = _vector("bias", bias, n, what="one value per output channel N of w")
     has_ep = a_scale is not None or w_scale is not None or bias is not None

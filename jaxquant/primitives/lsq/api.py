@@ -115,7 +115,7 @@ def _validate(x, scale, zero_point, granularity, qmin, qmax, grad_factor):
     if not qmin <= 0 <= qmax:
         raise ValueError(f"qmin/qmax: the range must include 0 (as torch requires), got [{qmin}, {qmax}]")
     pshape = gran.param_shape(granularity, x.shape)
-    scale = V.float_array("scale", scale)
+    scale = V.positive_scale("scale", V.float_array("scale", scale))
     if isinstance(granularity, gran.PerTensor) and scale.shape == (1,):
         scale = jnp.reshape(scale, ())
     if tuple(scale.shape) != tuple(pshape):
