@@ -9,9 +9,10 @@ the op through ``jax.experimental.custom_partitioning`` with it:
 * the rule is handed to Shardy (``SdyShardingRule``) so sharding propagates through the op like
   through an einsum;
 * at partitioning time ``partition`` reads the operand shardings XLA chose, assigns mesh axes to
-  factors (first operand first: the ``MAIN`` operand's layout wins; a factor whose dimensions do
-  not divide by its mesh axes, or that the rule keeps ``replicated``, stays whole on every device
-  and XLA moves its data), and returns the per-shard function;
+  factors (largest operand first: where two operands want one mesh axis for different factors,
+  the larger keeps its layout and the smaller moves; a factor whose dimensions do not divide by
+  its mesh axes, or that the rule keeps ``replicated``, stays whole on every device and XLA moves
+  its data), and returns the per-shard function;
 * the per-shard function binds the same primitive on the local shapes (so the same kernel runs per
   shard, chosen by ``dispatch`` for the shard's shape), or the rule's ``per_shard`` function when a
   sharded factor needs a collective (a row statistic, an int32 / float32 partial sum).
@@ -197,8 +198,15 @@ def _spec_axes(spec, ndim) -> list[tuple[str, ...]]:
     return [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in entries[:ndim]]
 
 
-def assign(rule: Rule, mesh, arg_specs, result_specs, sizes):
+def assign(rule: Rule, mesh, arg_specs, result_specs, sizes, operand_bytes=None):
     """Mesh axes per factor from the operand (then result) shardings XLA proposes.
+
+    Operands are read largest first (``operand_bytes``: the bytes of all operands of the same role,
+    e.g. a weight's codes and scales together; ties: declaration order): where two
+    operands split different factors over the same mesh axis (FSDP: tokens and the weight's rows
+    over one axis), the larger one keeps its layout and the smaller one is moved, as XLA does for
+    a dot: at decode the activations move and the weight stays; at prefill the weight's codes and
+    scales move (never dequantized floats).
 
     Returns ``(axes, uneven)``: ``axes[factor]`` the mesh axes it is split over; ``uneven`` the
     factors whose proposed axes do not divide every dimension they label (kept whole).
@@ -206,8 +214,11 @@ def assign(rule: Rule, mesh, arg_specs, result_specs, sizes):
     axes: dict[str, tuple[str, ...]] = {}
     uneven: dict[str, tuple[str, ...]] = {}
     used: set[str] = set()
-    labelled = list(rule.operands.values()) + list(rule.results)
-    for dims, spec in zip(labelled, list(arg_specs) + list(result_specs)):
+    ops = list(zip(rule.operands.values(), arg_specs))
+    if operand_bytes is not None:
+        order = sorted(range(len(ops)), key=lambda i: -operand_bytes[i])
+        ops = [ops[i] for i in order]
+    for dims, spec in ops + list(zip(rule.results, result_specs)):
         for f, names in zip(dims, _spec_axes(spec, len(dims))):
             if not names or f in axes or f in rule.replicated or used & set(names):
                 continue
@@ -288,6 +299,12 @@ def _build(key, op, whole, choice):
     if list(rule.operands) != present_names:
         raise AssertionError(f"{op.name}: sharding rule names {list(rule.operands)}, operands are {present_names}")
     sizes = _sizes(rule, named, outs)
+    # An operand weighs what its role's operands weigh together (a weight: codes + scales + ...)
+    roles = {spec.name: spec.role for spec in op.operands}
+    role_bytes: dict[str, int] = {}
+    for n in rule.operands:
+        role_bytes[roles[n]] = role_bytes.get(roles[n], 0) + math.prod(named[n].shape) * named[n].dtype.itemsize
+    operand_bytes = [role_bytes[roles[n]] for n in rule.operands]
     multiple = op.p.multiple_results
 
     @custom_partitioning
@@ -302,7 +319,7 @@ def _build(key, op, whole, choice):
                      for a in arg_shapes]
         res_specs = [r.sharding.spec if has_names and isinstance(r.sharding, NamedSharding) else P()
                      for r in results]
-        axes, uneven = assign(rule, mesh, arg_specs, res_specs, sizes)
+        axes, uneven = assign(rule, mesh, arg_specs, res_specs, sizes, operand_bytes)
         if uneven and rule.check is not None:
             rule.check(uneven, mesh)
         shard = Shard(mesh, axes)
