@@ -371,3 +371,13 @@ def test_describe_reports_shards_and_collectives(h, rng):
     plain = jq.describe(jq.quantized_linear, jax.ShapeDtypeStruct((M, K), jnp.float32), jq.quantize_weight(
         _x(rng, (N, K)), bits=8))
     assert plain.collectives is None and plain.shards == ()
+
+
+def test_explicit_mesh_axes(h, impl, rng):
+    """A mesh with Explicit axes (``jax.make_mesh``'s default): the same partitioning."""
+    mesh = jax.sharding.Mesh(np.array(h.devices), ("m",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, qw, bias = _linear_operands(rng)
+    run = h.run(lambda x, qw, b: jq.quantized_linear(x, qw, b), h.put(x, mesh=mesh),
+                h.put_weight(qw, "m", None, mesh=mesh), h.put(bias, "m", mesh=mesh), impl=impl)
+    same(run, "quantized_linear, N split on an Explicit mesh")
+    assert run.count == 0, run.collectives
