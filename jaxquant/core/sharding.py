@@ -43,6 +43,7 @@ codes, ``K // group`` of the scales): splitting it over ``n`` devices splits eac
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -82,9 +83,6 @@ class Shard:
     def split(self, *factors) -> tuple[str, ...]:
         """The mesh axes the ``factors`` are split over (empty when none is)."""
         return tuple(a for f in factors for a in self.axes.get(f, ()))
-
-    def count(self, *factors) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.split(*factors))
 
     def psum(self, v, *factors):
         axes = self.split(*factors)
@@ -279,12 +277,23 @@ def partitioned(op, params: dict, avals: tuple, whole: Callable, platform: str, 
     return _build(key, op, whole, choice)
 
 
-_CACHE: dict = {}  # key of ``partitioned`` -> the custom_partitioning function
+_CACHE: collections.OrderedDict = collections.OrderedDict()  # key of ``partitioned`` -> function
+_CACHE_SIZE = 1024
+
+
+def _role_bytes(op, rule, named) -> list[int]:
+    """Per operand, the bytes of all operands of its role (a weight: codes + scales + ...)."""
+    roles = {spec.name: spec.role for spec in op.operands}
+    total: dict[str, int] = {}
+    for n in rule.operands:
+        total[roles[n]] = total.get(roles[n], 0) + math.prod(named[n].shape) * named[n].dtype.itemsize
+    return [total[roles[n]] for n in rule.operands]
 
 
 def _build(key, op, whole, choice):
     hit = _CACHE.get(key)
     if hit is not None:
+        _CACHE.move_to_end(key)
         return hit
     _, items, shapes, _ = key
     params = dict(items)
@@ -299,12 +308,7 @@ def _build(key, op, whole, choice):
     if list(rule.operands) != present_names:
         raise AssertionError(f"{op.name}: sharding rule names {list(rule.operands)}, operands are {present_names}")
     sizes = _sizes(rule, named, outs)
-    # An operand weighs what its role's operands weigh together (a weight: codes + scales + ...)
-    roles = {spec.name: spec.role for spec in op.operands}
-    role_bytes: dict[str, int] = {}
-    for n in rule.operands:
-        role_bytes[roles[n]] = role_bytes.get(roles[n], 0) + math.prod(named[n].shape) * named[n].dtype.itemsize
-    operand_bytes = [role_bytes[roles[n]] for n in rule.operands]
+    operand_bytes = _role_bytes(op, rule, named)
     multiple = op.p.multiple_results
 
     @custom_partitioning
@@ -347,6 +351,8 @@ def _build(key, op, whole, choice):
 
     fn.def_partition(partition=partition, sharding_rule=shardy_rule(rule, named, outs))
     _CACHE[key] = fn
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return fn
 
 
