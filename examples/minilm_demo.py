@@ -6,7 +6,8 @@ whole ranking of the other sentences by similarity are unchanged, the bytes of t
 per batch (median of 5 jitted calls after a warm-up). Targets: W8A8 mean cosine >= 0.995 with
 unchanged nearest neighbours, W4A16-g128 >= 0.98.
 
-Variants marked "+ GPTQ" are converted with ``convert(model, cfg, calibration=GPTQ(run, batches))``:
+Every variant is ``jaxquant.flax.quantize(model, cfg)`` of the float model; those marked "+ GPTQ"
+are ``quantize(model, cfg, calibration=GPTQ(run, batches))``:
 same scales as the plain variant, weights rounded by GPTQ on the dense layers' inputs. The
 calibration data is ``calibration_sentences.CALIBRATION_SENTENCES`` (200 sentences, disjoint from
 the evaluation ``SENTENCES`` below — checked at start-up), padded positions masked out with
@@ -27,8 +28,8 @@ import numpy as np
 import jax
 from flax import nnx
 
-from jaxquant.flax import (GPTQ, W4A16, W8A8, W8A16, calibration_mask, convert, embed, linear_weight_bytes,
-                           load_minilm, serving_factory)
+from jaxquant.flax import GPTQ, W4A16, W8A8, W8A16, calibration_mask, quantize, summary
+from jaxquant.models.minilm import embed, load_minilm
 from jaxquant.models.minilm import _embed_jit, tokenize
 
 from calibration_sentences import CALIBRATION_SENTENCES
@@ -100,22 +101,19 @@ def main():
     ref = np.asarray(embed(model, tok, SENTENCES))
     ref_rank = rankings(ref)
     n = len(SENTENCES)
-    rows = [("float32", 1.0, 1.0, (n, n, n), linear_weight_bytes(model), time_batch(model, tok), 0.0)]
+    rows = [("float32", 1.0, 1.0, (n, n, n), summary(model).bytes, time_batch(model, tok), 0.0)]
     batches = calibration_batches(tok)
     for name, cfg, gptq in VARIANTS:
         t = time.perf_counter()
-        if gptq:
-            q, _ = load_minilm()
-            convert(q, cfg, calibration=GPTQ(run, batches, sequential=gptq == "sequential"))
-        else:
-            q, _ = load_minilm(linear_factory=serving_factory(cfg))
+        calibration = GPTQ(run, batches, sequential=gptq == "sequential") if gptq else None
+        q = quantize(model, cfg, calibration=calibration)
         t_convert = time.perf_counter() - t
         e = np.asarray(embed(q, tok, SENTENCES))
         cos = np.sum(e * ref, axis=-1)
         r = rankings(e)
         same = (int((r[:, 0] == ref_rank[:, 0]).sum()), int((r[:, :3] == ref_rank[:, :3]).all(1).sum()),
                 int((r == ref_rank).all(1).sum()))
-        rows.append((name, float(cos.mean()), float(cos.min()), same, linear_weight_bytes(q), time_batch(q, tok),
+        rows.append((name, float(cos.mean()), float(cos.min()), same, summary(q).bytes, time_batch(q, tok),
                      t_convert))
     print(f"calibration (GPTQ rows): {len(CALIBRATION_SENTENCES)} sentences disjoint from the {len(SENTENCES)} "
           f"evaluation sentences")

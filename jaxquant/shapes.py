@@ -1,7 +1,7 @@
 """Real model shapes, shared by the tests (scaled down on CPU) and the benchmarks.
 
 Linear layers are ``(N, K)`` = (output features, input features) of Llama-like models
-(PERF.md): 4096x4096 (attention projections of 7-8B models), 14336x4096 (MLP up/gate of
+(docs/performance.md): 4096x4096 (attention projections of 7-8B models), 14336x4096 (MLP up/gate of
 Llama-3-8B), 4096x14336 (MLP down), 8192x8192 (70B-class attention), plus a ragged one.
 """
 

@@ -1,7 +1,8 @@
 """Lower every jaxquant kernel for CUDA (works on a CPU-only machine with jax-cuda12-plugin) and
 write one fingerprint per case: the kernels' serialized modules with source locations stripped.
 
-Use it to show that a refactor leaves the kernels byte-identical::
+Use it to show that a refactor leaves the kernels byte-identical (after ``make venv``, which
+installs the CUDA plugin to ``.cuda-plugin``)::
 
     JAX_PLATFORMS=cpu python tools/lowered_kernels.py before.json   # on the old tree
     JAX_PLATFORMS=cpu python tools/lowered_kernels.py after.json    # on the new tree
@@ -16,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import re
+import os
 import sys
+
+# The CUDA plugin a CPU machine needs to lower for CUDA (Makefile: .cuda-plugin, outside the venv).
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cuda-plugin"))
 
 import jax
 import jax.numpy as jnp

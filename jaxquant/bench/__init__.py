@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m jaxquant.bench`` (PERF.md's method). Sections live in their own modules."""
+"""Benchmarks: ``python -m jaxquant.bench`` (docs/performance.md). Sections live in their own modules."""

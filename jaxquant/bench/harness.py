@@ -1,4 +1,4 @@
-"""The PERF.md timing method, shared by every benchmark section.
+"""The timing method of docs/performance.md, shared by every benchmark section.
 
 * Warm up (compile) first. Time ``n`` calls issued back to back, then one ``block_until_ready``;
   report the median over ``repeats`` (>= 5) such runs, per call.
@@ -48,7 +48,7 @@ def nbytes(*arrays) -> int:
 
 def timeit(fn: Callable, args_sets: Sequence[tuple], *, repeats: int = 5, min_time: float = 0.05,
            max_calls: int = 200) -> float:
-    """Median seconds per call of ``fn`` (already jitted), PERF.md's method.
+    """Median seconds per call of ``fn`` (already jitted), by the method of docs/performance.md.
 
     The number of back-to-back calls per repeat is chosen so one repeat lasts ~``min_time``.
     """
@@ -75,8 +75,9 @@ CHAIN_LAYERS = 4  # the fewest layers in a ``chain`` (one dispatch spread over t
 # host's dispatch of one jitted call (~80-100 us on the H200 for a 4-layer decode chain) must stay
 # below its GPU time. 4096x4096 decode layers (~10 us of kernels each) timed as 4-layer chains were
 # host-bound (W8A8 at M = 16: 18.9 us a layer, bf16 13.4 us); 16-layer chains came to their
-# kernels' GPU time (10.5 / 12.0 us; benchmarks/results/session9/chain_len.json), though such
-# ~10 us layers still vary by 10-50% between identical runs (chain_len-run*.json).
+# kernels' GPU time (10.5 / 12.0 us; per-layer time against chain length 4..32, measured on an
+# H200, jax 0.11.2, 2026-11-21), though such ~10 us layers still vary by 10-50% between identical
+# runs.
 MIN_CHAIN_BYTES = 512 << 20
 MAX_CHAIN_LAYERS = 32
 
@@ -138,7 +139,8 @@ def metadata(ctx: Context, extra: dict | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_gbps": ctx.copy_gbps,
         "quick": ctx.quick,
-        "method": "median of >=5 repeats of n back-to-back calls + one block_until_ready (PERF.md)",
+        "method": ("median of >=5 repeats of n back-to-back calls + one block_until_ready"
+                   " (docs/performance.md)"),
     }
     meta.update(extra or {})
     return meta

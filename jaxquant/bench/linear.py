@@ -1,7 +1,8 @@
-"""Benchmarks of the W8A8 ``quantized_linear`` (PERF.md targets), and a tile sweep for its table.
+"""Benchmarks of the W8A8 ``quantized_linear`` (docs/performance.md targets), and a tile sweep for
+its table.
 
 Per shape ``(M, N, K)`` (``jaxquant.shapes``: M in TOKENS_M x the Llama-like (N, K)), timed in one
-run with PERF.md's method, weights rotated out of L2 (``harness.rotations``):
+run with the method of docs/performance.md, weights rotated out of L2 (``harness.rotations``):
 
 * ``jaxquant``: ``quantized_linear(x_bf16, quantize_weight(w, bits=8))`` (dynamic per-token
   activation quantization + int8 GEMM + fused epilogue; the Pallas kernels on a GPU);
@@ -12,15 +13,16 @@ run with PERF.md's method, weights rotated out of L2 (``harness.rotations``):
   codes (``gemm_tops``), to separate GEMM speed from the activation quantization;
 * Qwix PTQ W8A8 of the same layer, only if ``qwix`` imports.
 
-Each op is timed twice: one jitted call per layer (``ms``, ``vs_bf16``, ``vs_jnp``: PERF.md's
-method) and as a chain of ``chain_layers`` layers with distinct weights in ONE jitted call
-(``chain_ms`` per layer, ``vs_bf16_chain``, ``vs_jnp_chain``): the GPU time per layer, as in a
-model's jitted forward. At decode one call per layer is bound by the host's dispatch (~25 us a
-call on the H200; bf16 4096x4096 at M = 1: 27 us per call, 12 us per layer in a chain), so the
-targets are judged on the chain ratios.
+Each op is timed twice: one jitted call per layer (``ms``, ``vs_bf16``, ``vs_jnp``: the method of
+docs/performance.md) and as a chain of ``chain_layers`` layers with distinct weights in ONE
+jitted call (``chain_ms`` per layer, ``vs_bf16_chain``, ``vs_jnp_chain``): the GPU time per
+layer, as in a model's jitted forward. At decode one call per layer is bound by the host's
+dispatch (~25 us a call on the H200; bf16 4096x4096 at M = 1: 27 us per call, 12 us per layer in
+a chain), so the targets are judged on the chain ratios.
 A chain has enough layers to stream >= 512 MiB of bf16 weights (``harness.chain_layers``, 4 to 32):
 the dispatch of one jitted call must stay below its GPU time, which 4-layer chains of 4096x4096
-decode layers did not (``benchmarks/results/session9/chain_len.json``).
+decode layers did not (per-layer time against chain length 4..32 on an H200, jax 0.11.2,
+2026-11-21).
 
 Targets (H200): >= 1.6x bf16 at M >= 4096, >= 1.4x at M = 2048, >= 1.15x jnp for M >= 2048,
 >= 1.8x bf16 at M <= 16, never slower than bf16 (>= 1.0x) elsewhere.
@@ -79,9 +81,10 @@ def _fns(auto, n, k):
             return jq.quantized_linear(x, qw_of(codes, scale))
 
     def plain(x, codes, scale):
-        # What a JAX user writes today (PERF.md): per-token quantize in jnp, XLA's int8 x int8 ->
-        # int32 dot, scale epilogue. Written out: the library's reference accumulates int32
-        # operands (exact everywhere, but slow on the GPU), which is not the user's pipeline.
+        # What a JAX user writes today (docs/performance.md): per-token quantize in jnp, XLA's
+        # int8 x int8 -> int32 dot, scale epilogue. Written out: the library's reference
+        # accumulates int32 operands (exact everywhere, but slow on the GPU), which is not the
+        # user's pipeline.
         q, s = quantize_activation_reference(x)
         acc = jax.lax.dot_general(q, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         return ((acc.astype(jnp.float32) * s) * scale[None, :]).astype(x.dtype)

@@ -1,4 +1,4 @@
-"""Benchmarks of the quantize family and dynamic quantization (PERF.md targets).
+"""Benchmarks of the quantize family and dynamic quantization (targets in docs/performance.md).
 
 Each op is timed three ways in one run: jaxquant (the Pallas kernel on a GPU), the same op in
 plain jnp under ``jax.jit`` (the plain-jnp reference: what a JAX user writes today) and, for

@@ -2,14 +2,15 @@
 
 The layer sections time one matmul at a time; this section times what a user of ``jaxquant.flax``
 serves: the all-MiniLM-L6-v2 encoder of ``jaxquant.models.minilm`` (hidden 384, 6 layers, 12 heads,
-intermediate 1536; 36 dense projections) converted with the library's own ``convert``. So it
+intermediate 1536; 36 dense projections) quantized with the library's own ``jaxquant.flax.quantize``. So it
 includes everything around the kernels: the launches of 36 small layers, the activation
 quantization of W8A8, attention, LayerNorms, pooling.
 
 What is timed, per variant and per batch ``(B, L)``: ``jax.jit`` of ``nnx.merge(graphdef,
 state)(input_ids, attention_mask, token_type_ids)`` -> unit-norm embeddings ``[B, 384]``, with
 the model state passed as an argument (not baked into the executable as constants), timed by
-``harness.timeit`` (PERF.md's method: warm-up, n back-to-back calls, median of >= 5 repeats).
+``harness.timeit`` (docs/performance.md's method: warm-up, n back-to-back calls, median of >= 5
+repeats).
 Every token is real (mask all ones). Inputs are not rotated: the dense weights are 42 MB in
 float32 and 5-11 MB quantized, and the whole model (incl. the 47 MB embedding table, of which a
 forward reads only B*L rows) is what a server keeps resident anyway. The host cost of passing
@@ -26,7 +27,7 @@ Variants (``act`` = the dtype of the activations flowing between layers):
 * ``W8A8`` (int8 per-channel weights, dynamic per-token int8 activations: ``quantized_linear``),
   ``W8A16`` (int8 per-channel weights) and ``W4A16-g128`` (int4, groups of 128: both
   ``weight_only_linear``), each converted from the float32 model and from the bfloat16 model
-  (``convert(model, preset)``; absmax scales, no calibration data), so each runs with float32 and
+  (``quantize(model, preset)``; absmax scales, no calibration data), so each runs with float32 and
   with bfloat16 activations. ``implementation("auto")``: the Pallas kernels on CUDA, the jnp
   reference on the CPU (``lowering`` in the row).
 
@@ -37,7 +38,7 @@ computed the model (a broken kernel that is fast would show up), not an accuracy
 weights are not the trained ones (the demo, ``examples/minilm_demo.py``, measures accuracy).
 
 Reported per row: ``variant``, ``act``, ``batch``, ``seq``, ``ms``, ``tokens_per_s``,
-``vs_float``, ``vs_bf16``, ``weight_bytes`` (``linear_weight_bytes``: the dense layers' codes +
+``vs_float``, ``vs_bf16``, ``weight_bytes`` (``summary(model).bytes``: the dense layers' codes +
 scales (+ zero points) + biases, or float weights + biases; what quantization shrinks),
 ``model_bytes`` (every array of the model state, embeddings and LayerNorms included),
 ``cos_vs_float``, ``device``, ``jax``, ``lowering``, ``matmul_precision``. A variant that fails to
@@ -58,7 +59,8 @@ from flax import nnx
 from rich.table import Table
 
 from jaxquant.bench.harness import Context, nbytes, timeit
-from jaxquant.flax import W4A16, W8A8, W8A16, MiniLM, MiniLMConfig, convert, linear_weight_bytes
+from jaxquant.flax import W4A16, W8A8, W8A16, quantize, summary
+from jaxquant.models.minilm import MiniLM, MiniLMConfig
 from jaxquant.flax.config import QuantConfig
 
 #: (batch, tokens per sequence) of the full run: one query, a small and a large serving batch.
@@ -131,10 +133,9 @@ def _variants(config: MiniLMConfig, ctx: Context) -> list[_Variant]:
             v = _Variant(name, act, preset)
             ctx.say(f"serving: converting to {name} ({act} activations)")
             try:
-                # convert works in place: give it a copy of the float model.
-                v.model = convert(nnx.clone(base[act]), preset)
+                v.model = quantize(base[act], preset, strict=True)   # a copy: the float model stays float
             except Exception as e:  # reported in the rows, the other variants still run
-                v.error = f"convert: {type(e).__name__}: {e}"[:300]
+                v.error = f"quantize: {type(e).__name__}: {e}"[:300]
             out.append(v)
     return out
 
@@ -178,7 +179,7 @@ def run(ctx: Context, *, config: MiniLMConfig | None = None, shapes=None) -> lis
                 ref = emb
             times[(v.name, v.act)] = t
             cos = None if ref is None else float(np.mean(np.sum(emb * ref, axis=-1)))
-            row.update(ms=t * 1e3, tokens_per_s=batch * seq / t, weight_bytes=linear_weight_bytes(v.model),
+            row.update(ms=t * 1e3, tokens_per_s=batch * seq / t, weight_bytes=summary(v.model).bytes,
                        model_bytes=nbytes(jax.tree_util.tree_leaves(nnx.state(v.model))), cos_vs_float=cos)
             rows.append(row)
         tf, tb = times.get(("float32", "float32")), times.get(("bfloat16", "bfloat16"))

@@ -1,4 +1,5 @@
-"""Benchmarks of ``weight_only_linear`` (W4A16 / W8A16) against XLA's bf16 matmul and plain jnp (PERF.md).
+"""Benchmarks of ``weight_only_linear`` (W4A16 / W8A16) against XLA's bf16 matmul and plain jnp
+(method and targets: docs/performance.md).
 
 For each variant (W4A16 group 128, W4A16 per channel, W8A16 per channel), shape ``(N, K)`` from
 ``jaxquant.shapes`` and token count M, one run times, side by side:
@@ -10,22 +11,23 @@ For each variant (W4A16 group 128, W4A16 per channel, W8A16 per channel), shape 
   then ``x @ w.T``: what a JAX user writes today without a fused kernel).
 
 Weight sets are rotated (``harness.rotations``) so weights stream from HBM, not L2. Each op is timed
-twice: one jitted call per layer (``ms``, ``vs_bf16``, ``vs_jnp``: PERF.md's method), and as a
-chain of ``chain_layers`` layers with distinct weights inside ONE jitted call (``chain_ms`` per
+twice: one jitted call per layer (``ms``, ``vs_bf16``, ``vs_jnp``: docs/performance.md's method),
+and as a chain of ``chain_layers`` layers with distinct weights inside ONE jitted call (``chain_ms`` per
 layer, ``vs_bf16_chain``, ``vs_jnp_chain``, ``gbps``): the GPU time per layer, as in a model's
 jitted forward. At decode a single-layer call is bound by the host's dispatch (~25 us a call on
 the H200: a bf16 4096x4096 GEMV took 27 us per call and 12 us per layer in a chain), so the
 per-call ratios there compare two dispatch floors; targets are judged on the chain ratios.
 A chain has enough layers to stream >= 512 MiB of bf16 weights (``harness.chain_layers``, 4 to 32):
 the dispatch of one jitted call must stay below its GPU time, which 4-layer chains of 4096x4096
-decode layers did not (``benchmarks/results/session9/chain_len.json``).
+decode layers did not (per-layer time against chain length 4..32 on an H200, jax 0.11.2,
+2026-11-21).
 Also reported: ``tops`` (2*M*N*K / chain time), ``gbps`` (weight bytes + x + y per chain time:
 the weight stream dominates at decode), ``copy_frac`` (gbps / device copy bandwidth).
 Targets (H200): W4A16 g128 on 8192x8192 and 4096x14336 >= 3.0x bf16 at M <= 16 (and >= 8x plain
 jnp), >= 1.5x at M = 128..512, >= 0.9x at M >= 2048; W8A16 per channel >= 1.8x at M <= 16.
 
 ``python -m jaxquant.bench.weight_only --sweep --out DIR`` times a grid of kernel tiles on the
-decode and prefill shapes (the source of ``jaxquant/tuned/weight_only.json``).
+decode and prefill shapes (the source of ``jaxquant/tuned/h200/weight_only.json``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ VARIANTS = [("W4A16-g128", 4, 128), ("W4A16-perchannel", 4, None), ("W8A16-perch
 
 
 def _target(variant, nk, m):
-    """(description, ratio needed vs bf16, ratio needed vs jnp) or None where PERF.md sets none."""
+    """(description, ratio needed vs bf16, ratio needed vs jnp) or None where docs/performance.md sets
+    none."""
     if variant == "W4A16-g128" and tuple(nk) in TARGET_NK:
         if m <= 16:
             return ">= 3.0x bf16, >= 8x jnp", 3.0, 8.0

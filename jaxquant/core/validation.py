@@ -138,3 +138,32 @@ def params(x, scale, zero_point, granularity, *, x_name: str = "x"):
 def same_shape(name: str, a, ref_name: str, ref):
     if tuple(a.shape) != tuple(ref.shape):
         raise ValueError(f"{name}: expected the shape of {ref_name} {tuple(ref.shape)}, got {tuple(a.shape)}")
+
+
+ACTIVATION_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
+
+
+def activation(name: str, x):
+    """A float16 / bfloat16 / float32 array ``[..., K]`` (the activations of a linear layer)."""
+    x = as_array(name, x)
+    if np.dtype(x.dtype) not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name}: expected a float16, bfloat16 or float32 array, got a {_desc(x)}")
+    if x.ndim < 1:
+        raise ValueError(f"{name}: expected an array [..., K] of rank >= 1, got a scalar")
+    return x
+
+
+def vector(name: str, v, n: int, *, what: str):
+    """A float array of shape ``(n,)`` (a bias or per-channel scale; ``what`` says what n counts)."""
+    v = float_array(name, v)
+    if tuple(v.shape) != (n,):
+        raise ValueError(f"{name}: expected shape ({n},) ({what}), got shape {tuple(v.shape)}")
+    return v
+
+
+def config(name: str, value, *classes):
+    """None or an instance of one of the kernel ``Config`` classes."""
+    if value is not None and not isinstance(value, classes):
+        names = ", a ".join(f"{c.__module__}.{c.__qualname__}" for c in classes)
+        raise TypeError(f"{name}: expected a {names} or None, got {value!r}")
+    return value

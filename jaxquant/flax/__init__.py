@@ -1,65 +1,53 @@
-"""Flax side of jaxquant: QAT layers, learnable scales (LSQ), calibration, conversion to serving layers.
+"""Flax side of jaxquant: quantize an unmodified nnx or linen model in one call.
+
+::
+
+    from jaxquant.flax import Rule, quantize, summary, W8A8, W4A16
+    served = quantize(model, [Rule(r".*attn.*", W8A8), Rule(r".*", W4A16)])   # PTQ: a serving model
+    qat    = quantize(model, [Rule(r".*", W8A8)], mode="qat")                  # QAT: same model code
+    served = quantize(qat)                                                     # serve what QAT simulated
+    print(summary(served))
 
 * ``QuantConfig`` (+ presets ``W8A8``, ``W8A16``, ``W4A16``, ``W4A8``) — ``jaxquant.flax.config``.
-* QAT — ``jaxquant.flax.qat``: ``qat_dot_general(config)`` for ``nnx.Linear(dot_general=...)`` /
-  ``nn.Dense(dot_general=...)`` (stateless options), explicit ``QATLinear`` (nnx) and ``QATDense``
-  (linen; every option, static activations calibrated by ``calibrate_linen_activations``).
-* LSQ — ``jaxquant.primitives.lsq.api``: ``fake_quantize_learnable`` (torch's learnable fake-quant gradients,
-  Pallas backward ``jaxquant_lsq_backward``).
-* Calibration — ``jaxquant.flax.calibrate``: ``weight_qparams`` (absmax / percentile / MSE clip
-  search), ``calibrate_activations`` (static activation scales).
-* Data-aware weight rounding — ``jaxquant.flax.gptq``: ``GPTQ`` (options for
-  ``convert(model, config, calibration=GPTQ(run, batches))``), ``collect_input_stats``, ``calibration_mask``,
-  ``gptq_quantize_weight``, ``layer_output_error``.
-* Serving — ``jaxquant.flax.convert``: ``QuantizedLinear`` (``quantized_linear`` / ``weight_only_linear``),
-  ``convert``, ``serving_factory``, ``save_checkpoint`` / ``restore_checkpoint``, ``linear_weight_bytes``;
-  linen: ``QuantizedDense`` + ``linen_serving_variables``.
-* ``jaxquant.models.minilm`` holds the float all-MiniLM-L6-v2 sentence encoder of the demo, whose
-  dense projections all come from one ``linear_factory`` so quantized layers can be swapped in.
+* ``Rule``, ``quantize`` (nnx and linen), ``QuantizationWarning`` — ``jaxquant.flax.rules`` /
+  ``jaxquant.flax.quantize``. Layer kinds: ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` (matmul
+  equations) and linen ``Dense`` / ``DenseGeneral`` / ``Einsum``; the replaced nnx layers are
+  ``QATLayer`` and ``QuantizedLayer`` (``jaxquant.flax.layers``, the math of both).
+* linen — ``jaxquant.flax.linen``: ``quantize(linen_model, rules)`` returns a ``LinenQuantized``
+  (``init`` / ``apply``); ``quantize_variables`` turns float or QAT variables into its variables.
+* Calibration — ``Calibration(run, batches)`` (static activation scales), ``GPTQ(run, batches, ...)``
+  (``jaxquant.flax.gptq``), ``calibration_mask``; weight clip search (absmax / percentile / MSE):
+  ``QuantConfig.calibration``, ``weight_qparams`` (``jaxquant.flax.calibrate``).
+* ``summary(model)`` — ``jaxquant.flax.summary``; ``save_checkpoint`` / ``restore_checkpoint``
+  (orbax, with each layer's config) — ``jaxquant.flax.checkpoint``.
+* LSQ — ``fake_quantize_learnable`` (``jaxquant.primitives.lsq.api``): learnable-scale fake quantization.
+
+The demo model (the float all-MiniLM-L6-v2 sentence encoder) is ``jaxquant.models.minilm``.
 """
 
-from jaxquant.flax.calibrate import calibrate_activations, qparams_from_range, weight_qparams
-from jaxquant.flax.config import W4A8, W4A16, W8A8, W8A16, QuantConfig
-from jaxquant.flax.convert import (
-    QuantizedDense,
-    QuantizedLinear,
-    convert,
-    linear_weight_bytes,
-    linen_serving_variables,
-    quantize_weight_with,
-    restore_checkpoint,
-    save_checkpoint,
-    serving_factory,
-)
-from jaxquant.flax.gptq import GPTQ, InputStats, calibration_mask, collect_input_stats, gptq_quantize_weight, layer_output_error
+try:
+    import flax  # noqa: F401  (the optional dependency of this subpackage)
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(f"jaxquant.flax needs flax and orbax: pip install 'jaxquant[flax]' ({e})") from e
+
+from jaxquant.flax.calibrate import qparams_from_range, weight_qparams
+from jaxquant.flax.checkpoint import restore_checkpoint, save_checkpoint
+from jaxquant.flax.config import MIN_GROUP_SIZE, W4A8, W4A16, W8A8, W8A16, QuantConfig
+from jaxquant.flax.gptq import GPTQ, gptq_quantize_weight, layer_output_error
+from jaxquant.flax.layers import QATLayer, QuantizedLayer, QuantStat, fake_quantize_activation, fake_quantize_weight
+from jaxquant.flax.linen import LinenQuantized, quantize_variables
 from jaxquant.primitives.lsq.api import fake_quantize_learnable
-from jaxquant.models.minilm import (
-    MiniLM,
-    MiniLMConfig,
-    dense_layers,
-    embed,
-    load_bert_weights,
-    load_minilm,
-)
-from jaxquant.flax.qat import (
-    QATDense,
-    QATDotGeneral,
-    QATLinear,
-    QuantStat,
-    calibrate_linen_activations,
-    fake_quantize_activation,
-    fake_quantize_weight,
-    qat_dot_general,
-)
+from jaxquant.flax.observe import Calibration, calibration_mask
+from jaxquant.flax.quantize import quantize
+from jaxquant.flax.rules import QuantizationWarning, Rule
+from jaxquant.flax.summary import Summary, summary
 
 __all__ = [
-    "QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8",
-    "qat_dot_general", "QATDotGeneral", "QATLinear", "QATDense", "QuantStat", "calibrate_linen_activations",
-    "fake_quantize_weight", "fake_quantize_activation",
-    "fake_quantize_learnable",
-    "weight_qparams", "qparams_from_range", "calibrate_activations",
-    "GPTQ", "InputStats", "calibration_mask", "collect_input_stats", "gptq_quantize_weight", "layer_output_error",
-    "QuantizedLinear", "QuantizedDense", "linen_serving_variables", "convert", "serving_factory", "quantize_weight_with", "linear_weight_bytes",
+    "QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "MIN_GROUP_SIZE",
+    "Rule", "quantize", "QuantizationWarning", "summary", "Summary",
+    "QATLayer", "QuantizedLayer", "QuantStat", "LinenQuantized", "quantize_variables",
+    "Calibration", "GPTQ", "calibration_mask", "weight_qparams", "qparams_from_range",
+    "gptq_quantize_weight", "layer_output_error",
     "save_checkpoint", "restore_checkpoint",
-    "MiniLM", "MiniLMConfig", "dense_layers", "embed", "load_bert_weights", "load_minilm",
+    "fake_quantize_weight", "fake_quantize_activation", "fake_quantize_learnable",
 ]

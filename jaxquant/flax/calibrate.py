@@ -3,7 +3,7 @@
 Weights use the ``jaxquant.core.weights`` layout ``W [N, K]`` (``nn.Linear``; a flax kernel is its
 transpose) with one ``(scale, zero point)`` per output row (``group_size=None``) or per
 ``(row, group of g consecutive k)``. Every method clips the range ``[lo, hi]`` of each
-channel/group and turns it into parameters with the library's formulas (DESIGN.md §1)::
+channel/group and turns it into parameters with the formulas of ``jaxquant.choose_qparams``::
 
     symmetric:   scale = max(amax * f32(1/qmax), 2**-126),  zp = 0            (amax = max(|lo|, hi))
     asymmetric:  lo = min(lo, 0), hi = max(hi, 0)
@@ -17,9 +17,8 @@ channel/group and turns it into parameters with the library's formulas (DESIGN.m
   ``sum((fake_quantize(w) - w)**2)`` per channel/group; all candidates are evaluated at once
   (one batched ``jaxquant.fake_quantize`` over ``[n_ratios, rows, g]``).
 
-Static activations: ``calibrate_activations(model, run, batches)`` runs the model with every
-static-activation QAT layer observing ``max|x|`` instead of quantizing, then sets
-``act_scale = max(amax * f32(1/127), 2**-126)``.
+Static activation scales come from the inputs the layers see on calibration batches
+(``jaxquant.flax.observe``): ``act_scale = max(amax * f32(1/127), 2**-126)``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import jaxquant as jq
 from jaxquant.core import numerics as ref
 from jaxquant.core import weights as W
 
-__all__ = ["qparams_from_range", "weight_qparams", "calibrate_activations", "DEFAULT_RATIOS"]
+__all__ = ["qparams_from_range", "weight_qparams", "DEFAULT_RATIOS"]
 
 DEFAULT_RATIOS = tuple(float(r) for r in np.linspace(0.5, 1.0, 26))
 _TINY = np.float32(2.0**-126)
@@ -102,29 +101,3 @@ def _mse_search(rows, pshape, qmin, qmax, symmetric, ratios):
     best = jnp.argmin(err, axis=0)                                      # first minimum: ties -> smaller r
     pick = lambda a: jnp.take_along_axis(a, best[None], axis=0)[0]
     return jnp.reshape(pick(s), pshape), jnp.reshape(pick(z), pshape)
-
-
-def calibrate_activations(model, run, batches):
-    """Set the static activation scale of every ``QATLinear`` with ``activations="static"`` in ``model``.
-
-    ``run(model, batch)`` runs the forward pass; it is called (eagerly, no jit: the observers
-    update Python-side state) once per batch with the layers in observe mode. Returns the
-    number of layers calibrated.
-    """
-    from flax import nnx
-
-    from jaxquant.flax.qat import QATLinear
-
-    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, QATLinear) and m.config.activations == "static"]
-    for m in layers:
-        m.act_amax.set_value(jnp.zeros((), jnp.float32))
-        m.observing = True
-    try:
-        for b in batches:
-            run(model, b)
-    finally:
-        for m in layers:
-            m.observing = False
-    for m in layers:
-        m.act_scale.set_value(jnp.maximum(m.act_amax.get_value() * np.float32(1.0 / 127), _TINY))
-    return len(layers)

@@ -11,7 +11,7 @@ small rather than the weight error::
 With ``U`` the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and columns visited in
 order ``j = 0 .. K-1`` (``act_order``: by decreasing ``diag(H)``, the most active inputs first)::
 
-    q_j   = clamp(rne(w_j * (1/s_j)) + z_j, qmin, qmax)      the library's quantizer (DESIGN.md §1)
+    q_j   = clamp(rne(w_j * (1/s_j)) + z_j, qmin, qmax)      the library's quantizer (jaxquant.quantize)
     e_j   = (w_j - (q_j - z_j) * s_j) / U_jj
     w_l  -= e_j * U_jl        for every column l after j      (U is upper triangular)
 
@@ -27,35 +27,29 @@ order with static groups needs no group index: groups stay contiguous in K.
 
 Entry points:
 
-* ``GPTQ(run, batches, ...)`` — the options, passed as ``convert(model, config, calibration=GPTQ(...))``
-  (``jaxquant.flax.convert``). ``run(model, batch)`` runs the forward pass on one calibration
+* ``GPTQ(run, batches, ...)`` — the options, passed as ``quantize(model, rules, calibration=GPTQ(...))``
+  (``jaxquant.flax.quantize``). ``run(model, batch)`` runs the forward pass on one calibration
   batch; use data that is NOT your evaluation data.
-* ``collect_input_stats(model, run, batches)`` — runs the model with an observer in front of every
-  ``nnx.Linear``; returns ``{path: InputStats}`` (``hessian = X^T X / T``, ``amax``, ``rows``).
 * ``gptq_quantize_weight(w, hessian, config)`` — one weight; returns a ``QuantizedWeight``.
 
-Every row of ``x [..., K]`` a layer sees in calibration is one sample of ``X``, except rows
-masked out by ``calibration_mask(mask)`` inside ``run`` (e.g. padded token positions).
+Every row of a layer's input (``[..., K]`` in the layer's geometry) seen in calibration is one
+sample of ``X``, except rows masked out by ``calibration_mask(mask)`` inside ``run`` (padding).
 ``sequential=True`` recomputes the statistics after each group of layers is quantized (their
 float kernels temporarily replaced by the dequantized GPTQ weights), so later layers see and
 compensate for the quantized earlier ones; layers called on the same input array (e.g. query, key,
-value) form one group. The statistics are accumulated on the device by ``InputObserver`` modules
-installed in front of the layers (``observing``) and removed afterwards; the model is unchanged.
+value) form one group. The statistics come from ``jaxquant.flax.observe``; the model is unchanged.
 
-Only float ``nnx.Linear`` layers are calibrated this way; ``QATLinear`` layers keep the quantizer
-they were trained with (``convert``). The cost is one ``[K, K]`` Hessian per layer and, per layer,
-``O(N K^2)`` flops: all-MiniLM-L6-v2 (36 layers, 200 sentences) takes ~6 s on a 2-core CPU.
+Only float layers are calibrated this way; QAT layers keep the quantizer they were trained
+with. The cost is one ``[K, K]`` Hessian per layer and, per layer, ``O(N K^2)`` flops:
+all-MiniLM-L6-v2 (36 layers, 200 sentences) takes ~6 s on a 2-core CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -66,21 +60,21 @@ from jaxquant.primitives.affine import reference as ref
 from jaxquant.core import weights as W
 from jaxquant.flax import calibrate as C
 from jaxquant.flax.config import QuantConfig
+from jaxquant.flax.geometry import Geometry
+from jaxquant.flax.observe import Calibration, InputStats, calibration_pass, observing, path_str, runner
 
-__all__ = ["GPTQ", "InputStats", "collect_input_stats", "calibration_mask", "gptq_quantize_weight", "gptq_codes",
-           "layer_output_error", "InputObserver", "observing", "linear_paths"]
+__all__ = ["GPTQ", "gptq_quantize_weight", "gptq_codes", "layer_output_error", "gptq_calibrate"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GPTQ:
-    """GPTQ calibration for ``convert(model, config, calibration=GPTQ(...))``.
+class GPTQ(Calibration):
+    """GPTQ calibration: ``quantize(model, rules, calibration=GPTQ(run, batches, ...))``.
 
-    Attributes:
-      run: ``run(model, batch)`` runs the model's forward pass on one calibration batch (its
-        result is ignored).
-      batches: the calibration batches (e.g. tuples of arrays). Use data that is not your
-        evaluation data; every row of every linear layer's input is one sample, except rows that
-        ``calibration_mask`` masks out inside ``run`` (padding).
+    A ``jaxquant.flax.Calibration`` (``run(model, batch)`` runs the forward pass on one batch;
+    static activation scales are set as with plain calibration) whose weights are also rounded
+    by GPTQ on the layers' inputs. Use data that is not your evaluation data.
+
+    Attributes (beyond ``run``, ``batches``, ``jit``):
       damp: ridge added to ``H``'s diagonal, as a fraction of its mean (``H`` is rank-deficient
         when there are fewer samples than inputs); retried x10 if the Cholesky fails.
       act_order: visit columns by decreasing ``diag(H)`` (scales stay static, so groups stay
@@ -89,37 +83,19 @@ class GPTQ:
         to float32 rounding).
       sequential: recompute the input statistics after each group of layers is quantized (one
         calibration pass per group) instead of taking all of them from the float model (one pass).
-      jit: run ``run`` under ``nnx.jit`` (one compilation per distinct batch shape); False runs it
-        eagerly.
     """
 
-    run: Callable[[nnx.Module, Any], Any]
-    batches: Sequence[Any]
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
     sequential: bool = False
-    jit: bool = True
 
     def __post_init__(self):
-        if not callable(self.run):
-            raise TypeError(f"GPTQ.run: expected a callable run(model, batch), got {self.run!r}")
-        if len(self.batches) == 0:
-            raise ValueError("GPTQ.batches: expected at least one calibration batch")
+        super().__post_init__()
         if not float(self.damp) > 0:
             raise ValueError(f"GPTQ.damp: expected > 0, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"GPTQ.block_size: expected a positive int, got {self.block_size!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class InputStats:
-    """What a layer saw in calibration: ``hessian = X^T X / rows`` (float32 ``[K, K]``), ``amax =
-    max |X|`` and the number of rows ``T`` of ``X [T, K]``."""
-
-    hessian: jax.Array
-    amax: jax.Array
-    rows: int
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,244 +221,54 @@ def layer_output_error(w, w_hat, hessian):
 
 
 # ------------------------------------------------------------------------------------------
-# Observing the inputs of every linear layer
+# GPTQ on a model's layers
 # ------------------------------------------------------------------------------------------
-class CalibrationStat(nnx.Variable):
-    """Input statistics accumulated by a calibration observer (not a trainable parameter)."""
-
-
-class _Recorder:
-    """Call order of the observers in the first calibration pass, and which share an input."""
-
-    def __init__(self):
-        self.calls: list[tuple[int, Any]] = []
-
-    def record(self, index, x):
-        if all(i != index for i, _ in self.calls):
-            self.calls.append((index, x))
-
-    def groups(self) -> list[list[int]]:
-        out: list[list[int]] = []
-        prev = None
-        for index, x in self.calls:
-            if out and x is prev:
-                out[-1].append(index)
-            else:
-                out.append([index])
-            prev = x
-        return out
-
-
-_RECORDER: list[_Recorder | None] = [None]
-_MASK: list[Any] = [None]
-
-
-@contextlib.contextmanager
-def calibration_mask(mask):
-    """Inside ``run``: observe only the rows of each layer input ``x [..., K]`` where ``mask`` (shape
-    ``x.shape[:-1]``, e.g. a ``[batch, length]`` attention mask) is nonzero, so padded positions
-    do not count as calibration samples::
-
-        def run(model, batch):
-            ids, mask, types = batch
-            with calibration_mask(mask):
-                model(ids, mask, types)
-
-    Inputs of another shape raise ``ValueError``. Works eagerly and under ``jit`` (the mask is
-    read while tracing).
-    """
-    prev = _MASK[0]
-    _MASK[0] = mask
-    try:
-        yield
-    finally:
-        _MASK[0] = prev
-
-
-class InputObserver(nnx.Module):
-    """Wraps a linear layer: accumulates ``X^T X``, ``max |X|`` and the row count of its inputs
-    (when ``active``), then calls the layer. Installed by ``collect_input_stats``."""
-
-    def __init__(self, layer: nnx.Module, in_features: int, index: int):
-        self.layer = layer
-        self.index = index
-        k = in_features
-        self.xtx = CalibrationStat(jnp.zeros((k, k), jnp.float32))
-        self.amax = CalibrationStat(jnp.zeros((), jnp.float32))
-        self.rows = CalibrationStat(jnp.zeros((), jnp.int32))
-        self.active = CalibrationStat(jnp.ones((), jnp.bool_))
-
-    def reset(self, active: bool = True):
-        self.xtx.set_value(jnp.zeros_like(self.xtx.get_value()))
-        self.amax.set_value(jnp.zeros((), jnp.float32))
-        self.rows.set_value(jnp.zeros((), jnp.int32))
-        self.active.set_value(jnp.asarray(active))
-
-    def __call__(self, x):
-        rec = _RECORDER[0]
-        if rec is not None:
-            rec.record(self.index, x)
-        k = self.xtx.get_value().shape[0]
-        x2 = lax.stop_gradient(jnp.reshape(x, (-1, k))).astype(jnp.float32)
-        mask = _MASK[0]
-        if mask is None:
-            keep = jnp.ones((x2.shape[0],), jnp.bool_)
-        else:
-            mask = jnp.asarray(mask)
-            if tuple(mask.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"calibration_mask: mask of shape {tuple(mask.shape)} does not match the rows "
-                                 f"{tuple(x.shape[:-1])} of a layer input {tuple(x.shape)}")
-            keep = jnp.reshape(mask != 0, (-1,))
-        x2 = jnp.where(keep[:, None], x2, 0.0)
-
-        def acc(state):
-            xtx, amax, rows = state
-            xtx = xtx + jnp.matmul(x2.T, x2, precision=lax.Precision.HIGHEST)
-            return xtx, jnp.maximum(amax, jnp.max(jnp.abs(x2))), rows + jnp.sum(keep, dtype=jnp.int32)
-
-        state = (self.xtx.get_value(), self.amax.get_value(), self.rows.get_value())
-        xtx, amax, rows = lax.cond(self.active.get_value(), acc, lambda s: s, state)
-        self.xtx.set_value(xtx)
-        self.amax.set_value(amax)
-        self.rows.set_value(rows)
-        return self.layer(x)
-
-    def stats(self) -> InputStats:
-        rows = int(self.rows.get_value())
-        h = self.xtx.get_value() / np.float32(max(rows, 1))
-        return InputStats(h, self.amax.get_value(), rows)
-
-
-def _get(parent, key):
-    return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-
-def _set(parent, key, value):
-    if isinstance(key, int):
-        parent[key] = value
-    else:
-        setattr(parent, key, value)
-
-
-def _resolve(model, path):
-    parent = model
-    for key in path[:-1]:
-        parent = _get(parent, key)
-    return parent, path[-1]
-
-
-def _default_filter(node) -> bool:
-    return isinstance(node, nnx.Linear)
-
-
-def linear_paths(model: nnx.Module, include: Callable[[Any], bool] = _default_filter) -> list[tuple]:
-    """Paths (tuples of attribute names / indices) of the layers ``include`` selects (default: every
-    ``nnx.Linear``), in graph order."""
-    return [path for path, node in nnx.iter_graph(model) if path and include(node)]
-
-
-def _in_features(layer) -> int:
-    if hasattr(layer, "in_features"):
-        return int(layer.in_features)
-    return int(layer.kernel.get_value().shape[0])
-
-
-@contextlib.contextmanager
-def observing(model: nnx.Module, paths: Sequence[tuple]):
-    """Install an ``InputObserver`` in front of each layer at ``paths`` (in place) for the duration
-    of the ``with`` block; yields the observers (in ``paths`` order) and restores the layers."""
-    observers = []
-    for i, path in enumerate(paths):
-        parent, key = _resolve(model, path)
-        layer = _get(parent, key)
-        obs = InputObserver(layer, _in_features(layer), i)
-        _set(parent, key, obs)
-        observers.append(obs)
-    try:
-        yield observers
-    finally:
-        for path, obs in zip(paths, observers):
-            parent, key = _resolve(model, path)
-            _set(parent, key, obs.layer)
-
-
-def _runner(run, jit):
-    if not jit:
-        return run
-
-    @nnx.jit
-    def step(model, batch):
-        run(model, batch)
-
-    return step
-
-
-def _calibration_pass(model, runner, batches, record=False):
-    rec = _Recorder() if record else None
-    _RECORDER[0] = rec
-    try:
-        for b in batches:
-            runner(model, b)
-    finally:
-        _RECORDER[0] = None
-    return rec
-
-
-def collect_input_stats(model: nnx.Module, run, batches, *, paths: Sequence[tuple] | None = None,
-                        jit: bool = True) -> dict[tuple, InputStats]:
-    """Run ``run(model, batch)`` for every batch with an observer in front of each layer in
-    ``paths`` (default: every ``nnx.Linear``); return ``{path: InputStats}``. The model is left
-    unchanged. Layers never called get ``rows == 0``."""
-    paths = linear_paths(model) if paths is None else [tuple(p) for p in paths]
-    with observing(model, paths) as observers:
-        _calibration_pass(model, _runner(run, jit), batches)
-        return {p: o.stats() for p, o in zip(paths, observers)}
-
-
-def gptq_calibrate(model: nnx.Module, config: QuantConfig, options: GPTQ, paths: Sequence[tuple]):
-    """GPTQ weights for the float layers at ``paths`` of ``model``.
+def gptq_calibrate(model: nnx.Module, options: GPTQ,
+                   layers: Sequence[tuple[tuple, Geometry, QuantConfig]]) -> dict[tuple, tuple[W.QuantizedWeight,
+                                                                                          InputStats]]:
+    """GPTQ weights of the float layers ``(path, geometry, config)`` of ``model``.
 
     Returns ``{path: (QuantizedWeight, InputStats)}``. With ``options.sequential`` the float
     kernels of already-quantized groups are temporarily replaced by their dequantized GPTQ weights
     while the next group's statistics are collected (restored before returning).
     """
-    paths = [tuple(p) for p in paths]
-    runner = _runner(options.run, options.jit)
+    step = runner(options.run, options.jit)
     results: dict[tuple, tuple[W.QuantizedWeight, InputStats]] = {}
+    configs = {path: config for path, _, config in layers}
 
     def quantize(path, obs):
         stats = obs.stats()
-        layer = obs.layer
-        w = jnp.asarray(layer.kernel.get_value(), jnp.float32).T
         if stats.rows == 0:
-            raise ValueError(f"GPTQ: layer {'.'.join(map(str, path))} was not called by run() on the calibration batches")
-        qw = gptq_quantize_weight(w, stats.hessian, config, damp=options.damp, act_order=options.act_order,
+            raise ValueError(f"GPTQ: layer {path_str(path)!r} was not called by run() on the calibration batches")
+        w = jnp.asarray(obs.geometry.weight(obs.layer.kernel.get_value()), jnp.float32)
+        qw = gptq_quantize_weight(w, stats.hessian, configs[path], damp=options.damp, act_order=options.act_order,
                                   block_size=options.block_size)
         results[path] = (qw, stats)
         return qw
 
     saved = {}
-    with observing(model, paths) as observers:
-        rec = _calibration_pass(model, runner, options.batches, record=True)
+    observed = [(path, geometry) for path, geometry, _ in layers]
+    with observing(model, observed) as observers:
+        rec = calibration_pass(model, step, options.batches, record=True)
         if not options.sequential:
-            for path, obs in zip(paths, observers):
+            for (path, _), obs in zip(observed, observers):
                 quantize(path, obs)
             return results
         groups = rec.groups()
         called = {i for g in groups for i in g}
-        groups += [[i] for i in range(len(paths)) if i not in called]    # never called: an error below
+        groups += [[i] for i in range(len(observed)) if i not in called]    # never called: an error below
         try:
             for gi, group in enumerate(groups):
                 if gi:
                     for o in observers:
                         o.reset(active=o.index in group)
-                    _calibration_pass(model, runner, options.batches)
+                    calibration_pass(model, step, options.batches)
                 for i in group:
                     obs = observers[i]
-                    qw = quantize(paths[i], obs)
+                    qw = quantize(observed[i][0], obs)
                     kernel = obs.layer.kernel
                     saved[i] = kernel.get_value()
-                    kernel.set_value(jq.dequantize_weight(qw).T.astype(saved[i].dtype))
+                    kernel.set_value(obs.geometry.kernel(jq.dequantize_weight(qw)).astype(saved[i].dtype))
         finally:
             for i, value in saved.items():
                 observers[i].layer.kernel.set_value(value)

@@ -367,7 +367,7 @@ def _load_dense(layer: nnx.Module, name: str, weight: np.ndarray, bias: np.ndarr
     """Load a torch-layout ``weight [out, in]`` and ``bias [out]`` into one dense layer.
 
     A layer type from a custom ``linear_factory`` takes part by defining
-    ``load_dense_weights(weight, bias)`` (torch / DESIGN.md ``[C_out, K]`` layout, numpy
+    ``load_dense_weights(weight, bias)`` (torch / jaxquant ``[C_out, K]`` layout, numpy
     float32). Otherwise the layer must look like ``nnx.Linear``: ``kernel [in, out]`` and
     ``bias [out]`` variables.
     """

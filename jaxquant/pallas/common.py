@@ -3,7 +3,7 @@
 Two implementations of the same exact numerics, chosen per kernel by ``fast``:
 
 * portable (interpret mode, and the specification's shape): Pallas Triton has no lowering for
-  ``jnp.round``; ``rne`` is round-half-to-even from ``floor`` and compares (PALLAS_NOTES.md §3),
+  ``jnp.round``; ``rne`` is round-half-to-even from ``floor`` and compares (docs/pallas_pitfalls.md),
   exact: for ``|v| < 2**23`` ``floor(v)`` and ``v - floor(v)`` are exact, larger floats are
   integers (``d == 0``); the clamp is written with selects so NaN handling does not depend on
   how a backend treats NaN in max/min.
@@ -19,8 +19,12 @@ The GPU test suite checks the fast forms against the CPU reference bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
@@ -36,6 +40,56 @@ def check_pow2(family: str, name: str, v, lo: int = 1) -> None:
     """Config validation shared by the kernel families: ``v`` is a power of two >= ``lo``."""
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
         raise ValueError(f"{family} Config.{name}: expected a power of two >= {lo}, got {v!r}")
+
+
+def check_fields(family: str, cfg, *, pow2=(), positive=()) -> None:
+    """A Config's checks: each ``pow2`` field (a name, or ``(name, lo)``) a power of two >= lo, each
+    ``positive`` field an int >= lo (default 1)."""
+    for check, specs in ((check_pow2, pow2), (check_positive, positive)):
+        for spec in specs:
+            name, lo = spec if isinstance(spec, tuple) else (spec, 1)
+            check(family, name, getattr(cfg, name), lo)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile of one program of the elementwise / row kernels: ``block_rows x block_cols`` elements
+    (powers of two). Each family subclasses it (its own class, its name in error messages)."""
+
+    block_rows: int
+    block_cols: int
+    num_warps: int = 4
+    num_stages: int = 1
+    FAMILY: ClassVar[str] = "tile"
+
+    def __post_init__(self):
+        check_fields(self.FAMILY, self, pow2=("block_rows", "block_cols", "num_warps"), positive=("num_stages",))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTileConfig:
+    """Tile of one program of a Triton GEMM (``[M, K] x [N, K]^T``) and its launch parameters
+    (powers of two; block_m, block_n >= 16, block_k >= 32: the int8 / fp8 tensor-core instructions
+    contract K in steps of 32). Each GEMM family subclasses it."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8  # row blocks a launch group (grid_ij)
+    num_warps: int = 4
+    num_stages: int = 3
+    # K is cut into at most split_k equal runs of whole block_k chunks, one program each (k_split):
+    # partial sums [split, M, N] summed in XLA before the epilogue.
+    split_k: int = 1
+    # M == 1: a's tile is its one row [1, block_k], broadcast in registers to the dot's block_m rows
+    # (all equal; row 0 is stored): a's shared-memory buffers hold one row, not block_m rows of
+    # padding, so more programs fit an SM. None: whenever M == 1.
+    row_bcast: bool | None = None
+    FAMILY: ClassVar[str] = "gemm"
+
+    def __post_init__(self):
+        check_fields(self.FAMILY, self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", 32), "group_m",
+                                              "num_warps", "split_k"), positive=("num_stages",))
 
 
 def check_positive(family: str, name: str, v, lo: int = 1) -> None:
@@ -123,3 +177,58 @@ def mul_rn(a, b, fast: bool = False):
             "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)])[0]
     return rounded(a * b)  # interpret mode: XLA:CPU contracts through optimization_barrier (core.numerics.rounded)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton GEMM tiling shared by the int8 and fp8 GEMMs ([M, K] x [N, K]^T, grouped launch order)
+# ----------------------------------------------------------------------------------------
+
+PROGRAMS_PER_SM = 8  # split-K target for decode tiles (16-row tiles are latency-bound)
+
+
+def grid_ij(pid, nm, nn, group_m):
+    """Grouped launch order: program ``pid`` -> (row block i, column block j); ``group_m`` row
+    blocks share the column blocks in turn, so their weight tiles stay in L2."""
+    width = group_m * nn
+    group = pid // width
+    first = group * group_m
+    size = jnp.minimum(nm - first, group_m)
+    r = pid % width
+    return first + r % size, r // size
+
+
+def k_split(split_k: int, k: int, bk: int) -> int:
+    """The largest power of two ``<= split_k`` cutting K's ``bk`` chunks into equal runs; 1 when
+    K has a ragged tail chunk."""
+    if k % bk:
+        return 1
+    split = 1
+    while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
+        split *= 2
+    return split
+
+
+def fill_gemm_tiles(m: int, n: int, bm: int, bn: int, max_split: int, sms: int) -> tuple[int, int, int]:
+    """``(bm, bn, split)`` for an ``[m, n]`` output: non-decode tiles shrink (larger side first, not
+    below 64 x 32) until there are at least half as many programs as SMs; then K is split (up to
+    ``max_split``, before ``k_split``'s rule) for decode tiles until ~``PROGRAMS_PER_SM`` programs
+    an SM, and for larger tiles only while they do not fill the SMs once (the partial sums cost
+    M x N x 4 bytes each way). Skinny decode tiles are not narrowed: that measured slower."""
+    while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms // 2:
+        if bn >= bm and bn > 64:
+            bn //= 2
+        elif bm > 64:
+            bm //= 2
+        elif bn > 32:
+            bn //= 2
+        else:
+            break
+    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+
+    def more(s):
+        return tiles * s * 2 <= PROGRAMS_PER_SM * sms if bm == 16 else tiles * s < sms
+
+    split = 1
+    while split * 2 <= max_split and more(split):
+        split *= 2
+    return bm, bn, split

@@ -32,7 +32,7 @@ def quantize_weight(w, *, bits: int = 8, group_size: int | None = None, symmetri
         one scale per ``group_size`` consecutive k of each row.
       symmetric: zero point 0 (signed codes) or a per-(row, group) int32 zero point.
 
-    Returns a ``QuantizedWeight``; formulas in the module docstring (DESIGN.md §1 dynamic
+    Returns a ``QuantizedWeight``; formulas in the module docstring (docs/numerics.md, dynamic
     parameters). Not differentiable (the codes are integers); works under ``jax.jit``.
     """
     w = V.float_array("w", w)

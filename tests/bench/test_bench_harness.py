@@ -1,8 +1,9 @@
 """The benchmark harness's chain sizing (``jaxquant.bench.harness.chain_layers``): a pure rule.
 
 A chain of decode layers must stream enough weights that the host's dispatch of the one jitted
-call does not bound it (benchmarks/results/session9/chain_len.json): >= MIN_CHAIN_BYTES of bf16
-weights, between CHAIN_LAYERS and MAX_CHAIN_LAYERS layers; the CPU smoke run keeps CHAIN_LAYERS.
+call does not bound it (per-layer time against chain length, measured on an H200, jax 0.11.2,
+2026-11-21): >= MIN_CHAIN_BYTES of bf16 weights, between CHAIN_LAYERS and MAX_CHAIN_LAYERS
+layers; the CPU smoke run keeps CHAIN_LAYERS.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def test_chain_layers_streams_enough_weights(n, k):
 
 
 def test_chain_layers_on_the_perf_shapes():
-    # 4096x4096 (32 MiB of bf16 weights) takes 16 layers; the larger PERF.md layers 4-5
+    # 4096x4096 (32 MiB of bf16 weights) takes 16 layers; the larger layers of docs/performance.md 4-5
     assert harness.chain_layers(4096 * 4096 * 2) == 16
     assert harness.chain_layers(8192 * 8192 * 2) == harness.CHAIN_LAYERS
     assert harness.chain_layers(4096 * 14336 * 2) == math.ceil(harness.MIN_CHAIN_BYTES / (4096 * 14336 * 2))

@@ -1,4 +1,5 @@
-"""QAT layers (nnx QATLinear, dot_general in nnx.Linear / linen Dense, linen QATDense), calibration."""
+"""QAT through quantize(mode="qat"): the nnx QATLayer and the linen interception compute the module
+docstring's formula, STE / LSQ gradients, calibration (static activation scales, weight clip search)."""
 
 import dataclasses
 
@@ -11,9 +12,23 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import jaxquant as jq
-from jaxquant.flax import (W4A8, W4A16, W8A8, W8A16, QATDense, QATLinear, QuantConfig, calibrate_activations,
-                           fake_quantize_activation, fake_quantize_weight, qat_dot_general, weight_qparams)
+from jaxquant.flax import (W4A8, W4A16, W8A8, W8A16, Calibration, QATLayer, QuantConfig, fake_quantize_activation,
+                           fake_quantize_weight, quantize, quantize_variables, weight_qparams)
 from tests.conftest import assert_same_bits
+
+
+def qat_linear(k, n, *, config, rngs, param_dtype=jnp.float32, batches=None):
+    """An nnx.Linear made a QAT layer by quantize (static activations calibrated on ``batches``)."""
+    cal = None if batches is None else Calibration(lambda m, b: m(b), batches)
+    layer = quantize(nnx.Sequential(nnx.Linear(k, n, param_dtype=param_dtype, rngs=rngs)), config, mode="qat",
+                     calibration=cal).layers[0]
+    assert isinstance(layer, QATLayer)
+    return layer
+
+
+def qat_dense(n, *, config, param_dtype=jnp.float32):
+    """A linen nn.Dense made a QAT model by quantize."""
+    return quantize(nn.Dense(n, param_dtype=param_dtype), config, mode="qat")
 
 CONFIGS = {
     "w8a8": W8A8,
@@ -41,22 +56,16 @@ def _manual(x, kernel, bias, cfg):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_qat_linear_forward_and_dot_general(rng, name):
+def test_qat_forward_nnx_and_linen(rng, name):
     cfg = CONFIGS[name]
-    layer = QATLinear(64, 24, config=cfg, rngs=nnx.Rngs(0))
+    layer = qat_linear(64, 24, config=cfg, rngs=nnx.Rngs(0))
     layer.bias.set_value(jnp.asarray(rng.standard_normal(24), jnp.float32))
     x = _x(rng)
     y = jax.jit(lambda x: layer(x))(x)
     np.testing.assert_allclose(y, _manual(x, layer.kernel.get_value(), layer.bias.get_value(), cfg), rtol=1e-5, atol=1e-5)
-    if cfg.activations != "static":
-        lin = nnx.Linear(64, 24, dot_general=qat_dot_general(cfg), rngs=nnx.Rngs(0))
-        lin.kernel.set_value(layer.kernel.get_value())
-        lin.bias.set_value(layer.bias.get_value())
-        np.testing.assert_allclose(lin(x), y, rtol=1e-5, atol=1e-5)
-        dense = nn.Dense(24, dot_general=qat_dot_general(cfg))
-        params = {"params": {"kernel": layer.kernel.get_value(), "bias": layer.bias.get_value()}}
-        np.testing.assert_allclose(dense.apply(params, x), y, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(QATDense(24, config=cfg).apply(params, x), y, rtol=1e-5, atol=1e-5)
+    dense = qat_dense(24, config=cfg)
+    params = {"params": {"kernel": layer.kernel.get_value(), "bias": layer.bias.get_value()}}
+    assert_same_bits(dense.apply(params, x), layer(x), "linen QAT == nnx QAT")
 
 
 def test_weight_quantizer_is_quantize_weight(rng):
@@ -68,7 +77,7 @@ def test_weight_quantizer_is_quantize_weight(rng):
 
 def test_ste_gradients(rng):
     cfg = W8A8
-    layer = QATLinear(64, 16, config=cfg, rngs=nnx.Rngs(1))
+    layer = qat_linear(64, 16, config=cfg, rngs=nnx.Rngs(1))
     x = _x(rng, (7, 64)) * 3
     dy = jnp.asarray(rng.standard_normal((7, 16)), jnp.float32)
 
@@ -86,23 +95,23 @@ def test_ste_gradients(rng):
 
 
 def test_vmap_and_check_grads_float64(rng):
-    layer = QATLinear(32, 8, config=dataclasses.replace(W4A16, group_size=16), rngs=nnx.Rngs(2))
+    layer = qat_linear(32, 8, config=dataclasses.replace(W4A16, group_size=32), rngs=nnx.Rngs(2))
     x = _x(rng, (4, 3, 32))
     yv = jax.vmap(lambda xi: layer(xi))(x)
     np.testing.assert_allclose(yv, layer(x), rtol=1e-6, atol=1e-6)
     with jax.enable_x64(True):
-        l64 = QATLinear(32, 8, config=dataclasses.replace(W4A16, group_size=16), param_dtype=jnp.float64,
+        l64 = qat_linear(32, 8, config=dataclasses.replace(W4A16, group_size=32), param_dtype=jnp.float64,
                         rngs=nnx.Rngs(2))
         x64 = jnp.asarray(rng.standard_normal((3, 32)), jnp.float64)
         check_grads(lambda x: l64(x), (x64,), order=2, modes=["fwd", "rev"])  # linear in x (weight-only)
 
 
 def test_learnable_scales_get_gradients(rng):
-    cfg = dataclasses.replace(W4A16, group_size=16, weight_symmetric=False, learnable_scales=True)
-    layer = QATLinear(32, 8, config=cfg, rngs=nnx.Rngs(3))
-    x = _x(rng, (5, 32))
+    cfg = dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)
+    layer = qat_linear(64, 8, config=cfg, rngs=nnx.Rngs(3))
+    x = _x(rng, (5, 64))
     # initialised by absmax calibration: same forward as the absmax layer
-    ref = QATLinear(32, 8, config=dataclasses.replace(cfg, learnable_scales=False), rngs=nnx.Rngs(3))
+    ref = qat_linear(64, 8, config=dataclasses.replace(cfg, learnable_scales=False), rngs=nnx.Rngs(3))
     np.testing.assert_allclose(layer(x), ref(x), rtol=1e-6, atol=1e-6)
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert g["w_scale"].get_value().shape == (8, 2) and g["w_zero_point"].get_value().shape == (8, 2)
@@ -111,13 +120,14 @@ def test_learnable_scales_get_gradients(rng):
 
 def test_static_activation_calibration(rng):
     cfg = QuantConfig(weight_bits=8, activations="static")
-    model = nnx.Sequential(QATLinear(16, 16, config=cfg, rngs=nnx.Rngs(0)), QATLinear(16, 4, config=cfg,
-                                                                                       rngs=nnx.Rngs(1)))
     batches = [_x(rng, (6, 16)) * (i + 1) for i in range(3)]
-    n = calibrate_activations(model, lambda m, b: m(b), batches)
-    assert n == 2
+    float_model = nnx.Sequential(nnx.Linear(16, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    model = quantize(float_model, cfg, mode="qat", calibration=Calibration(lambda m, b: m(b), batches))
     amax = max(float(jnp.max(jnp.abs(b))) for b in batches)
     assert float(model.layers[0].act_scale.get_value()) == np.float32(max(np.float32(amax) * np.float32(1 / 127), 2**-126))
+    # the second layer's scale comes from the float model's activations
+    h = jnp.concatenate([float_model.layers[0](b) for b in batches])
+    assert float(model.layers[1].act_scale.get_value()) == np.float32(jnp.max(jnp.abs(h)) * np.float32(1 / 127))
     y = model(batches[0])
     assert np.isfinite(np.asarray(y)).all()
     x_hat = fake_quantize_activation(batches[0], cfg, model.layers[0].act_scale.get_value())
@@ -152,15 +162,14 @@ def test_config_validation():
         QuantConfig(weight_bits=3)
     with pytest.raises(ValueError, match="activations"):
         QuantConfig(activations="per-token")
-    with pytest.raises(ValueError, match="group_size"):
-        QATLinear(60, 8, config=dataclasses.replace(W4A16, group_size=32), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="stateless"):
-        qat_dot_general(QuantConfig(activations="static"))
+    with pytest.raises(ValueError, match="K = 60"):
+        quantize(nnx.Linear(60, 8, rngs=nnx.Rngs(0)), dataclasses.replace(W4A16, group_size=32), mode="qat",
+                 strict=True)
     assert W8A8.serving_kind == "w8a8" and W4A16.serving_kind == "weight_only" and W4A8.serving_kind == "fake"
 
 
 # ------------------------------------------------------------------------------------------
-# linen QATDense: every option of the nnx QATLinear
+# linen QAT (interception): every option of the nnx QAT layer
 # ------------------------------------------------------------------------------------------
 LINEN_CONFIGS = {
     "w8a8": W8A8,
@@ -174,35 +183,31 @@ LINEN_CONFIGS = {
 
 
 def _linen_and_nnx(rng, cfg, x_batches):
-    """A QATDense and a QATLinear with the same kernel / bias / scales, static activations calibrated on
-    ``x_batches`` by each framework's calibration helper."""
-    from jaxquant.flax import calibrate_linen_activations
-
-    dense = QATDense(24, config=cfg)
-    variables = dense.init(jax.random.PRNGKey(0), x_batches[0])
-    params = dict(variables["params"])
-    params["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
-    variables = {**variables, "params": params}
-    layer = QATLinear(64, 24, config=cfg, rngs=nnx.Rngs(0))
-    layer.kernel.set_value(params["kernel"])
-    layer.bias.set_value(params["bias"])
-    if cfg.learnable_scales:
-        layer.reset_weight_qparams()
-        for name in ("w_scale", "w_zero_point"):
-            if name in params:
-                assert_same_bits(params[name], getattr(layer, name).get_value(), f"init {name}")
+    """A linen and an nnx QAT layer with the same kernel / bias / scales, static activations calibrated on
+    ``x_batches`` by each framework's path through quantize."""
+    kernel = jnp.asarray(rng.standard_normal((64, 24)) / 8, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
+    float_vars = {"params": {"kernel": kernel, "bias": bias}}
+    dense = qat_dense(24, config=cfg)
+    cal = Calibration(lambda apply, b: apply(b), x_batches)
+    variables = quantize_variables(dense, float_vars, x_batches[0], calibration=cal)
+    lin = nnx.Linear(64, 24, rngs=nnx.Rngs(0))
+    lin.kernel.set_value(kernel)
+    lin.bias.set_value(bias)
+    layer = quantize(nnx.Sequential(lin), cfg, mode="qat", calibration=Calibration(lambda m, b: m(b), x_batches))
+    layer = layer.layers[0]
+    for name in ("w_scale", "w_zero_point"):
+        if name in variables["params"]:
+            assert_same_bits(variables["params"][name], getattr(layer, name).get_value(), f"init {name}")
     if cfg.activations == "static":
-        assert "quant_amax" not in variables  # init does not observe
-        variables = calibrate_linen_activations(dense, variables, x_batches)
-        calibrate_activations(layer, lambda m, b: m(b), x_batches)
         assert_same_bits(variables["quant_stats"]["act_scale"], layer.act_scale.get_value(), "act_scale")
     return dense, variables, layer
 
 
 @pytest.mark.parametrize("name", list(LINEN_CONFIGS))
 def test_linen_qat_dense_matches_nnx(rng, name):
-    """Forward and gradients (x, kernel, bias, learnable scales) of QATDense equal QATLinear's, under jit
-    and vmap."""
+    """Forward and gradients (x, kernel, bias, learnable scales) of the linen QAT layer equal the nnx one's,
+    under jit and vmap."""
     cfg = LINEN_CONFIGS[name]
     batches = [_x(rng, (6, 64)) * (i + 1) for i in range(2)]
     dense, variables, layer = _linen_and_nnx(rng, cfg, batches)
@@ -224,32 +229,30 @@ def test_linen_qat_dense_matches_nnx(rng, name):
     assert not np.allclose(np.asarray(y), np.asarray(float_y), rtol=1e-6, atol=1e-6)
 
 
-def test_linen_static_calibration_and_observe_mode(rng):
+def test_linen_static_calibration(rng):
     cfg = QuantConfig(weight_bits=8, activations="static")
-    from jaxquant.flax import calibrate_linen_activations
 
     class Two(nn.Module):
         @nn.compact
         def __call__(self, x):
-            h = nn.relu(QATDense(16, config=cfg, name="first")(x))
-            return QATDense(4, config=cfg, name="second")(h)
+            h = nn.relu(nn.Dense(16, name="first")(x))
+            return nn.Dense(4, name="second")(h)
 
-    model = Two()
+    model = quantize(Two(), cfg, mode="qat")
     batches = [_x(rng, (6, 16)) * (i + 1) for i in range(3)]
-    variables = model.init(jax.random.PRNGKey(0), batches[0])
-    assert set(variables) == {"params", "quant_stats"}
-    # before calibration act_scale is 1.0 (int8 grid of step 1): calibration changes the forward
-    y0 = model.apply(variables, batches[0])
-    cal = calibrate_linen_activations(model, variables, batches)
+    float_vars = Two().init(jax.random.PRNGKey(0), batches[0])
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_variables(model, float_vars, batches[0])
+    cal = quantize_variables(model, float_vars, batches[0], calibration=Calibration(lambda f, b: f(b), batches))
     amax = max(float(jnp.max(jnp.abs(b))) for b in batches)
     s0 = cal["quant_stats"]["first"]["act_scale"]
     assert float(s0) == np.float32(max(np.float32(amax) * np.float32(1 / 127), 2**-126))
-    # the second layer saw the float (observe-mode) outputs of the first
-    p0 = variables["params"]["first"]
+    # the second layer saw the float outputs of the first
+    p0 = float_vars["params"]["first"]
     h = jax.nn.relu(jnp.stack(batches) @ p0["kernel"] + p0["bias"])
     np.testing.assert_allclose(cal["quant_stats"]["second"]["act_scale"], jnp.max(jnp.abs(h)) / 127, rtol=1e-6)
     y1 = model.apply(cal, batches[0])
-    assert not np.allclose(np.asarray(y0), np.asarray(y1))
+    assert not np.allclose(np.asarray(Two().apply(float_vars, batches[0])), np.asarray(y1))
     x_hat = fake_quantize_activation(batches[0], cfg, s0)
     assert len(np.unique(np.round(np.asarray(x_hat) / float(s0)))) <= 256
 
@@ -258,27 +261,27 @@ def test_linen_check_grads_float64(rng):
     """Weight-only configs are linear in x: check_grads (fwd and rev, order 2) in float64, absmax and LSQ."""
     with jax.enable_x64(True):
         x = jnp.asarray(rng.standard_normal((3, 32)), jnp.float64)
-        for cfg in (dataclasses.replace(W4A16, group_size=16),
-                    dataclasses.replace(W4A16, group_size=16, weight_symmetric=False, learnable_scales=True)):
-            dense = QATDense(8, config=cfg, param_dtype=jnp.float64)
+        for cfg in (dataclasses.replace(W4A16, group_size=32),
+                    dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)):
+            dense = qat_dense(8, config=cfg, param_dtype=jnp.float64)
             v = dense.init(jax.random.PRNGKey(1), x)
             assert v["params"]["kernel"].dtype == jnp.float64
             check_grads(lambda x: dense.apply(v, x), (x,), order=2, modes=["fwd", "rev"])
 
 
-def test_linen_weight_qparams_from_kernel(rng):
+def test_linen_learnable_scales_from_float_variables(rng):
+    """quantize_variables initialises learnable scales from the given (e.g. pretrained) kernel."""
     cfg = dataclasses.replace(W4A16, group_size=32, weight_symmetric=False, learnable_scales=True)
-    dense = QATDense(8, config=cfg)
-    v = dense.init(jax.random.PRNGKey(0), _x(rng, (2, 64)))
-    new_kernel = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
-    qp = QATDense.weight_qparams_from_kernel(new_kernel, cfg, method="absmax")
-    s, z = weight_qparams(new_kernel.T, bits=4, group_size=32, symmetric=False)
-    assert_same_bits(qp["w_scale"], s, "scale")
-    assert_same_bits(qp["w_zero_point"], z.astype(jnp.float32), "zero point")
-    params = {**v["params"], "kernel": new_kernel, **qp}
-    # absmax-initialised learnable scales give the absmax layer's forward
-    plain = QATDense(8, config=dataclasses.replace(cfg, learnable_scales=False))
+    dense = qat_dense(8, config=cfg)
     x = _x(rng, (4, 64))
-    np.testing.assert_allclose(dense.apply({"params": params}, x),
-                               plain.apply({"params": {"kernel": new_kernel, "bias": v["params"]["bias"]}}, x),
-                               rtol=1e-6, atol=1e-6)
+    new_kernel = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
+    float_vars = {"params": {"kernel": new_kernel, "bias": jnp.zeros((8,), jnp.float32)}}
+    v = quantize_variables(dense, float_vars, x)
+    s, z = weight_qparams(new_kernel.T, bits=4, group_size=32, symmetric=False)
+    assert_same_bits(v["params"]["w_scale"], s, "scale")
+    assert_same_bits(v["params"]["w_zero_point"], z.astype(jnp.float32), "zero point")
+    # absmax-initialised learnable scales give the absmax layer's forward
+    plain = qat_dense(8, config=dataclasses.replace(cfg, learnable_scales=False))
+    np.testing.assert_allclose(dense.apply(v, x), plain.apply(float_vars, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="w_scale"):
+        dense.apply(float_vars, x)

@@ -1,6 +1,6 @@
 """GPTQ calibration (jaxquant/flax/gptq.py): the algorithm vs a float64 numpy oracle, error reduction on
 data with outlier channels, RTN equivalence for a diagonal Hessian, input statistics / masks /
-sequential groups, and convert(..., calibration=GPTQ(...)) serving == the calibrated fake-quant forward."""
+sequential groups, and quantize(..., calibration=GPTQ(...)) serving == the calibrated fake-quant forward."""
 
 import dataclasses
 
@@ -12,10 +12,12 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.core import weights as Wm
-from jaxquant.flax import (GPTQ, W4A8, W4A16, W8A8, W8A16, QuantConfig, QuantizedLinear, calibration_mask,
-                           collect_input_stats, convert, gptq_quantize_weight, layer_output_error, weight_qparams)
-from jaxquant.flax.convert import quantize_weight_with
-from jaxquant.flax.gptq import gptq_codes
+from jaxquant.flax import (GPTQ, W4A8, W4A16, W8A8, W8A16, Calibration, QuantConfig, QuantizationWarning,
+                           QuantizedLayer, calibration_mask, gptq_quantize_weight, layer_output_error, quantize,
+                           weight_qparams)
+from jaxquant.flax.gptq import gptq_calibrate, gptq_codes
+from jaxquant.flax.layers import geometry_of, serving_weight as quantize_weight_with
+from jaxquant.flax.observe import collect_input_stats
 from tests.conftest import assert_same_bits
 
 U = 2.0**-24
@@ -185,7 +187,7 @@ def test_input_stats_and_mask(rng):
     mask = jnp.asarray(rng.integers(0, 2, (3, 10)).astype(np.int32))
     mask = mask.at[0, 0].set(1)
     for jit in (True, False):
-        stats = collect_input_stats(model, _masked_run, [(x, mask)], jit=jit)
+        stats = collect_input_stats(model, Calibration(_masked_run, [(x, mask)], jit=jit))
         rows = np.asarray(x)[np.asarray(mask) != 0]
         st = stats[("a",)]
         assert st.rows == rows.shape[0]
@@ -194,9 +196,9 @@ def test_input_stats_and_mask(rng):
         assert_same_bits(stats[("b",)].hessian, st.hessian, "same input, same statistics")
     assert isinstance(model.a, nnx.Linear)  # observers removed
     with pytest.raises(ValueError, match="calibration_mask"):
-        collect_input_stats(model, _masked_run, [(x, mask[:, :5])])
+        collect_input_stats(model, Calibration(_masked_run, [(x, mask[:, :5])]))
     # without a mask every row counts
-    stats = collect_input_stats(model, lambda m, b: m(b), [x, x[:1]], jit=False)
+    stats = collect_input_stats(model, Calibration(lambda m, b: m(b), [x, x[:1]], jit=False))
     assert stats[("a",)].rows == 40
 
 
@@ -206,15 +208,13 @@ def test_sequential_sees_quantized_inputs(rng):
     model = _Block(rngs=nnx.Rngs(1))
     x = jnp.asarray(rng.standard_normal((4, 16, 128)), jnp.float32)
     cfg = G32
-    from jaxquant.flax.gptq import gptq_calibrate
-
-    paths = [("a",), ("b",), ("c",)]
+    layers = [((p,), geometry_of(getattr(model, p)), cfg) for p in "abc"]
     calls = []
     run = lambda m, b: (calls.append(1), m(b))
-    seq = gptq_calibrate(model, cfg, GPTQ(run, [x], sequential=True, jit=False), paths)
+    seq = gptq_calibrate(model, GPTQ(run, [x], sequential=True, jit=False), layers)
     # one calibration pass per group: (a, b) share their input, c is alone -> 2 passes
     assert len(calls) == 2
-    par = gptq_calibrate(model, cfg, GPTQ(run, [x], jit=False), paths)
+    par = gptq_calibrate(model, GPTQ(run, [x], jit=False), layers)
     assert len(calls) == 3
     assert isinstance(model.a, nnx.Linear) and isinstance(model.c, nnx.Linear)
     ka = model.a.kernel.get_value()
@@ -235,11 +235,11 @@ def test_sequential_sees_quantized_inputs(rng):
 
 
 # ------------------------------------------------------------------------------------------
-# convert(..., calibration=GPTQ(...)): what is calibrated is what is served
+# quantize(..., calibration=GPTQ(...)): what is calibrated is what is served
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [G32_ASYM_MSE, W8A8, QuantConfig(weight_bits=8, activations="static")],
                          ids=["w4a16-g32-asym-mse", "w8a8", "w8a8-static"])
-def test_convert_with_gptq_serves_the_calibrated_weights(rng, cfg):
+def test_quantize_with_gptq_serves_the_calibrated_weights(rng, cfg):
     src = _Source(rng)
     model = nnx.Sequential(nnx.Linear(128, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 16, rngs=nnx.Rngs(1)))
     for layer in model.layers:
@@ -247,9 +247,9 @@ def test_convert_with_gptq_serves_the_calibrated_weights(rng, cfg):
     batches = [jnp.asarray(src.sample(rng, 96).reshape(4, 24, 128)) for _ in range(2)]
     run = lambda m, b: m(b)
     float_layers = [nnx.clone(l) for l in model.layers]
-    stats = collect_input_stats(model, run, batches)
-    convert(model, cfg, calibration=GPTQ(run, batches))
-    assert all(isinstance(l, QuantizedLinear) for l in model.layers)
+    stats = collect_input_stats(model, Calibration(run, batches))
+    model = quantize(model, cfg, calibration=GPTQ(run, batches))
+    assert all(isinstance(l, QuantizedLayer) for l in model.layers)
     x = jnp.asarray(src.sample(rng, 20))
     for i, (fl, sl) in enumerate(zip(float_layers, model.layers)):
         st = stats[("layers", i)]
@@ -280,7 +280,7 @@ def test_convert_with_gptq_serves_the_calibrated_weights(rng, cfg):
         assert (excess <= 0).all(), f"layer {i}: max excess {excess.max()}"
 
 
-def test_convert_gptq_beats_plain_on_a_model(rng):
+def test_quantize_gptq_beats_plain_on_a_model(rng):
     """End to end on a 2-layer model with outlier input channels: the GPTQ-converted model's output error
     (vs float, held-out inputs) is below the plain-converted one's."""
     src = _Source(rng)
@@ -290,23 +290,25 @@ def test_convert_gptq_beats_plain_on_a_model(rng):
     x = jnp.asarray(src.sample(rng, 256))
     y = np.asarray(float_model(x))
     cfg = G32_ASYM_MSE
-    e_plain = np.sum((np.asarray(convert(make(), cfg)(x)) - y) ** 2)
-    e_gptq = np.sum((np.asarray(convert(make(), cfg, calibration=GPTQ(lambda m, b: m(b), batches))(x)) - y) ** 2)
-    e_seq = np.sum((np.asarray(convert(make(), cfg, calibration=GPTQ(lambda m, b: m(b), batches,
-                                                                      sequential=True))(x)) - y) ** 2)
+    e_plain = np.sum((np.asarray(quantize(make(), cfg)(x)) - y) ** 2)
+    e_gptq = np.sum((np.asarray(quantize(make(), cfg, calibration=GPTQ(lambda m, b: m(b), batches))(x)) - y) ** 2)
+    e_seq = np.sum((np.asarray(quantize(make(), cfg, calibration=GPTQ(lambda m, b: m(b), batches,
+                                                                       sequential=True))(x)) - y) ** 2)
     print(f"\nheld-out output error vs float: plain {e_plain:.4g}, GPTQ {e_gptq:.4g}, sequential {e_seq:.4g}")
     assert e_gptq < 0.5 * e_plain and e_seq < 0.5 * e_plain
 
 
-def test_convert_calibration_errors(rng):
+def test_quantize_calibration_errors(rng):
     x = jnp.asarray(rng.standard_normal((4, 128)), jnp.float32)
     with pytest.raises(ValueError, match="static"):
-        convert(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), QuantConfig(activations="static"))
+        quantize(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), QuantConfig(activations="static"))
     with pytest.raises(ValueError, match="not called"):
-        convert(_Block(rngs=nnx.Rngs(0)), W8A16, calibration=GPTQ(lambda m, b: m.a(b), [x]))
-    with pytest.raises(ValueError, match="no integer kernel"):   # before spending time on calibration
-        convert(_Block(rngs=nnx.Rngs(0)), W4A8, calibration=GPTQ(lambda m, b: 1 / 0, [x]))
+        quantize(_Block(rngs=nnx.Rngs(0)), W8A16, calibration=GPTQ(lambda m, b: m.a(b), [x]))
+    # a config no kernel serves leaves the layers float (warned) before any calibration runs
+    with pytest.warns(QuantizationWarning, match="no integer kernel"):
+        quantize(_Block(rngs=nnx.Rngs(0)), W4A8, calibration=GPTQ(lambda m, b: 1 / 0, [x]))
     with pytest.raises(TypeError, match="GPTQ"):
-        convert(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), W8A16, calibration="gptq")
-    with pytest.raises(ValueError, match="config"):
-        convert(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), None, calibration=GPTQ(lambda m, b: m(b), [x]))
+        quantize(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), W8A16, calibration="gptq")
+    with pytest.raises(ValueError, match="QAT"):
+        quantize(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), W8A16, mode="qat",
+                 calibration=GPTQ(lambda m, b: m(b), [x]))

@@ -264,8 +264,9 @@ def test_gptq_calibration_on_the_tiny_model(tiny):
     statistics. (That the masked statistics equal those of the real rows: tests/test_gptq.py.)"""
     import dataclasses
 
-    from jaxquant.flax import GPTQ, W4A16, QuantizedLinear, calibration_mask, collect_input_stats, convert
+    from jaxquant.flax import GPTQ, W4A16, Calibration, QuantizedLayer, calibration_mask, quantize
     from jaxquant.flax.gptq import gptq_quantize_weight
+    from jaxquant.flax.observe import collect_input_stats
 
     _, ckpt = tiny
     ids, mask, types = tiny_batch()
@@ -277,7 +278,7 @@ def test_gptq_calibration_on_the_tiny_model(tiny):
 
     fresh = lambda: minilm.load_bert_weights(MiniLM(TINY, rngs=nnx.Rngs(0)), ckpt)
     model = fresh()
-    masked = collect_input_stats(model, run, [(ids, mask, types)], jit=False)
+    masked = collect_input_stats(model, Calibration(run, [(ids, mask, types)], jit=False))
     assert len(masked) == 6 * TINY.num_layers and all(p[0] == "layers" for p in masked)
     for path, st in masked.items():
         assert st.rows == int(mask.sum())
@@ -286,10 +287,10 @@ def test_gptq_calibration_on_the_tiny_model(tiny):
     np.testing.assert_allclose(np.asarray(masked[("layers", 0, "attention", "query")].hessian),
                                x0.T @ x0 / x0.shape[0], rtol=1e-5, atol=1e-6)
     cfg = dataclasses.replace(W4A16, group_size=None)
-    model = convert(fresh(), cfg, calibration=GPTQ(run, [(ids, mask, types)], jit=False))
+    model = quantize(fresh(), cfg, calibration=GPTQ(run, [(ids, mask, types)], jit=False))
     layers = dict(minilm.dense_layers(model))
     float_layers = dict(minilm.dense_layers(fresh()))
-    assert len(layers) == 6 * TINY.num_layers and all(isinstance(l, QuantizedLinear) for l in layers.values())
+    assert len(layers) == 6 * TINY.num_layers and all(isinstance(l, QuantizedLayer) for l in layers.values())
     for name, layer in layers.items():
         path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
         expect = gptq_quantize_weight(float_layers[name].kernel[...].T, masked[path].hessian, cfg)

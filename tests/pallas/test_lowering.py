@@ -1,4 +1,4 @@
-"""Every kernel lowers for CUDA on a machine without a GPU (PALLAS_NOTES.md §2), and each op is
+"""Every kernel lowers for CUDA on a machine without a GPU (docs/pallas_pitfalls.md), and each op is
 exactly one kernel launch under jit / vmap / grad / remat (counted by ``name=`` in the HLO)."""
 
 import re
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from conftest import skip_without_cuda_lowering
 
 pytestmark = pytest.mark.lowering
 
@@ -16,8 +17,7 @@ def cuda_hlo(f, *args):
     try:
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     except RuntimeError as e:  # pragma: no cover - a machine without jax-cuda12-plugin
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"CUDA lowering unavailable: {e}")
+        skip_without_cuda_lowering(e)
         raise
 
 

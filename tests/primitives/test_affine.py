@@ -3,7 +3,7 @@
 One parametrized suite: every granularity on ragged shapes, int8 / uint8 / int4-in-int8 /
 uint4-in-uint8 ranges, symmetric and asymmetric, float32 / bfloat16 / float16 inputs, with .5 ties,
 clamp edges, zeros, NaN and +-Inf. The kernel tier (interpret mode on CPU, real kernels on a GPU)
-must equal the reference bit for bit (DESIGN.md §1).
+must equal the reference bit for bit (docs/numerics.md).
 """
 
 import math

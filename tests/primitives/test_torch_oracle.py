@@ -2,7 +2,7 @@
 
 ``torch.fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine`` compute
 ``(clamp(nearbyint(x * (1/scale)) + zp, qmin, qmax) - zp) * scale`` in float32 with the STE
-gradient ``dy * (qmin <= nearbyint(x/scale) + zp <= qmax)`` — DESIGN.md §1. Checked on the
+gradient ``dy * (qmin <= nearbyint(x/scale) + zp <= qmax)`` — docs/numerics.md. Checked on the
 reference and on the kernels (interpret mode; real kernels on a GPU). PyTorch's per-channel
 kernel sends +Inf to qmin through an undefined float->int cast (we saturate to qmax), so
 +Inf is left out of the per-channel comparison.

@@ -279,7 +279,7 @@ def test_errors(rng):
     x, qw, b = _make(rng, (2,), 16, 128, 4, 32, True, jnp.float32, False)
     with pytest.raises(ValueError, match=r"x: expected the last axis to be K = 128.*got x of shape \(2, 64\)"):
         weight_only_linear(x[:, :64], qw)
-    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32 array, got int32"):
+    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32 array, got a int32"):
         weight_only_linear(x.astype(jnp.int32), qw)
     with pytest.raises(TypeError, match="qweight: expected a jaxquant.QuantizedWeight.*got ArrayImpl"):
         weight_only_linear(x, jnp.ones((16, 128)))

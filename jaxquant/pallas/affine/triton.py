@@ -25,6 +25,7 @@ with 32-bit offsets unless it is larger than 2**32 *bytes*, so an int8 array bet
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -35,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.granularity import CanonicalView
-from jaxquant.pallas.common import check_positive, check_pow2, next_pow2, plus_zero, recip, rne, to_code
+from jaxquant.pallas.common import TileConfig, next_pow2, plus_zero, recip, rne, to_code
 
 __all__ = ["OPS", "Config", "heuristics", "affine"]
 
@@ -46,18 +47,10 @@ _MAX_I32_OFFSET = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(TileConfig):
     """Tile of one program: ``block_rows x block_cols`` elements (powers of two)."""
 
-    block_rows: int
-    block_cols: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        for name in ("block_rows", "block_cols", "num_warps"):
-            check_pow2("affine", name, getattr(self, name))
-        check_positive("affine", "num_stages", self.num_stages)
+    FAMILY: ClassVar[str] = "affine"
 
 
 # Tiles tuned on an H200 (jax 0.11.2) with `python -m jaxquant.bench --sweep`; results in

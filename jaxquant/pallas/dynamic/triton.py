@@ -1,7 +1,7 @@
 """Fused dynamic quantization of rows (Pallas Triton): statistics, scale and codes in one pass.
 
 ``x`` is viewed as ``[R, D]`` (per token: a row is a token; per group: a row is one group).
-A program owns ``block_rows`` whole rows. Math (float32; DESIGN.md §1, ``reference.py``)::
+A program owns ``block_rows`` whole rows. Math (float32; docs/numerics.md, ``reference.py``)::
 
     symmetric:   amax = max|x|;  scale = max(amax * f32(1/qmax), 2**-126);  zp = 0
     asymmetric:  lo = min(min x, 0); hi = max(max x, 0)
@@ -19,6 +19,7 @@ mostly hits L2. The op is not differentiable (integer codes); no backward kernel
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import (abs_max_bits, bits_to_float, check_positive, check_pow2, finite_or_zero, next_pow2,
-                                     recip, rne, to_code)
+from jaxquant.pallas.common import (TileConfig, abs_max_bits, bits_to_float, finite_or_zero, next_pow2, recip, rne,
+                                    to_code)
 
 __all__ = ["Config", "heuristics", "dynamic_quantize_rows"]
 
@@ -38,18 +39,11 @@ _MAX_I32_OFFSET = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(TileConfig):
     """``block_rows`` rows per program, processed ``block_cols`` columns at a time."""
 
-    block_rows: int
-    block_cols: int
     num_warps: int = 8
-    num_stages: int = 1
-
-    def __post_init__(self):
-        for name in ("block_rows", "block_cols", "num_warps"):
-            check_pow2("dynamic", name, getattr(self, name))
-        check_positive("dynamic", "num_stages", self.num_stages)
+    FAMILY: ClassVar[str] = "dynamic"
 
 
 # Tuned on an H200 (benchmarks/results/): whole rows up to 16384 columns stay in registers.

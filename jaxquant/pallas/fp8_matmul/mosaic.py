@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.common import check_fields, check_pow2
 from jaxquant.pallas.fp8_matmul.triton import LAYOUTS, validate
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
@@ -77,11 +77,8 @@ class Config:
 
     def __post_init__(self):
         # wgmma: 64-row warpgroup tiles, N a multiple of 8 up to 256
-        check_pow2("fp8_matmul_mgpu", "tile_m", self.tile_m, 64)
-        check_pow2("fp8_matmul_mgpu", "tile_n", self.tile_n, 16)
-        check_pow2("fp8_matmul_mgpu", "epi_n", self.epi_n, 8)
-        check_positive("fp8_matmul_mgpu", "grid_tile_width", self.grid_tile_width)
-        check_positive("fp8_matmul_mgpu", "stages", self.stages, 2)
+        check_fields("fp8_matmul_mgpu", self, pow2=(("tile_m", 64), ("tile_n", 16), ("epi_n", 8)),
+                     positive=("grid_tile_width", ("stages", 2)))
         if self.tile_n > 256:
             raise ValueError(f"fp8_matmul_mgpu Config.tile_n: expected <= 256 (wgmma's N), got {self.tile_n}")
         if self.part_m is not None:

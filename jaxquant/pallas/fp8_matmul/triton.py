@@ -38,6 +38,7 @@ Limits: every operand and the output have fewer than 2**31 elements (``MAX_ELEME
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 
 import jax
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_positive, check_pow2, mul_rn, next_pow2
+from jaxquant.pallas.common import GemmTileConfig, fill_gemm_tiles, grid_ij, k_split, mul_rn, next_pow2
 from jaxquant.core.device import NUM_SMS
 
 __all__ = ["Config", "heuristics", "effective_split", "fp8_matmul", "validate", "epilogue", "LAYOUTS", "FP8_DTYPES",
@@ -58,35 +59,17 @@ BLOCK = 128  # blockwise scale block along K (and N for the weights)
 MAX_ELEMENTS = 2**31 - 1
 # The fp8 tensor-core instructions contract K in steps of 32 (as int8: 32 bytes).
 MIN_BLOCK_K = 32
-PROGRAMS_PER_SM = 8  # split-K target for decode tiles (as the int8 GEMM)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile of one program and its launch parameters (powers of two; block_m, block_n >= 16,
-    block_k >= 32; blockwise scales need block_n <= 128 and block_k <= 128)."""
+class Config(GemmTileConfig):
+    """The fp8 GEMM's tile (``common.GemmTileConfig``; float32 partials when K is split); blockwise
+    scales need block_n <= 128 and block_k <= 128."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    # K cut into at most split_k equal runs of whole block_k chunks, one program each: float32
-    # partials [split, M, N] summed in XLA (see effective_split).
-    split_k: int = 1
-    # M == 1: a's tile is one row [1, block_k] broadcast in registers to the dot's block_m rows.
-    # None: whenever M == 1.
-    row_bcast: bool | None = None
+    FAMILY: ClassVar[str] = "fp8_matmul"
 
     def __post_init__(self):
-        check_pow2("fp8_matmul", "block_m", self.block_m, 16)
-        check_pow2("fp8_matmul", "block_n", self.block_n, 16)
-        check_pow2("fp8_matmul", "block_k", self.block_k, MIN_BLOCK_K)
-        check_pow2("fp8_matmul", "group_m", self.group_m)
-        check_pow2("fp8_matmul", "num_warps", self.num_warps)
-        check_positive("fp8_matmul", "num_stages", self.num_stages)
-        check_pow2("fp8_matmul", "split_k", self.split_k)
+        super().__post_init__()
         if self.block_k > 256:
             raise ValueError(f"fp8_matmul Config.block_k: expected <= 256 (the accumulator is promoted to "
                              f"float32 every block_k of K), got {self.block_k}")
@@ -116,14 +99,8 @@ _TABLE = (
 
 
 def effective_split(split_k: int, k: int, bk: int) -> int:
-    """The K split used: the largest power of two ``<= split_k`` cutting K's ``block_k`` chunks into
-    equal runs; 1 when K has a ragged tail chunk."""
-    if k % bk:
-        return 1
-    split = 1
-    while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
-        split *= 2
-    return split
+    """The K split used (``common.k_split``)."""
+    return k_split(split_k, k, bk)
 
 
 def heuristics(m: int, n: int, k: int, *, layout: str = "rowwise") -> Config:
@@ -139,34 +116,8 @@ def heuristics(m: int, n: int, k: int, *, layout: str = "rowwise") -> Config:
     bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(MIN_BLOCK_K, min(cfg.block_k, next_pow2(k)))
-    while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < NUM_SMS // 2:
-        if bn >= bm and bn > 64:
-            bn //= 2
-        elif bm > 64:
-            bm //= 2
-        elif bn > 32:
-            bn //= 2
-        else:
-            break
-    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
-
-    def more(s):
-        return tiles * s * 2 <= PROGRAMS_PER_SM * NUM_SMS if bm == 16 else tiles * s < NUM_SMS
-
-    split = 1
-    while split * 2 <= cfg.split_k and more(split):
-        split *= 2
+    bm, bn, split = fill_gemm_tiles(m, n, bm, bn, cfg.split_k, NUM_SMS)
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk, split_k=effective_split(split, k, bk))
-
-
-def _grid_ij(pid, nm, nn, group_m):
-    """Grouped launch order: program ``pid`` -> (row block i, column block j)."""
-    width = group_m * nn
-    group = pid // width
-    first = group * group_m
-    size = jnp.minimum(nm - first, group_m)
-    r = pid % width
-    return first + r % size, r // size
 
 
 def _kernel(a_ref, as_ref, w_ref, ws_ref, *rest, layout, has_bias, dims, blocks, nmn, group_m, split, row_bcast,
@@ -176,7 +127,7 @@ def _kernel(a_ref, as_ref, w_ref, ws_ref, *rest, layout, has_bias, dims, blocks,
     m_total, n_total, k_total = dims
     bm, bn, bk = blocks
     nm, nn = nmn
-    i, j = _grid_ij(pl.program_id(0), nm, nn, group_m)
+    i, j = grid_ij(pl.program_id(0), nm, nn, group_m)
     f32 = jnp.float32
     blockwise = layout == "blockwise"
 
@@ -331,7 +282,7 @@ def fp8_matmul(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise", ou
     blockwise = layout == "blockwise"
 
     def ij(p):
-        return _grid_ij(p, nm, nn, group_m)
+        return grid_ij(p, nm, nn, group_m)
 
     width = bk * nk
     a_spec = (pl.BlockSpec((1, width), lambda p, *_: (0, 0)) if row_bcast

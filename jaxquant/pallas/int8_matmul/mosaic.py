@@ -26,10 +26,10 @@ up to ~3e5 float32 ulps off under cancellation on an H200; the Triton kernel kee
 roundings apart (``mul.rn``) and takes layers with a bias.
 
 Exactness: the accumulator is exact (s8 x s8 -> s32) and the two epilogue products are separate
-float32 multiplies, as in the reference: bit-exact (``tests/test_linear.py``, H200, every output
+float32 multiplies, as in the reference: bit-exact (``tests/primitives/test_int8_matmul.py``, H200, every output
 dtype, NaN and zero rows, dynamic and static scales).
 
-Measured on an H200 (jax 0.11.2; ``benchmarks/results/session6/``), int8 TOP/s of the bare GEMM,
+Measured on an H200 (jax 0.11.2, 2026-11-21), int8 TOP/s of the bare GEMM,
 one call each: 2048x4096x14336 1554 (Triton 1373, XLA's int8 dot 1447), 8192x4096x14336 1398
 (1305, 1301), 512x8192x8192 1299 (Triton 849). In ``quantized_linear`` (chained layers, with the
 activation quantization): 1.8-2.15x XLA's bf16 matmul and 1.2-1.5x the plain-jnp int8 pipeline at
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.common import check_fields
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
@@ -72,12 +72,8 @@ class Config:
 
     def __post_init__(self):
         # wgmma: 64-row warpgroup tiles, N a multiple of 8 up to 256, s8 K steps of 32 bytes
-        check_pow2("int8_matmul_mgpu", "tile_m", self.tile_m, 64)
-        check_pow2("int8_matmul_mgpu", "tile_n", self.tile_n, 16)
-        check_pow2("int8_matmul_mgpu", "tile_k", self.tile_k, 32)
-        check_pow2("int8_matmul_mgpu", "epi_n", self.epi_n, 8)
-        check_positive("int8_matmul_mgpu", "grid_tile_width", self.grid_tile_width)
-        check_positive("int8_matmul_mgpu", "stages", self.stages, 2)
+        check_fields("int8_matmul_mgpu", self, pow2=(("tile_m", 64), ("tile_n", 16), ("tile_k", 32), ("epi_n", 8)),
+                     positive=("grid_tile_width", ("stages", 2)))
         if self.tile_n > 256 or self.tile_k > 128:
             raise ValueError(f"int8_matmul_mgpu Config: expected tile_n <= 256 (wgmma's N) and tile_k <= 128 "
                              f"(one 128-byte swizzled row), got tile_n={self.tile_n}, tile_k={self.tile_k}")
@@ -94,8 +90,8 @@ def heuristics(m: int, n: int, k: int) -> Config:
     """Pure function of the shape: the tile for ``[m, k] @ [n, k]^T``.
 
     128 x 256 CTA tiles (two 128 x 128 warpgroup tiles) when they number at least ``MIN_TILES``,
-    else 128 x 128 (two 128 x 64). Measured on an H200 (``scripts/diag_mgpu.py``, GEMM alone, int8
-    TOP/s, Triton's tile in brackets): 512x8192x8192 1299 (849), 1024x4096x4096 1212 (812),
+    else 128 x 128 (two 128 x 64). Measured on an H200 (jax 0.11.2, 2026-11-21; the bare GEMM on
+    int8 codes, int8 TOP/s, Triton's tile in brackets): 512x8192x8192 1299 (849), 1024x4096x4096 1212 (812),
     2048x4096x14336 1554 (1373); with 128 x 128: 512x4096x14336 1149 (1075), 256x8192x8192 839 (691).
     """
     del k

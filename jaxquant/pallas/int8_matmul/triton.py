@@ -5,7 +5,7 @@ One kernel body, three ways of getting the activation tile ``a`` (``a_mode``):
 ``"int8"``     ``a`` is already int8 ``[M, K]`` (e.g. from ``jaxquant.pallas.dynamic``), with an
                optional float32 scale per row ``[M, 1]`` or per tensor ``[1, 1]``.
 ``"dynamic"``  ``a`` is the float activation ``x [M, K]``; the kernel quantizes it itself with the
-               dynamic symmetric per-token rule (DESIGN.md §1)::
+               dynamic symmetric per-token rule (docs/numerics.md)::
 
                    amax = max_k |x[m, k]|;  s[m] = max(amax * f32(1/127), 2**-126)
                    q[m, k] = clamp(rne(x[m, k] * (1 / s[m])), -128, 127)     (NaN -> -128;
@@ -42,6 +42,7 @@ Limits: Pallas Triton addresses an array with 32-bit element offsets unless it i
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 
 import numpy as np
@@ -51,7 +52,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import int8_epilogue
-from jaxquant.pallas.common import check_positive, check_pow2, finite_or_zero, mul_rn, next_pow2, recip, rne, to_code
+from jaxquant.pallas.common import (GemmTileConfig, fill_gemm_tiles, finite_or_zero, grid_ij, k_split, mul_rn,
+                                    next_pow2, recip, rne, to_code)
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS
 
@@ -64,39 +66,19 @@ A_MODES = ("int8", "dynamic", "static")
 
 
 # The int8 tensor-core instruction contracts K in steps of 32. With K tiles of 16, Triton's int8
-# dot returned exactly twice the true sum on an H200 (jax 0.11.2, Triton 3.6; scripts/diag_int8.py),
-# so K tiles are at least 32 (a K below 32 is masked, as any ragged K tail).
+# dot returned exactly twice the true sum on an H200 (jax 0.11.2, Triton 3.6, 2026-11-21: random
+# int8 codes against numpy's int64 products, block_k = 16), so K tiles are at least 32 (a K below
+# 32 is masked, as any ragged K tail).
 MIN_BLOCK_K = 32
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile of one program and its launch parameters (powers of two; block_m, block_n >= 16,
-    block_k >= 32)."""
+class Config(GemmTileConfig):
+    """The int8 GEMM's tile (``common.GemmTileConfig``): split K applies to int8 activations
+    (``effective_split``: int32 partials, summed exactly in XLA); ``row_bcast`` is always on when
+    the kernel quantizes a one-row activation itself (its statistics then cost one row)."""
 
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    # K is cut into at most split_k equal runs of whole block_k chunks, one program each (int8
-    # activations only; see effective_split): int32 partials [split, M, N], summed in XLA.
-    split_k: int = 1
-    # M == 1: a's tile is its one row [1, block_k], broadcast in registers to the dot's block_m rows
-    # (all equal; row 0 is stored): a's shared-memory buffers hold one row, not block_m rows of
-    # padding, so more programs fit an SM. None: whenever M == 1 (always when the kernel quantizes
-    # the activation itself: its statistics then cost one row).
-    row_bcast: bool | None = None
-
-    def __post_init__(self):
-        check_pow2("int8_matmul", "block_m", self.block_m, 16)
-        check_pow2("int8_matmul", "block_n", self.block_n, 16)
-        check_pow2("int8_matmul", "block_k", self.block_k, MIN_BLOCK_K)
-        check_pow2("int8_matmul", "group_m", self.group_m)
-        check_pow2("int8_matmul", "num_warps", self.num_warps)
-        check_positive("int8_matmul", "num_stages", self.num_stages)
-        check_pow2("int8_matmul", "split_k", self.split_k)
+    FAMILY: ClassVar[str] = "int8_matmul"
 
 
 # Tiles come from the device's tuned table (jaxquant/tuned/<device>/int8_matmul.json; its "about"
@@ -116,21 +98,16 @@ def _tuned(device_kind):
     return tuple((row["m_max"], Config(**row["config"])) for row in data["table"]), data["fused_quantize_max_m"]
 
 
-PROGRAMS_PER_SM = 8  # split-K target for decode tiles (see heuristics)
 
 
 def effective_split(split_k: int, k: int, bk: int, a_mode: str, m: int | None = None) -> int:
-    """The K split actually used: the largest power of two ``<= split_k`` cutting K's ``block_k``
-    chunks into equal runs; 1 when K has a ragged tail chunk, or when the kernel quantizes a
-    multi-row activation (``a_mode`` "dynamic" / "static" with ``m != 1``: a program quantizes its
-    K run of a single row itself, re-reading the row for its statistics, but 16 rows of that work
-    per program cost more than the split gains)."""
-    if k % bk or (a_mode != "int8" and m != 1):
+    """The K split actually used: ``common.k_split``; 1 when the kernel quantizes a multi-row
+    activation (``a_mode`` "dynamic" / "static" with ``m != 1``: a program quantizes its K run of
+    a single row itself, re-reading the row for its statistics, but 16 rows of that work per
+    program cost more than the split gains)."""
+    if a_mode != "int8" and m != 1:
         return 1
-    split = 1
-    while split * 2 <= split_k and (k // bk) % (split * 2) == 0:
-        split *= 2
-    return split
+    return k_split(split_k, k, bk)
 
 
 def fused_quantize_max_m(device_kind: str | None = None) -> int:
@@ -149,42 +126,11 @@ def heuristics(m: int, n: int, k: int, *, device_kind: str | None = None) -> Con
     bm = max(16, min(cfg.block_m, next_pow2(m)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(MIN_BLOCK_K, min(cfg.block_k, next_pow2(k)))
-    sms = NUM_SMS  # the tuned devices (H100 / H200 SXM) have 132
-    # Fill at least half a wave of programs, shrinking the larger side first (not below 64 x 32).
-    # Skinny (decode) tiles are not narrowed: measured slower (see the table's notes).
-    while bm > 16 and pl.cdiv(m, bm) * pl.cdiv(n, bn) < sms // 2:
-        if bn >= bm and bn > 64:
-            bn //= 2
-        elif bm > 64:
-            bm //= 2
-        elif bn > 32:
-            bn //= 2
-        else:
-            break
-    # Split K (the table's split_k is the most allowed): decode tiles (latency-bound) until ~
-    # PROGRAMS_PER_SM programs an SM; larger tiles only while they do not fill the SMs once (the
-    # int32 partials cost M x N x 4 bytes each way).
-    tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
-
-    def more(s):
-        return tiles * s * 2 <= PROGRAMS_PER_SM * sms if bm == 16 else tiles * s < sms
-
-    split = 1
-    while split * 2 <= cfg.split_k and more(split):
-        split *= 2
+    # the tuned devices (H100 / H200 SXM) have NUM_SMS = 132
+    bm, bn, split = fill_gemm_tiles(m, n, bm, bn, cfg.split_k, NUM_SMS)
     # (then whole K runs: effective_split's rule, as the kernel applies it)
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, block_k=bk,
                                split_k=effective_split(split, k, bk, "int8"))
-
-
-def _grid_ij(pid, nm, nn, group_m):
-    """Grouped launch order: program ``pid`` -> (row block i, column block j)."""
-    width = group_m * nn
-    group = pid // width
-    first = group * group_m
-    size = jnp.minimum(nm - first, group_m)
-    r = pid % width
-    return first + r % size, r // size
 
 
 def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, dims, blocks, nmn, group_m,
@@ -200,7 +146,7 @@ def _kernel(*refs, fast, a_mode, has_a_scale, a_per_row, has_w_scale, has_bias, 
     m_total, n_total, k_total = dims
     bm, bn, bk = blocks
     nm, nn = nmn
-    i, j = _grid_ij(pl.program_id(0), nm, nn, group_m)
+    i, j = grid_ij(pl.program_id(0), nm, nn, group_m)
 
     rmask = cmask = None
     if m_total % bm:
@@ -380,7 +326,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
         out_dtype = np.dtype(np.int32)
 
     def ij(pid):
-        return _grid_ij(pid, nm, nn, group_m)
+        return grid_ij(pid, nm, nn, group_m)
 
     width = bk * nk
     operands = [a]

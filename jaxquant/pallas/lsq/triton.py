@@ -14,6 +14,7 @@ out-of-range elements contribute 0 to the partials.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -23,24 +24,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_positive, check_pow2, next_pow2, plus_zero, recip, rne
+from jaxquant.pallas.common import TileConfig, next_pow2, plus_zero, recip, rne
 
 __all__ = ["Config", "heuristics", "lsq_backward"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(TileConfig):
     """Tile of one program: ``block_rows x block_cols`` elements (powers of two)."""
 
-    block_rows: int
-    block_cols: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        for name in ("block_rows", "block_cols", "num_warps"):
-            check_pow2("lsq", name, getattr(self, name))
-        check_positive("lsq", "num_stages", self.num_stages)
+    FAMILY: ClassVar[str] = "lsq"
 
 
 # Two inputs and up to three outputs per element: a smaller tile than the affine family's 8192

@@ -10,7 +10,7 @@ on an H200 (its per-group float32 partial sums serialise Triton's wgmma pipeline
 
 ``q - z`` is an integer with ``|q - z| <= 255``, exact in bfloat16, so each product with x is exact
 in float32 and the tensor-core dot differs from the reference (dequantize to float32, float32
-dot) only by float32 summation order: the bound of ``tests/test_weight_only.py`` holds unchanged.
+dot) only by float32 summation order: the bound of ``tests/primitives/test_weight_only.py`` holds unchanged.
 
 Structure (the skeleton of ``jaxquant.pallas.int8_matmul.mosaic``, in ``mgpu_common``): persistent
 (one CTA per SM walks the output tiles in a planar snake) and warp-specialised: a memory
@@ -35,15 +35,15 @@ TRANSPOSED tile ``y^T [tile_n, tile_m]``:
 * epilogue: (scale,) bias, cast, and ``[tile_n, epi_m]`` TMA stores of ``y^T``; XLA transposes
   ``y^T [N, M]`` to ``y`` (~3% of the time at M = 2048 on 8192^2).
 
-Measured on an H200 (jax 0.11.2; ``benchmarks/results/session7/``). Bare kernel, 2048 x 8192 x
+Measured on an H200 (jax 0.11.2, 2026-11-21). Bare kernel, 2048 x 8192 x
 8192: int4 g128 550 TFLOP/s (Triton 335), int4 per channel 720 with 64 x 256 tiles, int8 per
 channel 597 with 128 x 128. In ``weight_only_linear``, chained layers vs XLA's bf16 matmul: int4
 g128 0.72-0.85x at M = 512..8192 with 64 x 128 tiles (Triton: 0.40-0.50x), 0.94-0.98x at M = 128
 on N >= 8192; per channel int4 / int8 0.95-1.06x at M = 128..2048. Group-wise 64 x 256 tiles
-(session 8, ``Config.part_m = 128``: each group's partial sum covers half of the tile's x rows
+(``Config.part_m = 128``: each group's partial sum covers half of the tile's x rows
 at a time, so carry + partial take 192 accumulator registers, not 256), launched 16 tiles wide:
 int4 g128 0.91-0.96x at M = 2048 / 8192 on 8192^2 and 4096x14336, 0.88x on 14336x4096
-(``benchmarks/results/session8/bench-weight_only-h200-final.json``).
+(``python -m jaxquant.bench --sections weight_only``).
 
 Scope (``supports``): bfloat16 x, bits 4 or 8, per channel or groups of 64 / 128 / 256, symmetric
 or not, N a multiple of the CTA's ``2 tile_n`` rows, K of 128. M is padded to ``tile_m`` (zero
@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_positive, check_pow2
+from jaxquant.pallas.common import check_fields, check_pow2
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
@@ -100,11 +100,8 @@ class Config:
     part_m: int | None = None
 
     def __post_init__(self):
-        check_pow2("weight_only_mgpu", "tile_n", self.tile_n, 64)
-        check_pow2("weight_only_mgpu", "tile_m", self.tile_m, 8)
-        check_pow2("weight_only_mgpu", "epi_m", self.epi_m, 8)
-        check_positive("weight_only_mgpu", "grid_tile_width", self.grid_tile_width)
-        check_positive("weight_only_mgpu", "stages", self.stages, 2)
+        check_fields("weight_only_mgpu", self, pow2=(("tile_n", 64), ("tile_m", 8), ("epi_m", 8)),
+                     positive=("grid_tile_width", ("stages", 2)))
         if self.tile_m > 256:
             raise ValueError(f"weight_only_mgpu Config.tile_m: expected <= 256 (wgmma's N), got {self.tile_m}")
         if self.part_m is not None:
@@ -151,13 +148,13 @@ def heuristics(m: int, n: int, k: int, bits: int, group_size: int | None) -> Con
 
     The widest ``tile_m`` whose CTA tiles number at least ``MIN_TILES`` (else the narrowest): 256
     (2 stages: x's tile is 64 KB a stage; group-wise with partial sums over 128 of the 256 rows),
-    128, 64. Measured on an H200, chains of layers vs XLA's bf16 matmul: wider tiles win whenever
-    they still fill the GPU. Per channel (``benchmarks/results/session7/``), M = 512, 8192^2:
+    128, 64. Measured on an H200 (jax 0.11.2, 2026-11-21), chains of layers vs XLA's bf16 matmul:
+    wider tiles win whenever they still fill the GPU. Per channel, M = 512, 8192^2:
     64x256 1.06x, 64x128 0.88x; M = 512, N = 4096: 64 tiles of 64x256 0.55x, 128 tiles of 64x128
-    0.87x. Int4 g128 (``session8/wo_mgpu_wide.json``), M = 2048 / 8192: 64x256 with 128-row
+    0.87x. Int4 g128, M = 2048 / 8192: 64x256 with 128-row
     partials 0.88-0.92x on 8192^2, 4096x14336 and 14336x4096, against 0.77-0.81x for 64x128
     and 0.79-0.85x with 64-row partials; launched 16 tiles wide (``grid_tile_width``), 0.89-0.97x
-    against 0.88-0.93x at 8 in the same run (``session8/wo_mgpu_wide2.json``).
+    against 0.88-0.93x at 8 in the same run.
     A tile taller than M is never picked (its rows past M are padding: 14336x4096 g128 at M = 128
     ran 0.59x with 64x256 tiles, 0.98x with 64x128).
     """

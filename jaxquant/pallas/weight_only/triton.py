@@ -20,7 +20,7 @@ bfloat16 holds integers up to 256 exactly), and each product ``x * (q - z)`` is 
 so the tensor-core dot is exact up to float32 accumulation order; the scale is applied once per
 group (or once per row) to the float32 partial sum. This differs from the reference
 (dequantize to float32, then a float32 dot) only by float32 rounding: see
-``tests/test_weight_only.py`` for the bound. float32 x follows ``jax.default_matmul_precision``
+``tests/primitives/test_weight_only.py`` for the bound. float32 x follows ``jax.default_matmul_precision``
 like XLA's own float32 matmuls on the GPU (``float32_dot_algorithm``): one TF32 tensor-core product
 by default, three (Triton's ``tf32x3``, x to ~2**-22 relative: inside the same bound) under
 "highest" / "float32"; IEEE float32 dots run on the CUDA cores and were 20-70x slower on an H200
@@ -43,7 +43,7 @@ x, no copy), and split them in registers (two ``prmt`` a word); wider tiles, who
 from shared memory, take x's even and odd columns from two XLA slices (``x[:, 0::2]``,
 ``x[:, 1::2]``: ~3% of the time at M = 8192, but two ~1 us kernels a layer at decode: 8192^2 at
 M = 1 went from 1.71x to 1.97x bf16 without them, 4096^2 from 0.84x to 1.29x, same-run sweep
-``benchmarks/results/session4/w4-decode-sweep-chain.json``). The group scales (and zero points)
+of chained layers on an H200, jax 0.11.2, 2026-11-21). The group scales (and zero points)
 of the next step are loaded one step ahead: Triton does not pipeline these ``[BN, 1]`` loads.
 
 Nibble conversion (``Config.fast_dequant``, GPU only; interpret mode and ``fast_dequant=False``
@@ -57,26 +57,26 @@ traced floor division in an offset hid its divisibility from Triton, which then 
 unpipelined loads (measured on an H200: 2.5x slower at decode, 2.7x at M = 2048).
 
 At M = 1 x's tile is its one row (``Config.row_bcast``), broadcast in registers to the dot's 16
-rows: x's shared-memory buffers shrink from 16 rows to one (24.6 -> 9.2 KB a program on the
-decode tile; registers, 79 a thread, then allow 12 programs an SM, more than the 7.75 that the
-1024-program grid gives). Same-run sweep (``benchmarks/results/session5/bcast_sweep.json``, 8-layer
-chains): W4A16 g128 at M = 1, 8192^2 2.20x bf16 against 1.83x with the 16-row tile, 4096x14336
-2.01x / 1.69x, 14336x4096 2.18x / 1.81x; W8A16 within noise (1.76x / 1.74x on 8192^2).
+rows: x's shared-memory buffers shrink from 16 rows to one (24.6 -> 9.2 KB a program on the decode
+tile; registers, 79 a thread, then allow 12 programs an SM, more than the 7.75 that the 1024-program
+grid gives). Same-run sweep (H200, jax 0.11.2, 2026-11-21; 8-layer chains): W4A16 g128 at M = 1,
+8192^2 2.20x bf16 against 1.83x with the 16-row tile, 4096x14336 2.01x / 1.69x, 14336x4096 2.18x /
+1.81x; W8A16 within noise (1.76x / 1.74x on 8192^2).
 
-Measured on an H200 (jax 0.11.2, Triton 3.6; ``benchmarks/results/session5/``), per layer inside
-one jitted call: W4A16 g128 at M = 1 2.0-2.1x XLA's bf16 matmul (~2.1 TB/s of weights), M = 16
-1.8-1.95x (target 3x), per channel 2.5-2.6x at M = 1; W8A16 1.55-1.7x; M = 128 0.5-0.67x and
-M >= 2048 0.45-0.5x (targets 1.5x / 0.9x). Nsight Compute on the M = 1 tile
-(``session5/ncu-w4-m1-row-bcast.txt``): 44% of DRAM bandwidth, issue slots 40% busy, ~7.3 cycles
-between a warp's instructions with ~15 warps an SM (the whole grid is resident, one wave): issue-
-and latency-bound; more programs (K split 8, 16-wide tiles) or deeper pipelines measured slower
-(``session5/w4s_sweep.json``). Decode takes 16x32x256 tiles (2 warps) with K split until ~8
-programs an SM. At M >= 64 the
-per-group float32 partial sums (one per group, scaled, then added) make Triton wait for each
-tensor-core dot, so dequantization and the dots do not overlap.
+Measured on an H200 (jax 0.11.2, Triton 3.6, 2026-11-21), per layer inside one jitted call: W4A16
+g128 at M = 1 2.0-2.1x XLA's bf16 matmul (~2.1 TB/s of weights), M = 16 1.8-1.95x (target 3x), per
+channel 2.5-2.6x at M = 1; W8A16 1.55-1.7x; M = 128 0.5-0.67x and M >= 2048 0.45-0.5x (targets 1.5x
+/ 0.9x). Nsight Compute on the M = 1 tile
+(``benchmarks/results/h200/ncu-weight_only-w4-m1-2026-11-21.txt``): 44% of DRAM bandwidth, issue
+slots 40% busy, ~7.3 cycles between a warp's instructions with ~15 warps an SM (the whole grid is
+resident, one wave): issue- and latency-bound; more programs (K split 8, 16-wide tiles) or deeper
+pipelines measured slower (same device and date). Decode takes 16x32x256 tiles (2 warps) with K
+split until ~8 programs an SM. At M >= 64 the per-group float32 partial sums (one per group, scaled,
+then added) make Triton wait for each tensor-core dot, so dequantization and the dots do not
+overlap.
 
 Configs come from ``heuristics(M, N, K, bits, group_size)``: a pure function of the shapes over
-the tuned table ``jaxquant/tuned/weight_only.json`` (measured on an H200; see ``bench/weight_only``).
+the tuned table ``jaxquant/tuned/h200/weight_only.json`` (measured on an H200; see ``bench/weight_only``).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_positive, check_pow2, next_pow2
+from jaxquant.pallas.common import check_fields, next_pow2
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS  # H100 / H200 SXM: 132
 
@@ -119,12 +119,8 @@ class Config:
     row_bcast: bool | None = None
 
     def __post_init__(self):
-        check_pow2("weight_only", "block_m", self.block_m, 16)
-        check_pow2("weight_only", "block_n", self.block_n, 16)
-        check_pow2("weight_only", "block_k", self.block_k, 16)
-        check_pow2("weight_only", "num_warps", self.num_warps)
-        check_positive("weight_only", "split_k", self.split_k)
-        check_positive("weight_only", "num_stages", self.num_stages)
+        check_fields("weight_only", self, pow2=(("block_m", 16), ("block_n", 16), ("block_k", 16), "num_warps"),
+                     positive=("split_k", "num_stages"))
 
     def tag(self) -> str:
         """Compact form for tables: ``BMxBNxBK/sSPLIT/wWARPS/stSTAGES``."""

@@ -35,7 +35,7 @@ from jaxquant.primitives.int8_matmul.primitive import int8_matmul_op, quantized_
 
 __all__ = ["quantized_linear", "int8_matmul"]
 
-_OUT_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
+_OUT_DTYPES = V.ACTIVATION_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +87,7 @@ def _linear_fn(spec: _Spec):
 
 
 def _check_config(config):
-    if config is not None and not isinstance(config, (triton.Config, mosaic.Config)):
-        raise TypeError("config: expected a jaxquant.pallas.int8_matmul.triton.Config, a "
-                        f"jaxquant.pallas.int8_matmul.mosaic.Config or None, got {config!r}")
-    return config
+    return V.config("config", config, triton.Config, mosaic.Config)
 
 
 def _out_dtype(out_dtype, default, *, allow_int32=False):
@@ -107,13 +104,6 @@ def _out_dtype(out_dtype, default, *, allow_int32=False):
     return dt
 
 
-def _vector(name, v, n, *, what, float_only=True):
-    v = V.float_array(name, v) if float_only else V.as_array(name, v)
-    if tuple(v.shape) != (n,):
-        raise ValueError(f"{name}: expected shape ({n},) ({what}), got shape {tuple(v.shape)}")
-    return v
-
-
 def _check_qweight(qweight, k):
     qw = check_quantized_weight("qweight", qweight, k=k)
     if qw.bits != 8:
@@ -127,7 +117,8 @@ def _check_qweight(qweight, k):
     return qw
 
 
-def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, config: triton.Config | mosaic.Config | None = None):
+def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None,
+                     config: triton.Config | mosaic.Config | None = None):
     """W8A8 linear layer: ``y = x @ W^T (+ bias)`` with int8 activations and weights.
 
     Args:
@@ -147,17 +138,12 @@ def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, c
     of x; ``jax.grad`` gives ``dx = dy @ (codes * w_scale[:, None])`` (straight-through the
     activation quantizer) and ``dbias = sum(dy)``; the codes and scales get no gradient.
     """
-    x = V.as_array("x", x)
-    if np.dtype(x.dtype) not in _OUT_DTYPES:
-        raise TypeError(f"x: expected a float16, bfloat16 or float32 array, got a {np.dtype(x.dtype).name} array "
-                        f"of shape {tuple(x.shape)}")
-    if x.ndim < 1:
-        raise ValueError(f"x: expected an array [..., K] of rank >= 1, got a scalar")
+    x = V.activation("x", x)
     k = x.shape[-1]
     qw = _check_qweight(qweight, k)
     n = qw.shape[0]
     if bias is not None:
-        bias = _vector("bias", bias, n, what="one value per output channel N of qweight")
+        bias = V.vector("bias", bias, n, what="one value per output channel N of qweight")
     if act_scale is not None:
         act_scale = V.positive_scale("act_scale", V.float_array("act_scale", act_scale))
         if act_scale.size != 1 or act_scale.ndim > 1:
@@ -168,7 +154,8 @@ def quantized_linear(x, qweight, bias=None, *, out_dtype=None, act_scale=None, c
     return _linear_fn(spec)(x, qw.codes, qw.scale, bias, act_scale)
 
 
-def int8_matmul(a, w, a_scale=None, w_scale=None, bias=None, *, out_dtype=None, config: triton.Config | mosaic.Config | None = None):
+def int8_matmul(a, w, a_scale=None, w_scale=None, bias=None, *, out_dtype=None,
+                config: triton.Config | mosaic.Config | None = None):
     """The int8 GEMM on codes: ``epilogue(sum_k int32(a[..., k]) * int32(w[n, k]))``.
 
     Args:
@@ -208,10 +195,11 @@ def int8_matmul(a, w, a_scale=None, w_scale=None, bias=None, *, out_dtype=None, 
                              f"got shape {tuple(a_scale.shape)}")
         a_scale = a_scale.astype(jnp.float32)
     if w_scale is not None:
-        w_scale = V.positive_scale("w_scale", _vector("w_scale", w_scale, n, what="one scale per output channel N of w"))
+        w_scale = V.positive_scale("w_scale", V.vector("w_scale", w_scale, n,
+                                                       what="one scale per output channel N of w"))
         w_scale = w_scale.astype(jnp.float32)
     if bias is not None:
-        bias = _vector("bias", bias, n, what="one value per output channel N of w")
+        bias = V.vector("bias", bias, n, what="one value per output channel N of w")
     has_ep = a_scale is not None or w_scale is not None or bias is not None
     dt = _out_dtype(out_dtype, np.float32 if has_ep else np.int32, allow_int32=not has_ep)
     a, w, a_scale, w_scale, bias = jax.lax.stop_gradient((a, w, a_scale, w_scale, bias))

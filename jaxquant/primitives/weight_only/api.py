@@ -21,15 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core import backend
+from jaxquant.core import validation as V
 from jaxquant.core.weights import check_quantized_weight
 from jaxquant.pallas.weight_only import mosaic, triton
 from jaxquant.primitives.weight_only.primitive import weight_only_linear_op
 from jaxquant.primitives.weights import dequantize_weight_raw
 
 __all__ = ["weight_only_linear"]
-
-_X_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
-
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
@@ -97,31 +95,15 @@ def weight_only_linear(x, qweight, bias=None, *, config: triton.Config | mosaic.
     quantized weight is frozen (no gradient). Math and layout: ``jaxquant.weights`` and
     ``jaxquant.pallas.weight_only.triton``.
     """
-    if not (isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval")):
-        if isinstance(x, (list, tuple, float, int)):
-            x = jnp.asarray(x)
-        else:
-            raise TypeError(f"x: expected an array, got {type(x).__name__}")
-    if np.dtype(x.dtype) not in _X_DTYPES:
-        raise TypeError(f"x: expected a float16, bfloat16 or float32 array, got {np.dtype(x.dtype).name} "
-                        f"of shape {tuple(x.shape)}")
-    if x.ndim < 1:
-        raise ValueError(f"x: expected shape [..., K] (rank >= 1), got a scalar")
+    x = V.activation("x", x)
     qweight = check_quantized_weight("qweight", qweight)
     n, k = qweight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x: expected the last axis to be K = {k} (qweight of shape (N, K) = {qweight.shape}), "
                          f"got x of shape {tuple(x.shape)}")
     if bias is not None:
-        if not hasattr(bias, "dtype"):
-            bias = jnp.asarray(bias)
-        if not jnp.issubdtype(bias.dtype, jnp.floating) or np.dtype(bias.dtype) == np.float64:
-            raise TypeError(f"bias: expected a float16, bfloat16 or float32 array, got {np.dtype(bias.dtype).name}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias: expected shape ({n},) (N of qweight {qweight.shape}), got {tuple(bias.shape)}")
-    if config is not None and not isinstance(config, (triton.Config, mosaic.Config)):
-        raise TypeError(f"config: expected a jaxquant.pallas.weight_only.triton.Config, a "
-                        f"jaxquant.pallas.weight_only.mosaic.Config or None, got {config!r}")
+        bias = V.vector("bias", bias, n, what=f"N of qweight {qweight.shape}")
+    V.config("config", config, triton.Config, mosaic.Config)
     spec = _Spec(qweight.bits, qweight.group_size, qweight.symmetric, qweight.shape, config,
                  backend.current_implementation())
     return _linear_fn(spec)(x, qweight.codes, qweight.scale, qweight.zero_point, bias)
