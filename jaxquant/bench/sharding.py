@@ -71,7 +71,7 @@ def _put(mesh, tree, spec):
     return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(*spec[:a.ndim]))), tree)
 
 
-def _measure(ctx, mesh, f, args, impl):
+def _measure(ctx, f, args, impl):
     with jq.implementation(impl):
         jf = jax.jit(f)
         text = jf.lower(*args).compile().as_text()
@@ -107,7 +107,7 @@ def _mlp_rows(ctx, mesh, impl):
             try:
                 w = _weight(variant, ws[wkey])
                 args = (_put(mesh, x, xspec), _put(mesh, w, wspec))
-                count, nb, ms = _measure(ctx, mesh, _layer(variant), args, impl)
+                count, nb, ms = _measure(ctx, _layer(variant), args, impl)
             except Exception as e:  # a variant that fails still leaves the others' rows
                 rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:300]))
                 continue
@@ -136,7 +136,7 @@ def _issue_rows(ctx, mesh, impl):
     rows = []
     for name, (f, args) in cases.items():
         ctx.say(f"sharding issue layout: {name}")
-        count, nb, _ = _measure(ctx, mesh, f, args, impl)
+        count, nb, _ = _measure(ctx, f, args, impl)
         rows.append(dict(section="sharding", op=name.split(",")[0], layer="issue", layout=name.split(", ")[1],
                          variant=name.split(",")[0], devices=mesh.size, shape=f"{m} x {k} -> {n}", collectives=count,
                          bytes=nb, weight_bytes=nbytes(args[-1]) if len(args) > 1 else None))
