@@ -1,7 +1,7 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
 Options: ``--sections quant[,linear,weight_only,fp8,serving,sharding]``, ``--quick`` (small shapes, for a CPU
-smokerun), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
+smoke run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 ``benchmarks/results``).
 """
 
