@@ -15,6 +15,10 @@ import zlib
 _GPU_MACHINE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")
 if "JAX_PLATFORMS" not in os.environ and not _GPU_MACHINE:
     os.environ["JAX_PLATFORMS"] = "cpu"
+# The sharding tests (tests/sharding) partition over 8 CPU devices: XLA makes them from the host
+# when this flag is set before jax initialises its backends (unsharded tests run on device 0).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # The CUDA plugin that lets a CPU machine lower kernels for CUDA lives outside the venv (Makefile:
 # .cuda-plugin), so that only the tests load it.
 _CUDA_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cuda-plugin")

@@ -1,7 +1,7 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
-Options: ``--sections quant[,linear,weight_only,fp8,serving]``, ``--quick`` (small shapes, for a CPU smoke
-run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
+Options: ``--sections quant[,linear,weight_only,fp8,serving,sharding]``, ``--quick`` (small shapes, for a CPU
+smoke run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
 ``benchmarks/results``).
 """
 
@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# The sharding section partitions over every device; on a machine without GPUs XLA makes 8 CPU
+# devices when asked before jax starts (the other sections run on device 0 as before).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 try:
     from rich.console import Console
@@ -18,12 +24,12 @@ try:
 except ModuleNotFoundError as e:  # the benchmark's one extra dependency
     raise ModuleNotFoundError(f"python -m jaxquant.bench needs rich: pip install 'jaxquant[bench]' ({e})") from e
 
-from jaxquant.bench import fp8, harness, linear, quant, weight_only
+from jaxquant.bench import fp8, harness, linear, quant, sharding, weight_only
 
 # section -> (module, whether it needs flax). A section module has run(ctx, **kw) -> rows and may
 # have table(rows, title) for rows the generic table does not fit.
 SECTIONS = {"quant": quant, "linear": linear, "weight_only": weight_only, "fp8": fp8,
-            "serving": "jaxquant.bench.serving"}
+            "serving": "jaxquant.bench.serving", "sharding": sharding}
 
 
 def _section(name):

@@ -20,8 +20,12 @@ and a declaration of its operands (``Operand(name, role, optional)``). Written o
   axis, so it broadcasts), and when a ``WEIGHT`` operand is batched the op maps over the batch
   (``lax.map``). The batched op is the same op on operands with one more leading axis, so the
   op's functions must accept any number of leading axes on ``MAIN`` operands;
-* sharding: the ``sharding`` hook (``jaxquant.core.sharding``) partitions the op under
-  ``jax.jit`` with sharded operands.
+* sharding: ``sharding(avals, params) -> jaxquant.core.sharding.Rule`` (the op's factors, per
+  call) makes the op partition under a multi-device ``jax.jit`` like the jnp op it replaces:
+  the lowering wraps the chosen implementation in ``custom_partitioning`` with that rule, and
+  each device runs the primitive on its shards (``jaxquant.core.sharding``). The rule is applied
+  at lowering, after ``vmap`` / ``grad`` have acted on the primitive itself, so every transform
+  sees an ordinary primitive.
 
 Operands are passed by name; an optional operand may be None (it is then not an operand of
 the bound primitive, and the functions receive None). Params must be hashable; ``impl``
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jaxquant.core import backend, device
+from jaxquant.core import backend, device, sharding as sharding_lib
 
 __all__ = ["MAIN", "PARAM", "WEIGHT", "Operand", "Choice", "Op", "REGISTRY", "platform_of"]
 
@@ -106,10 +110,7 @@ class Op:
             if a is None and not spec.optional:
                 raise TypeError(f"{self.name}: operand {spec.name} is required")
         args = [a for a in arrays if a is not None]
-        params = dict(params, present=present)
-        if self.sharding is not None:
-            return self.sharding.bind(self, args, params)
-        return self.p.bind(*args, **params)
+        return self.p.bind(*args, **dict(params, present=present))
 
     def named(self, args, present):
         """``{operand name: array or None}`` from the bound operands."""
@@ -151,6 +152,8 @@ class Op:
         for platform in PLATFORMS:
             mlir.register_lowering(p, self._lowering(platform), platform=platform)
         batching.primitive_batchers[p] = self._batch
+        if self.sharding is not None:
+            sharding_lib.register(p)
 
     def _abstract(self, *avals, **params):
         present, params = self._split(params)
@@ -166,6 +169,14 @@ class Op:
             def fn(*a):
                 return self.run(choice, self.named(a, present), op_params)
 
+            # Under a mesh with Explicit axes the avals carry shardings, which pallas_call refuses;
+            # the op's operands are whole arrays here (custom_partitioning splits them).
+            ctx = ctx.replace(avals_in=[sharding_lib.unsharded(a) for a in ctx.avals_in],
+                              avals_out=[sharding_lib.unsharded(a) for a in ctx.avals_out])
+            if self.sharding is not None and sharding_lib.may_partition(ctx.module_context.axis_context):
+                fn = sharding_lib.partitioned(self, params, tuple(ctx.avals_in), fn, platform, choice)
+                if self.p.multiple_results:
+                    return mlir.lower_fun(lambda *a: list(fn(*a)), multiple_results=True)(ctx, *args)
             return mlir.lower_fun(fn, multiple_results=self.p.multiple_results)(ctx, *args)
 
         return rule

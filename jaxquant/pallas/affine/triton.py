@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.core.numerics import fp8_clamp, fp8_max
+from jaxquant.core.numerics import fp8_clamp, fp8_max, is_fp8
 from jaxquant.granularity import CanonicalView
 from jaxquant.pallas.common import TileConfig, next_pow2, plus_zero, recip, rne, to_code
 
@@ -139,6 +139,8 @@ def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape
     def load(ref, m, other):
         if m is None:
             return ref[...]
+        if is_fp8(ref.dtype):  # jax 0.11.2's Triton lowering has no int -> fp8 cast for the fill value
+            other = float(other)
         return pltriton.load(ref, mask=m, other=other)
 
     pmask = None

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
+from jaxquant.core import sharding as shd
 from jaxquant.core.primitive import MAIN, PARAM, Choice, Op, Operand
 from jaxquant.pallas.affine import triton as kernels
 from jaxquant.primitives.affine import reference as ref
@@ -102,8 +103,19 @@ def _make(op):
                              interpret=choice.interpret, fp8=fp8)
         return jnp.reshape(out, shape)
 
+    def sharding(avals, params):
+        """Elementwise: local on any layout of the main operands; a parameter dimension equal to
+        x's is split with it, a broadcast one (size 1) stays whole."""
+        shape = avals[mains[0]].shape
+        fx = shd.leading("d", len(shape))
+        operands = {n: fx for n in mains}
+        operands["scale"] = shd.broadcast_factors(fx, shape, avals["scale"].shape, "s")
+        if avals["zero_point"] is not None:
+            operands["zero_point"] = shd.broadcast_factors(fx, shape, avals["zero_point"].shape, "z")
+        return shd.Rule(operands, (fx,))
+
     return Op(f"jaxquant_{op}", [Operand(n, MAIN) for n in mains] + list(_PARAMS), abstract_eval=abstract_eval,
-              reference=reference, kernel=kernel, dispatch=dispatch, precision=PRECISION)
+              reference=reference, kernel=kernel, dispatch=dispatch, precision=PRECISION, sharding=sharding)
 
 
 OPS = {op: _make(op) for op in _MAINS}

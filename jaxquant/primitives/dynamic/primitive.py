@@ -15,12 +15,14 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core import sharding as shd
 from jaxquant.core.numerics import compute_dtype
 from jaxquant.core.primitive import Choice, Op, Operand
+from jaxquant.primitives.affine import primitive as affine_p
 from jaxquant.pallas.dynamic import triton as kernels
 from jaxquant.primitives.dynamic import reference as ref
 
-__all__ = ["dynamic_quantize_op", "bind"]
+__all__ = ["dynamic_quantize_op", "bind", "global_row_qparams"]
 
 PRECISION = ("bit-exact with jaxquant's reference (float32 statistics and scale, correctly rounded "
              "reciprocal, round-half-to-even); deterministic")
@@ -52,9 +54,53 @@ def _kernel(choice, *, x, qmin, qmax, symmetric, out_dtype, config, impl):
     return jnp.reshape(q, shape), jnp.reshape(s, pshape), jnp.reshape(z, pshape)
 
 
+def _sharding(avals, params):
+    """Local when the reduced (last) axis is whole on every device; when it is split, one
+    all-reduce (max) of the row statistics, then the quantize kernel on the local columns."""
+    shape = avals["x"].shape
+    fx = shd.leading("d", len(shape) - 1) + ("c",)
+    fp = fx[:-1] + ("one",)
+    return shd.Rule({"x": fx}, (fx, fp, fp), reduction=("c",), per_shard=_per_shard)
+
+
+def global_row_qparams(shard, x, factor, *, qmin, qmax, symmetric, out_dtype, impl):
+    """``(scale, zp)`` ``[..., 1]`` of rows of ``x [..., D]`` whose last axis is split over the mesh
+    axes of ``factor``: one ``pmax`` of the local statistics (amax, or -lo and hi, and a NaN
+    flag: a few floats per row), then the reference formulas. Max and min are exact, so the
+    parameters equal those of the whole rows. Infinities are left out of the statistics, as in
+    the reference."""
+    ct = compute_dtype(x.dtype)
+    xf = x.astype(ct)
+    nan = jnp.any(jnp.isnan(xf), axis=-1, keepdims=True).astype(ct)
+    xf = jnp.where(jnp.isinf(xf), jnp.zeros((), ct), xf)
+    if symmetric:
+        amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True, initial=0)
+        st = shard.pmax(jnp.concatenate([amax, nan], axis=-1), factor)
+        amax = jnp.where(st[..., 1:] > 0, jnp.asarray(np.nan, ct), st[..., :1])
+        return ref.dynamic_qparams_rows(amax, qmin=qmin, qmax=qmax, symmetric=True)
+    lo = jnp.minimum(jnp.min(xf, axis=-1, keepdims=True, initial=0), 0)
+    hi = jnp.maximum(jnp.max(xf, axis=-1, keepdims=True, initial=0), 0)
+    st = shard.pmax(jnp.concatenate([-lo, hi, nan], axis=-1), factor)
+    rows = jnp.where(st[..., 2:] > 0, jnp.asarray(np.nan, ct), jnp.concatenate([-st[..., :1], st[..., 1:2]], -1))
+    # The zero point needs a correctly rounded reciprocal: the rows [lo, hi] go through the
+    # dynamic kernel, as jaxquant.dynamic_quantize does for per-tensor parameters.
+    _, scale, zp = dynamic_quantize_op(rows, qmin=qmin, qmax=qmax, symmetric=False, out_dtype=np.dtype(out_dtype),
+                                       config=None, impl=impl)
+    return scale, zp
+
+
+def _per_shard(shard, arrays, params):
+    x = arrays["x"]
+    scale, zp = global_row_qparams(shard, x, "c", qmin=params["qmin"], qmax=params["qmax"],
+                                   symmetric=params["symmetric"], out_dtype=params["out_dtype"], impl=params["impl"])
+    q = affine_p.bind("quantize", x, scale=scale, zero_point=zp, qmin=params["qmin"], qmax=params["qmax"],
+                      out_dtype=params["out_dtype"], impl=params["impl"])
+    return q, scale, zp
+
+
 dynamic_quantize_op = Op("jaxquant_dynamic_quantize", [Operand("x")], abstract_eval=_abstract_eval,
                          reference=_reference, kernel=_kernel, dispatch=_dispatch, precision=PRECISION,
-                         multiple_results=True)
+                         multiple_results=True, sharding=_sharding)
 
 
 def bind(x, *, qmin, qmax, symmetric, out_dtype, config=None, impl="auto"):

@@ -26,12 +26,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
+from jaxquant.core import sharding as shd
 from jaxquant.core.device import device_kind as _device_kind, is_hopper, num_sms
+from jaxquant.core.numerics import int8_epilogue
 from jaxquant.core.primitive import PARAM, WEIGHT, Choice, Op, Operand
 from jaxquant.pallas.affine import triton as affine_k
 from jaxquant.pallas.dynamic import triton as dynamic_k
 from jaxquant.pallas.int8_matmul import mosaic as mg_k
 from jaxquant.pallas.int8_matmul import triton as mm_k
+from jaxquant.primitives.affine import primitive as affine_p
+from jaxquant.primitives.dynamic.primitive import global_row_qparams
 from jaxquant.primitives.int8_matmul.reference import QMAX, QMIN, int8_matmul_reference, linear_reference
 
 __all__ = ["quantized_linear_op", "int8_matmul_op", "use_mgpu", "gemm_config", "plan_linear", "plan_gemm",
@@ -242,12 +246,54 @@ def _ql_kernel(choice, *, x, codes, w_scale, bias, act_scale, out_dtype, config,
     return jnp.reshape(y, x.shape[:-1] + (codes.shape[0],))
 
 
+def _gemm_factors(lead_ndim):
+    fm = shd.leading("m", lead_ndim)
+    return fm + ("k",), ("n", "k"), fm + ("n",)
+
+
+def _vector_factors(aval, name):
+    return None if aval is None else (("n",) if aval.ndim == 1 else shd.leading(name, aval.ndim))
+
+
+def _ql_sharding(avals, params):
+    """Tokens and N local (output split over N with the weight); K split (row parallel): the
+    per-token amax all-reduced (max), activation codes and int8 GEMM on the local K, int32
+    accumulators summed across devices (exact), then the epilogue: bit-exact with one device."""
+    fx, fw, fy = _gemm_factors(avals["x"].ndim - 1)
+    operands = {"x": fx, "codes": fw, "w_scale": _vector_factors(avals["w_scale"], "ws")}
+    if avals["bias"] is not None:
+        operands["bias"] = _vector_factors(avals["bias"], "b")
+    if avals["act_scale"] is not None:
+        operands["act_scale"] = shd.leading("as", avals["act_scale"].ndim)
+    return shd.Rule(operands, (fy,), reduction=("k",), per_shard=_ql_split_k)
+
+
+def _int32_partials(shard, a2, w, impl):
+    acc = int8_matmul_op(a2, w, None, None, None, out_dtype=np.dtype(np.int32), config=None, impl=impl)
+    return shard.psum(acc, "k")  # int32: exact in any order
+
+
+def _ql_split_k(shard, arrays, params):
+    x, act_scale, impl = arrays["x"], arrays["act_scale"], params["impl"]
+    m, k = _flat(x)
+    x2 = jnp.reshape(x, (m, k))
+    if act_scale is None:
+        s, zp = global_row_qparams(shard, x2, "k", qmin=QMIN, qmax=QMAX, symmetric=True, out_dtype=np.int8,
+                                   impl=impl)
+    else:
+        s, zp = jnp.reshape(act_scale, (1, 1)).astype(jnp.float32), None
+    q = affine_p.bind("quantize", x2, scale=s, zero_point=zp, qmin=QMIN, qmax=QMAX, out_dtype=np.int8, impl=impl)
+    acc = _int32_partials(shard, q, arrays["codes"], impl)
+    y = int8_epilogue(acc, s, arrays["w_scale"], arrays["bias"], params["out_dtype"])
+    return jnp.reshape(y, x.shape[:-1] + (y.shape[-1],))
+
+
 quantized_linear_op = Op(
     "jaxquant_quantized_linear",
     [Operand("x"), Operand("codes", WEIGHT), Operand("w_scale", WEIGHT), Operand("bias", WEIGHT, optional=True),
      Operand("act_scale", WEIGHT, optional=True)],
     abstract_eval=_ql_abstract, reference=_ql_reference, kernel=_ql_kernel, dispatch=_ql_dispatch,
-    precision=PRECISION)
+    precision=PRECISION, sharding=_ql_sharding)
 
 
 # ------------------------------------------------------------------------------------------
@@ -288,9 +334,30 @@ def _mm_kernel(choice, *, a, w, a_scale, w_scale, bias, out_dtype, config, impl)
     return jnp.reshape(y, a.shape[:-1] + (w.shape[0],))
 
 
+def _mm_sharding(avals, params):
+    """As ``quantized_linear``: tokens and N local; K split: int32 partial accumulators summed
+    across devices (exact), then the epilogue."""
+    fa, fw, fy = _gemm_factors(avals["a"].ndim - 1)
+    operands = {"a": fa, "w": fw}
+    if avals["a_scale"] is not None:
+        operands["a_scale"] = shd.broadcast_factors(fa, avals["a"].shape, avals["a_scale"].shape, "as")
+    for name in ("w_scale", "bias"):
+        if avals[name] is not None:
+            operands[name] = _vector_factors(avals[name], name)
+    return shd.Rule(operands, (fy,), reduction=("k",), per_shard=_mm_split_k)
+
+
+def _mm_split_k(shard, arrays, params):
+    a = arrays["a"]
+    a2, s2 = _mm_operands(a, arrays["a_scale"])
+    acc = _int32_partials(shard, a2, arrays["w"], params["impl"])
+    y = int8_epilogue(acc, s2, arrays["w_scale"], arrays["bias"], params["out_dtype"])
+    return jnp.reshape(y, a.shape[:-1] + (y.shape[-1],))
+
+
 int8_matmul_op = Op(
     "jaxquant_int8_matmul",
     [Operand("a"), Operand("w", WEIGHT), Operand("a_scale", PARAM, optional=True),
      Operand("w_scale", WEIGHT, optional=True), Operand("bias", WEIGHT, optional=True)],
     abstract_eval=_mm_abstract, reference=_mm_reference, kernel=_mm_kernel, dispatch=_mm_dispatch,
-    precision=PRECISION)
+    precision=PRECISION, sharding=_mm_sharding)

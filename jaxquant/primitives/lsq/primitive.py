@@ -10,10 +10,13 @@ its own parameters (both are ``MAIN`` operands: each element's dscale is its own
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
+from jaxquant.core import sharding as shd
 from jaxquant.core.numerics import compute_dtype
 from jaxquant.core.primitive import Choice, Op, Operand
 from jaxquant.pallas.lsq import triton as kernels
@@ -69,7 +72,31 @@ def _kernel(choice, *, dy, x, scale, zero_point, qmin, qmax, grad_factor, config
     return [jnp.reshape(dx, x.shape), back(ds)] + ([back(dz)] if z is not None else [])
 
 
+def _summed(x_shape, scale_shape):
+    """x's factors and the ones dscale sums over (x's dimensions where the scale broadcasts)."""
+    fx = shd.leading("d", len(x_shape))
+    fs = shd.broadcast_factors(fx, x_shape, scale_shape, "s")
+    return fx, fs, tuple(f for f in fx if f not in fs)
+
+
+def _sharding(avals, params):
+    """dx is elementwise (local on any layout); dscale / dzero_point sum over x's dimensions where
+    the parameter broadcasts: when one is split, the per-shard sums are added with one float32
+    all-reduce (``psum``)."""
+    fx, fs, summed = _summed(avals["x"].shape, avals["scale"].shape)
+    operands = {"dy": fx, "x": fx, "scale": fs}
+    if avals["zero_point"] is not None:
+        operands["zero_point"] = shd.broadcast_factors(fx, avals["x"].shape, avals["zero_point"].shape, "z")
+    results = (fx, fs) + ((fs,) if avals["zero_point"] is not None else ())
+    return shd.Rule(operands, results, reduction=summed, per_shard=functools.partial(_per_shard, summed))
+
+
+def _per_shard(summed, shard, arrays, params):
+    outs = lsq_backward_op(*arrays.values(), **params)
+    return [outs[0]] + [shard.psum(g, *summed) for g in outs[1:]]
+
+
 lsq_backward_op = Op("jaxquant_lsq_backward", [Operand("dy"), Operand("x"), Operand("scale"),
                                                Operand("zero_point", optional=True)],
                      abstract_eval=_abstract_eval, reference=_reference, kernel=_kernel, dispatch=_dispatch,
-                     precision=PRECISION, multiple_results=True)
+                     precision=PRECISION, multiple_results=True, sharding=_sharding)

@@ -16,12 +16,14 @@ batched weight maps the op over the weights (``lax.map``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core import sharding as shd
 from jaxquant.core.device import is_hopper, num_sms
 from jaxquant.core.primitive import REFERENCE, WEIGHT, Choice, Op, Operand
 from jaxquant.pallas.weight_only import mosaic as wm_k
@@ -111,8 +113,66 @@ def _kernel(choice, *, x, codes, scale, zero_point, bias, bits, group_size, symm
     return jnp.reshape(y, lead + (codes.shape[0],))
 
 
+def _sharding(avals, params):
+    """Tokens and N local (output split over N with the weight). K split (row parallel): each
+    device runs the kernel on its K block with float32 output, the partials are summed across
+    devices (one float32 all-reduce of ``[M, N]``), then the bias is added and the sum cast to x's
+    dtype: within a float32 summation bound of one device (docs/sharding.md). K may only be
+    split where every device holds whole groups (and whole int4 bytes)."""
+    fm = shd.leading("m", avals["x"].ndim - 1)
+    fk = ("n", "k") if avals["scale"].ndim == 2 else ("n",)
+    operands = {"x": fm + ("k",), "codes": ("n", "k"), "scale": fk}
+    if avals["zero_point"] is not None:
+        operands["zero_point"] = fk
+    if avals["bias"] is not None:
+        operands["bias"] = ("n",)
+    check = functools.partial(_check_layout, params["k"], params["bits"], params["group_size"])
+    return shd.Rule(operands, (fm + ("n",),), reduction=("k",), per_shard=_split_k, check=check,
+                     pin=functools.partial(_pin, params["bits"], params["group_size"]))
+
+
+def _pin(bits, group_size, choice, avals):
+    """Token- / N-split shards run the one-device kernel config (the same K blocks and split: the
+    same float32 summation order, so the same bits), when it serves the shard's shape."""
+    if choice.implementation == "triton":
+        return choice.config
+    if choice.implementation == "mosaic_gpu":
+        x, n = avals["x"], avals["codes"].shape[0]
+        if wm_k.supports(math.prod(x.shape[:-1]), n, x.shape[-1], bits, group_size, x.dtype, config=choice.config):
+            return choice.config
+    return None
+
+
+def _check_layout(k, bits, group_size, uneven, mesh):
+    if "k" not in uneven:
+        return
+    axes = uneven["k"]
+    n = math.prod(mesh.shape[a] for a in axes)
+    unit = f"groups of {group_size}" if group_size else ("int4 byte pairs" if bits == 4 else "columns")
+    raise ValueError(
+        f"weight_only_linear: the layout splits K={k} over mesh axes {axes} ({n} devices), which would cut "
+        f"the weight's {unit} (codes [N, {k * bits // 8}], K // n = {k / n:g}); each device must hold whole "
+        f"groups: shard K over a multiple-of-{group_size or 2} block per device, or keep K whole "
+        f"(replicate it / shard N instead)")
+
+
+def _split_k(shard, arrays, params):
+    x = arrays["x"]
+    k = x.shape[-1]
+    # float32 x: the kernel then returns float32 partials. bfloat16 / float16 values are exact in
+    # float32 (and in TF32), so each product is what the one-device kernel computes.
+    y = weight_only_linear_op(x.astype(jnp.float32), arrays["codes"], arrays["scale"], arrays["zero_point"], None,
+                              bits=params["bits"], group_size=params["group_size"], symmetric=params["symmetric"],
+                              k=k, config=None, impl=params["impl"])
+    y = shard.psum(y, "k")
+    if arrays["bias"] is not None:
+        y = y + arrays["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 weight_only_linear_op = Op(
     "jaxquant_weight_only_linear",
     [Operand("x"), Operand("codes", WEIGHT), Operand("scale", WEIGHT), Operand("zero_point", WEIGHT, optional=True),
      Operand("bias", WEIGHT, optional=True)],
-    abstract_eval=_abstract_eval, reference=_reference, kernel=_kernel, dispatch=dispatch, precision=PRECISION)
+    abstract_eval=_abstract_eval, reference=_reference, kernel=_kernel, dispatch=dispatch, precision=PRECISION,
+    sharding=_sharding)
