@@ -17,7 +17,7 @@ codes and scales, never dequantized floats).
 ``weight_only_linear`` over K, ``dynamic_quantize`` per token with the tokens split.
 
 On GPUs, each layer is also timed (``harness.timeit``: the layer's jitted call, sharded inputs,
-PERF.md's method) next to its bf16 layer. On the CPU the kernels run in Pallas interpret mode
+docs/performance.md's method) next to its bf16 layer. On the CPU the kernels run in Pallas interpret mode
 (the code paths the GPU runs) and nothing is timed. With a single device there is nothing to
 partition: the rows say so (0 collectives).
 
