@@ -63,7 +63,7 @@ class Harness:
         return Run(out, one, collectives(text))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def h():
     return Harness()
 
