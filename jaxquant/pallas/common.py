@@ -42,6 +42,37 @@ def check_pow2(family: str, name: str, v, lo: int = 1) -> None:
         raise ValueError(f"{family} Config.{name}: expected a power of two >= {lo}, got {v!r}")
 
 
+def view_masks(shape3, block, masks, offs=None):
+    """``(rmask, cmask, mask)`` of program ``(b, i, j)``'s ``block = (br, bc)`` tile of a ``[B, R, C]``
+    view (grid axes 1 and 2, block indices shifted by ``offs`` when given): row / column validity,
+    None where that edge is not ragged (``masks``), and their conjunction."""
+    _, r_total, c_total = shape3
+    br, bc = block
+    mask_rows, mask_cols = masks
+    def block_index(axis):
+        return pl.program_id(axis) if offs is None else pl.program_id(axis) + offs[axis - 1]
+
+    rmask = cmask = None
+    if mask_rows:
+        rmask = block_index(1) * br + jax.lax.broadcasted_iota(jnp.int32, (br, 1), 0) < r_total
+    if mask_cols:
+        cmask = block_index(2) * bc + jax.lax.broadcasted_iota(jnp.int32, (1, bc), 1) < c_total
+    if rmask is not None and cmask is not None:
+        return rmask, cmask, rmask & cmask
+    return rmask, cmask, (rmask if rmask is not None else cmask)
+
+
+def param_mask(rmask, cmask, pfull):
+    """The mask of a parameter tile: the row / column masks along the axes the parameters span."""
+    _, pr_full, pc_full = pfull
+    pmask = None
+    if pr_full and rmask is not None:
+        pmask = rmask
+    if pc_full and cmask is not None:
+        pmask = cmask if pmask is None else pmask & cmask
+    return pmask
+
+
 def check_fields(family: str, cfg, *, pow2=(), positive=()) -> None:
     """A Config's checks: each ``pow2`` field (a name, or ``(name, lo)``) a power of two >= lo, each
     ``positive`` field an int >= lo (default 1)."""

@@ -44,7 +44,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import fp8_clamp, fp8_max, is_fp8
 from jaxquant.granularity import CanonicalView
-from jaxquant.pallas.common import TileConfig, next_pow2, plus_zero, recip, rne, to_code
+from jaxquant.pallas.common import TileConfig, next_pow2, param_mask, plus_zero, recip, rne, to_code, view_masks
 
 __all__ = ["OPS", "Config", "heuristics", "affine"]
 
@@ -118,23 +118,7 @@ def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape
     z_ref = refs[n_main + 1] if has_zp else None
     inv_ref = refs[n_main + 1 + has_zp] if has_inv else None
     o_ref = refs[-1]
-    _, r_total, c_total = shape3
-    br, bc = block
-    row_off, col_off = offs
-    mask_rows, mask_cols = masks
-    _, pr_full, pc_full = pfull
-
-    rmask = cmask = None
-    if mask_rows:
-        rows = (pl.program_id(1) + row_off) * br + jax.lax.broadcasted_iota(jnp.int32, (br, 1), 0)
-        rmask = rows < r_total
-    if mask_cols:
-        cols = (pl.program_id(2) + col_off) * bc + jax.lax.broadcasted_iota(jnp.int32, (1, bc), 1)
-        cmask = cols < c_total
-    if rmask is not None and cmask is not None:
-        mask = rmask & cmask
-    else:
-        mask = rmask if rmask is not None else cmask
+    rmask, cmask, mask = view_masks(shape3, block, masks, offs)
 
     def load(ref, m, other):
         if m is None:
@@ -143,11 +127,7 @@ def _kernel(*refs, op, has_zp, has_inv, n_main, qmin, qmax, ct, out_dtype, shape
             other = float(other)
         return pltriton.load(ref, mask=m, other=other)
 
-    pmask = None
-    if pr_full and rmask is not None:
-        pmask = rmask
-    if pc_full and cmask is not None:
-        pmask = cmask if pmask is None else pmask & cmask
+    pmask = param_mask(rmask, cmask, pfull)
     s = load(s_ref, pmask, 1).astype(ct)
     z = load(z_ref, pmask, 0).astype(ct) if has_zp else jnp.zeros((), ct)
     mains = [load(ref, mask, 0) for ref in main_refs]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import TileConfig, next_pow2, plus_zero, recip, rne
+from jaxquant.pallas.common import TileConfig, next_pow2, param_mask, plus_zero, recip, rne, view_masks
 
 __all__ = ["Config", "heuristics", "lsq_backward"]
 
@@ -58,31 +58,13 @@ def _kernel(*refs, has_zp, qmin, qmax, gf, ct, dx_dtype, shape3, block, masks, p
     outs = refs[4:] if has_zp else refs[3:]
     dx_ref, ds_ref = outs[0], outs[1]
     dz_ref = outs[2] if has_zp else None
-    _, r_total, c_total = shape3
-    br, bc = block
-    mask_rows, mask_cols = masks
+    rmask, cmask, mask = view_masks(shape3, block, masks)
     _, pr_full, pc_full = pfull
-
-    rmask = cmask = None
-    if mask_rows:
-        rows = pl.program_id(1) * br + jax.lax.broadcasted_iota(jnp.int32, (br, 1), 0)
-        rmask = rows < r_total
-    if mask_cols:
-        cols = pl.program_id(2) * bc + jax.lax.broadcasted_iota(jnp.int32, (1, bc), 1)
-        cmask = cols < c_total
-    if rmask is not None and cmask is not None:
-        mask = rmask & cmask
-    else:
-        mask = rmask if rmask is not None else cmask
 
     def load(ref, m, other):
         return ref[...] if m is None else pltriton.load(ref, mask=m, other=other)
 
-    pmask = None
-    if pr_full and rmask is not None:
-        pmask = rmask
-    if pc_full and cmask is not None:
-        pmask = cmask if pmask is None else pmask & cmask
+    pmask = param_mask(rmask, cmask, pfull)
     s = load(s_ref, pmask, 1).astype(ct)
     z = load(z_ref, pmask, 0).astype(ct) if has_zp else jnp.zeros((), ct)
     dy = load(dy_ref, mask, 0).astype(ct)
@@ -120,11 +102,7 @@ def _kernel(*refs, has_zp, qmin, qmax, gf, ct, dx_dtype, shape3, block, masks, p
 
     store(dx_ref, dx.astype(dx_dtype), mask)
     # The partial blocks keep a row (column) index only along full dims: mask those edges.
-    pm = None
-    if pr_full and rmask is not None:
-        pm = rmask
-    if pc_full and cmask is not None:
-        pm = cmask if pm is None else pm & cmask
+    pm = param_mask(rmask, cmask, pfull)
     store(ds_ref, partial(ds), pm)
     if has_zp:
         store(dz_ref, partial(dz), pm)
