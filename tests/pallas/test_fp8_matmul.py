@@ -292,7 +292,7 @@ def test_mgpu_stages_fit_shared_memory():
             for dt in (jnp.bfloat16, jnp.float32):
                 st = FM.fit_stages(cfg, layout, dt)
                 cm, cn = cfg.cta_shape()
-                ring = (cm + cn) * FM.TILE_K + ((cm + cn // 32) * 4 if layout == "blockwise" else 0)
+                ring = (cm + cn) * FM.TILE_K + ((cm + FM.WS_WINDOW) * 4 if layout == "blockwise" else 0)
                 used = st * ring + 4 * cfg.part_rows() * min(cfg.epi_n, cfg.tile_n) * np.dtype(dt).itemsize
                 assert 2 <= st <= cfg.stages and used <= SMEM_BUDGET, (cfg, layout, dt, st)
 

@@ -29,8 +29,9 @@ keeps 40): the default 128 x 128 warpgroup tile takes its partial sums 64 rows a
 Scope (``supports`` / ``scope``): M a multiple of ``tile_m``, N of ``2 tile_n``, K of 128 (TMA tiles
 are not masked), the accumulators within ``ACC_REGS``, blockwise ``64 <= tile_n <= 128``. Blockwise scales
 travel transposed: ``a_scale^T [K/128, M]`` (a step's row of the CTA's rows is contiguous) and the
-weight scales ``[K/128, N/128]`` with each entry repeated 4 times (``[K/128, N/32]``: a CTA's window
-of a step is then at least the 16 bytes a TMA copy moves); XLA builds both (a few MB at 8192^2).
+weight scales ``[K/128, N/128]`` with each entry repeated ``WS_WINDOW / (2 tile_n / 128)`` times (a
+CTA's window of a step is then 128 bytes, the alignment of a TMA copy's shared-memory destination);
+XLA builds both (a few MB at 8192^2).
 
 No interpret mode (Mosaic GPU's interpreter does not run ``plgpu.load``): results are checked on
 the GPU (``tools/fp8_gpu_check.py``), the CUDA lowering on the CPU.
@@ -53,11 +54,15 @@ from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipel
                                          tile_loop, warp_specialized_pipeline)
 
 __all__ = ["Config", "heuristics", "supports", "scope", "enough_tiles", "fit_stages", "fp8_matmul_mgpu", "TILE_K",
-           "ACC_REGS", "MIN_TILES"]
+           "ACC_REGS", "MIN_TILES", "WS_WINDOW"]
 
 TILE_K = 128  # K of a pipeline step: one 128-byte swizzled row of fp8, and the promotion interval
 ACC_REGS = 192  # float32 accumulator registers a compute thread may hold (carry + fresh partial)
-_REP = 4  # blockwise weight scales: copies of each entry, so a CTA's TMA window is >= 16 bytes
+# Blockwise weight scales: a CTA's window of a step is WS_WINDOW float32 = 128 bytes, each scale
+# repeated to fill it. The ring's stages lie back to back in shared memory and a TMA copy's
+# shared-memory destination must be 128-byte aligned: an 8-float (32-byte) window faulted with
+# CUDA_ERROR_MISALIGNED_ADDRESS on an H100 from the second stage on.
+WS_WINDOW = 32
 MIN_TILES = 100  # fewer CTA tiles than this and the Triton kernel's smaller tiles fill more SMs
 
 
@@ -142,7 +147,7 @@ def fit_stages(cfg: Config, layout: str, out_dtype) -> int:
     cm, cn = cfg.cta_shape()
     ring = (cm + cn) * TILE_K  # fp8 bytes a stage
     if layout == "blockwise":
-        ring += (cm + cn // 128 * _REP) * 4
+        ring += (cm + WS_WINDOW) * 4
     epilogue = 2 * 2 * cfg.part_rows() * min(cfg.epi_n, cfg.tile_n) * jnp.dtype(out_dtype).itemsize
     return max(2, min(cfg.stages, (SMEM_BUDGET - epilogue) // ring))
 
@@ -162,6 +167,7 @@ def fp8_matmul_mgpu(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise
         raise ValueError(f"fp8_matmul_mgpu: expected {scope(cfg, layout)}, got M={m}, N={n}, K={k} "
                          f"({layout}, config {cfg})")
     blockwise = layout == "blockwise"
+    rep = WS_WINDOW // (cfg.cta_shape()[1] // 128)  # copies of a weight block's scale (blockwise)
     has_bias = bias is not None
     tm, tn = cfg.tile_m, cfg.tile_n
     pm = cfg.part_rows()
@@ -181,7 +187,7 @@ def fp8_matmul_mgpu(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise
              plgpu.BlockSpec((cn, TILE_K), lambda kk: (0, kk), transforms=in_t)]
     if blockwise:  # the step's row of the transposed scales (the CTA's window of it)
         specs += [plgpu.BlockSpec((1, cm), lambda kk: (kk, 0)),
-                  plgpu.BlockSpec((1, cn // 128 * _REP), lambda kk: (kk, 0))]
+                  plgpu.BlockSpec((1, WS_WINDOW), lambda kk: (kk, 0))]
     pipeline = warp_specialized_pipeline(specs, k_iters, stages)
     # per-tile vectors fetched once a tile for the epilogue: rowwise scales, bias
     n_copies = (0 if blockwise else 2) + int(has_bias)
@@ -244,7 +250,7 @@ def fp8_matmul_mgpu(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise
                     if blockwise:
                         sa_smem, sw_smem = refs[0], refs[1]
                         # one weight block covers this warpgroup's columns (tile_n <= 128)
-                        sw = sw_smem[0, (wg * tn) // 128 * _REP]
+                        sw = sw_smem[0, (wg * tn) // 128 * rep]
                     total = []
                     for p in range(n_parts):
                         a_view = a_smem if n_parts == 1 else a_smem.at[pl.ds(p * pm, pm)]
@@ -263,14 +269,14 @@ def fp8_matmul_mgpu(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise
 
                 views = [a_gmem.at[rows, :], w_gmem.at[pl.ds(ni * cn, cn), :]]
                 if blockwise:
-                    views += [as_gmem.at[:, rows], ws_gmem.at[:, pl.ds(ni * cn // 128 * _REP, cn // 128 * _REP)]]
+                    views += [as_gmem.at[:, rows], ws_gmem.at[:, pl.ds(ni * WS_WINDOW, WS_WINDOW)]]
                 pipeline(step, ctx)(*views, allocations=allocs)
 
     f = persistent_kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
                           kernel_name=f"jaxquant_fp8_gemm_{layout}_mgpu", num_sms=num_sms)
     if blockwise:
         as_op = a_scale.T  # [K/128, M]
-        ws_op = jnp.repeat(w_scale.T, _REP, axis=1)  # [K/128, N/128 * 4]
+        ws_op = jnp.repeat(w_scale.T, rep, axis=1)  # [K/128, N/128 * rep]: WS_WINDOW floats a CTA
     else:
         as_op = jnp.broadcast_to(jnp.reshape(a_scale, (-1,)), (m,))
         ws_op = jnp.broadcast_to(jnp.reshape(w_scale, (-1,)), (n,))
