@@ -1,8 +1,10 @@
 """``python -m jaxquant.bench``: run the benchmark sections, write a results file, print a table.
 
-Options: ``--sections quant[,linear,weight_only,fp8,serving,sharding]``, ``--quick`` (small shapes, for a CPU
-smoke run), ``--sweep`` (tile sweeps for the tuned tables), ``--out DIR`` (default
-``benchmarks/results``).
+Options: ``--sections quant[,linear,weight_only,fp8,serving,sharding]`` (a section with parts takes
+``name:part``, e.g. ``fp8:gemm``), ``--quick`` (small shapes, for a CPU smoke run), ``--sweep`` (tile
+sweeps for the tuned tables), ``--out DIR`` (default ``benchmarks/results``). Each finished
+measurement is printed as it comes and the results file is rewritten after every section, so a
+run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     wanted = [s for s in args.sections.split(",") if s]
-    unknown = [s for s in wanted if s not in SECTIONS]
+    unknown = [s for s in wanted if s.partition(":")[0] not in SECTIONS]
     if unknown:
         p.error(f"unknown sections {unknown}; available: {list(SECTIONS)}")
 
@@ -67,15 +69,21 @@ def main(argv=None) -> int:
                   transient=True) as prog:
         task = prog.add_task("device copy bandwidth")
         ctx.progress = lambda msg: prog.update(task, description=msg)
+        ctx.log = lambda msg: console.print(msg, highlight=False)
         ctx.copy_gbps = harness.copy_bandwidth(ctx)
         tables = {}
-        for name in wanted:
+        path = harness.results_path(args.out, ctx)
+        for wanted_name in wanted:
+            name, _, part = wanted_name.partition(":")
             mod = _section(name)
             kwargs = {"sweep": args.sweep} if name == "quant" else {}
+            if part:
+                kwargs["parts"] = part.split("+")
             rows += mod.run(ctx, **kwargs)
             if hasattr(mod, "table"):
                 tables[name] = mod.table
-    path = harness.write_results(args.out, ctx, rows)
+            harness.write_results(args.out, ctx, rows, path=path)
+    path = harness.write_results(args.out, ctx, rows, path=path)
 
     out = Console(width=200)
     title = f"jaxquant on {ctx.device} (jax {harness.jax.__version__}); copy {ctx.copy_gbps:.0f} GB/s"

@@ -101,6 +101,7 @@ def _quant_rows(ctx: Context) -> list[dict]:
         rows.append(dict(section="fp8", op=op, granularity=gname, shape=list(shape), dtype="bfloat16", ms=t * 1e3,
                          gbps=gbps, copy_frac=frac,
                          target=">= 90% of copy" + (", >= 3.6 TB/s" if dyn_tok else ""), met=bool(met)))
+        ctx.record(f"{op} {gname} {list(shape)}: {t * 1e3:.3f} ms {gbps:.0f} GB/s ({100 * frac:.0f}% of copy)")
     return rows
 
 
@@ -148,7 +149,7 @@ def _gemm_rows(ctx: Context) -> list[dict]:
                              bf16_tops=flops / tb / 1e12, vs_bf16=tb / t, vs_xla_fp8=tx / t,
                              target=f">= {want / 1000:.1f} PFLOP/s" + (", >= XLA fp8" if layout == "rowwise" else ""),
                              met=bool(met)))
-            ctx.say(f"= {rows[-1]['op']} {[m, n, k]} {t * 1e3:.3f} ms {tflops:.0f} TFLOP/s "
+            ctx.record(f"{rows[-1]['op']} {[m, n, k]} {t * 1e3:.3f} ms {tflops:.0f} TFLOP/s "
                     f"(XLA fp8 {flops / tx / 1e12:.0f}, bf16 {flops / tb / 1e12:.0f})")
         del sets
     return rows
@@ -176,7 +177,9 @@ def _linear_target(m, n, k):
 def _linear_rows(ctx: Context) -> list[dict]:
     impl = _impl(ctx)
     rows = []
-    cases = _QUICK_LINEAR if ctx.quick else [(m, n, k) for (n, k) in shapes.LINEAR_NK for m in LINEAR_M]
+    # 8192 x 8192 first: the targets' shape, measured whatever time a run has
+    nks = sorted(shapes.LINEAR_NK, key=lambda nk: nk != (8192, 8192))
+    cases = _QUICK_LINEAR if ctx.quick else [(m, n, k) for (n, k) in nks for m in LINEAR_M]
     for m, n, k in cases:
         for block in (None, 128):
             ctx.say(f"fp8 linear {m}x{n}x{k} block={block}")
@@ -206,7 +209,7 @@ def _linear_rows(ctx: Context) -> list[dict]:
                              chain_layers=layers, chain_ms=tc * 1e3, bf16_chain_ms=tbc * 1e3,
                              vs_bf16_chain=tbc / tc, tops=2.0 * m * n * k / tc / 1e12, target=desc,
                              met=bool(tbc / tc >= want)))
-            ctx.say(f"= {op} {[m, n, k]} {tc * 1e3:.4f} ms/layer vs bf16 {tbc / tc:.2f}x")
+            ctx.record(f"{op} {[m, n, k]} {tc * 1e3:.4f} ms/layer vs bf16 {tbc / tc:.2f}x")
             del sets
     return rows
 
@@ -243,16 +246,24 @@ def _mlp_rows(ctx: Context) -> list[dict]:
     t = timeit(jax.jit(fp8_step), args, repeats=ctx.repeats)
     tb = timeit(jax.jit(bf16_step), args, repeats=ctx.repeats)
     flops = 3 * 3 * 2.0 * t_ * d * f  # three linears, forward + dgrad + wgrad
+    ctx.record(f"fp8 MLP train step {[t_, d, f]}: {t * 1e3:.3f} ms vs bf16 {tb * 1e3:.3f} ms ({tb / t:.2f}x)")
     return [dict(section="fp8", op="fp8 MLP train step (rowwise)", shape=[t_, d, f], ms=t * 1e3, bf16_ms=tb * 1e3,
                  vs_bf16=tb / t, tops=flops / t / 1e12, target=">= 1.3x bf16", met=bool(tb / t >= 1.3))]
 
 
-def run(ctx: Context) -> list[dict]:
+PARTS = {"quant": _quant_rows, "gemm": _gemm_rows, "linear": _linear_rows, "mlp": _mlp_rows}
+
+
+def run(ctx: Context, *, parts=None) -> list[dict]:
+    """The parts ``parts`` (default all, in ``PARTS``' order; ``--sections fp8:gemm+mlp``)."""
+    unknown = set(parts or ()) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"fp8: unknown parts {sorted(unknown)}; available: {list(PARTS)}")
     rows = []
-    for part in (_quant_rows, _gemm_rows, _linear_rows, _mlp_rows):
+    for name in parts or PARTS:
         try:
-            rows += part(ctx)
+            rows += PARTS[name](ctx)
         except Exception as e:  # a part that fails is reported, the others still run
-            rows.append(dict(section="fp8", op=part.__name__.strip("_").replace("_rows", ""), config=None,
-                             error=f"{type(e).__name__}: {e}"[:400]))
+            rows.append(dict(section="fp8", op=name, config=None, error=f"{type(e).__name__}: {e}"[:400]))
+            ctx.record(f"fp8 {name}: {rows[-1]['error']}")
     return rows

@@ -36,10 +36,18 @@ class Context:
     copy_gbps: float = float("nan")
     repeats: int = 5
     progress: Any = None  # a callable(str) reporting what runs now
+    log: Any = None  # a callable(str) keeping a finished measurement's line (the run may be cut short)
 
     def say(self, msg: str):
         if self.progress is not None:
             self.progress(msg)
+
+    def record(self, msg: str):
+        """Report a finished measurement: kept in the log (``say`` only shows what runs now)."""
+        if self.log is not None:
+            self.log(msg)
+        else:
+            self.say(msg)
 
 
 def nbytes(*arrays) -> int:
@@ -146,11 +154,18 @@ def metadata(ctx: Context, extra: dict | None = None) -> dict:
     return meta
 
 
-def write_results(path_dir: str, ctx: Context, rows: list[dict], extra: dict | None = None) -> str:
-    os.makedirs(path_dir, exist_ok=True)
+def results_path(path_dir: str, ctx: Context) -> str:
+    """``path_dir/bench-<device>-<UTC time>.json``."""
     dev = "".join(c if c.isalnum() else "-" for c in ctx.device).strip("-").lower()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(path_dir, f"bench-{dev}-{stamp}.json")
+    return os.path.join(path_dir, f"bench-{dev}-{stamp}.json")
+
+
+def write_results(path_dir: str, ctx: Context, rows: list[dict], extra: dict | None = None,
+                  path: str | None = None) -> str:
+    """Write ``{"meta", "rows"}`` to ``path`` (default: a new ``results_path``); returns the path."""
+    os.makedirs(path_dir, exist_ok=True)
+    path = path or results_path(path_dir, ctx)
     with open(path, "w") as f:
         json.dump({"meta": metadata(ctx, extra), "rows": rows}, f, indent=1, default=str)
     return path

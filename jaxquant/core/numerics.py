@@ -12,7 +12,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TINY", "FP8_DTYPES", "is_fp8", "fp8_max", "fp8_clamp", "compute_dtype", "recip", "to_code", "plus_zero",
+__all__ = ["TINY", "FP8_DTYPES", "is_fp8", "fp8_max", "fp8_clamp", "to_fp8", "compute_dtype", "recip", "to_code", "plus_zero",
            "ste", "rounded", "int8_epilogue"]
 
 TINY = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal float32
@@ -38,6 +38,25 @@ def fp8_clamp(v, fmax: float):
     casts would turn 500 into NaN for e4m3fn, Inf for e5m2; PyTorch's saturate)."""
     hi, lo = jnp.asarray(fmax, v.dtype), jnp.asarray(-fmax, v.dtype)  # (no negation: Pallas Triton has no
     return jnp.where(v > hi, hi, jnp.where(v < lo, lo, v))                # lowering for -constant)
+
+
+# An fp8 NaN of both formats (e4m3fn S.1111.111, e5m2 S.11111.11 with S = 0); ``to_fp8`` maps it to itself.
+_FP8_NAN_BITS = 0x7F
+
+
+def to_fp8(v, code):
+    """``v.astype(code)`` (round half to even), in a form XLA keeps when the codes are cast back.
+
+    XLA:GPU removes a cast to a narrower float followed by a cast back to the wider one
+    (``convert(convert(x, f8), f32) -> x``: its default ``xla_allow_excess_precision``), so a
+    fake-quantize written ``v.astype(f8).astype(f32) * s`` and jitted returned x unrounded on an
+    H100 (jax 0.11.2), and so would a quantize-then-dequantize in one jitted function. A select
+    whose both branches are bit-identical to the codes (as ``rounded``) sits between the casts.
+    """
+    q = v.astype(code)
+    bits = jax.lax.bitcast_convert_type(q, jnp.uint8)
+    nan = jax.lax.bitcast_convert_type(jnp.uint8(_FP8_NAN_BITS), code)
+    return jnp.where(bits == _FP8_NAN_BITS, nan, q)
 
 
 # A float32 NaN bit pattern; ``rounded`` maps it to itself.

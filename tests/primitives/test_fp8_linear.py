@@ -114,15 +114,15 @@ def test_dispatch_mosaic_on_hopper_for_prefill(hopper):
     assert P.plan(2048, 4096, 4096, layout="rowwise", config=None, device_kind="NVIDIA H200",
                   interpret=False).implementation == "mosaic_gpu"
     assert _serve_kernels(2048, 4096, 4096, None) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_gemm_rowwise_mgpu"]
-    # blockwise scales stay on Triton on Hopper (the Mosaic kernel's blockwise path is not verified on a GPU)
-    assert _serve_kernels(2048, 4096, 4096, 128) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_blockwise"]
+    assert _serve_kernels(2048, 4096, 4096, 128) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_gemm_blockwise_mgpu"]
     # decode, too few tiles, and shapes off the Mosaic tile run the Triton kernel
     assert _serve_kernels(16, 4096, 4096, None) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_rowwise"]
     assert _serve_kernels(256, 1024, 1024, 128) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_blockwise"]
     assert _serve_kernels(2000, 4096, 4096, None) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_rowwise"]
 
 
-def test_dispatch_triton_off_hopper():
+def test_dispatch_triton_off_hopper(monkeypatch):
+    monkeypatch.setattr(device, "device_kind", lambda: "NVIDIA A100-SXM4-80GB")
     assert _serve_kernels(2048, 4096, 4096, None) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_rowwise"]
     c = P.plan(1, 8192, 8192, layout="rowwise", config=None, device_kind="NVIDIA A100", interpret=False)
     assert c.implementation == "triton" and c.config.split_k > 1 and c.workspace_bytes > 0
@@ -151,7 +151,8 @@ def test_quantized_linear_fp8(rng, block):
     g = jq.PerToken() if block is None else jq.PerGroup(128)
     q, s, _ = jq.dynamic_quantize(x, granularity=g, dtype=E4M3)
     layout = "rowwise" if block is None else "blockwise"
-    y2 = jq.fp8_matmul(q, qw.codes, s, qw.scale, bias, layout=layout, out_dtype=jnp.float32)
+    y2 = run_impl("reference", lambda q, s: jq.fp8_matmul(q, qw.codes, s, qw.scale, bias, layout=layout,
+                                                        out_dtype=jnp.float32), q, s)
     assert np.array_equal(np.asarray(y2), y_ref)
     a2, s2 = np.asarray(q).reshape(-1, k), np.asarray(s).reshape(38, -1)
     mag = O.magnitude(a2, qw.codes, s2, qw.scale, layout=layout).reshape(2, 19, n)
@@ -276,10 +277,9 @@ def test_fp8_linear_three_fp8_gemms_in_hlo(recipe, layout):
 
 
 @pytest.mark.parametrize("recipe,layout,kernel", [("rowwise", "rowwise", "jaxquant_fp8_gemm_rowwise_mgpu"),
-                                                  ("blockwise", "blockwise", "jaxquant_fp8_matmul_blockwise")])
+                                                  ("blockwise", "blockwise", "jaxquant_fp8_gemm_blockwise_mgpu")])
 def test_fp8_linear_mosaic_on_hopper(hopper, recipe, layout, kernel):
-    """Prefill-sized training GEMMs (forward, dgrad, wgrad) take the Mosaic GPU kernel on Hopper
-    (rowwise; blockwise stays on Triton)."""
+    """Prefill-sized training GEMMs (forward, dgrad, wgrad) take the Mosaic GPU kernel on Hopper."""
     S = jax.ShapeDtypeStruct
     loss = lambda x, w: jnp.sum(jq.fp8_linear(x, w, recipe=recipe).astype(jnp.float32))
     names = cuda_kernels(jax.value_and_grad(loss, (0, 1)), S((2048, 4096), jnp.bfloat16),

@@ -266,6 +266,22 @@ def test_per_block_int8(rng):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dt", FP8, ids=ids)
+def test_jitted_reference_keeps_the_fp8_rounding(rng, dt):
+    """fake_quantize, and quantize then dequantize in one jitted function, round to fp8 in the
+    reference too: XLA:GPU removes a bare ``astype(f8).astype(f32)`` pair (``numerics.to_fp8``).
+    With power-of-two scales every output divided by its scale is an fp8 value."""
+    x = jnp.asarray(rng.standard_normal((8, 64)) * 50, jnp.float32)
+    s = jnp.asarray(2.0 ** rng.integers(-3, 3, size=(8,)), jnp.float32)
+    tok = jq.PerToken()
+    fq = lambda x: jq.fake_quantize(x, s, granularity=tok, code_dtype=dt)
+    qdq = lambda x: jq.dequantize(jq.quantize(x, s, granularity=tok, dtype=dt), s, granularity=tok)
+    for f in (fq, qdq):
+        v = np.asarray(run_impl("reference", jax.jit(f), x)) / np.asarray(s)[:, None]
+        assert np.array_equal(v.astype(dt).astype(np.float32), v)
+        assert not np.array_equal(v, np.asarray(x) / np.asarray(s)[:, None])
+
+
 def test_transforms(rng):
     g = jq.PerBlock((2, 8))
     x = jnp.asarray(rng.standard_normal((3, 4, 16)) * 100, jnp.float32)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxquant import granularity as gran
-from jaxquant.core.numerics import compute_dtype, fp8_clamp, fp8_max, is_fp8, plus_zero, recip, ste, to_code
+from jaxquant.core.numerics import compute_dtype, fp8_clamp, fp8_max, is_fp8, plus_zero, recip, ste, to_code, to_fp8
 
 __all__ = ["affine_codes", "quantize_bf", "dequantize_bf", "fake_quantize_bf", "fake_quantize_backward_bf",
            "quantize_backward_bf", "quantize", "dequantize", "fake_quantize", "quantize_backward",
@@ -109,7 +109,7 @@ def quantize_fp8_bf(x, scale, *, code):
     """fp8 codes of x in the format ``code``."""
     ct = compute_dtype(x.dtype)
     c, _ = fp8_codes(x.astype(ct), scale.astype(ct), code)
-    return c.astype(code)
+    return to_fp8(c, code)
 
 
 def dequantize_fp8_bf(q, scale, *, dtype):
@@ -123,7 +123,7 @@ def fake_quantize_fp8_bf(x, scale, *, code):
     ct = compute_dtype(x.dtype)
     s = scale.astype(ct)
     c, _ = fp8_codes(x.astype(ct), s, code)
-    return (c.astype(code).astype(ct) * s).astype(x.dtype)
+    return (to_fp8(c, code).astype(ct) * s).astype(x.dtype)
 
 
 def fake_quantize_backward_fp8_bf(dy, x, scale, *, code):

@@ -50,10 +50,7 @@ def use_mosaic(m, n, k, *, layout, config, device_kind, interpret) -> bool:
         if not mg_k.supports(m, n, k, layout=layout, config=config):
             raise ValueError(f"config: {config} needs {mg_k.scope(config, layout)}; got M={m}, N={n}, K={k}")
         return True
-    if config is not None or interpret or not is_hopper(device_kind) or layout == "blockwise":
-        # (blockwise scales: the Mosaic GPU kernel faulted with CUDA_ERROR_MISALIGNED_ADDRESS on an
-        # H100 (jax 0.11.2) at 256 x 512 x 512; until that is fixed, blockwise runs on Triton unless
-        # a mosaic Config is passed explicitly)
+    if config is not None or interpret or not is_hopper(device_kind):
         return False
     cfg = mg_k.heuristics(m, n, k, layout=layout)
     return mg_k.supports(m, n, k, layout=layout, config=cfg) and mg_k.enough_tiles(m, n, cfg)
