@@ -277,7 +277,8 @@ def test_jitted_reference_keeps_the_fp8_rounding(rng, dt):
     fq = lambda x: jq.fake_quantize(x, s, granularity=tok, code_dtype=dt)
     qdq = lambda x: jq.dequantize(jq.quantize(x, s, granularity=tok, dtype=dt), s, granularity=tok)
     for f in (fq, qdq):
-        v = np.asarray(run_impl("reference", jax.jit(f), x)) / np.asarray(s)[:, None]
+        with jq.implementation("reference"):  # on the default backend (XLA:GPU on a GPU machine)
+            v = np.asarray(jax.jit(f)(x)) / np.asarray(s)[:, None]
         assert np.array_equal(v.astype(dt).astype(np.float32), v)
         assert not np.array_equal(v, np.asarray(x) / np.asarray(s)[:, None])
 
@@ -288,20 +289,19 @@ def test_transforms(rng):
     s = jnp.asarray(2.0 ** rng.uniform(-2, 2, size=(3, 2, 2)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     f = lambda x, s: jq.fake_quantize(x, s, granularity=g, code_dtype=E4M3)
-    want = f(x, s)
-    for impl in TIERS:
-        with jq.implementation(impl):
-            # vmap over the leading axis: each slice is a [4, 16] array with [2, 2] block scales
-            v = jax.jit(jax.vmap(f))(x, s)
-            assert_same_bits(v, want, f"{impl} vmap")
-            gv = jax.jit(jax.vmap(jax.grad(lambda x, s, d: jnp.sum(f(x, s) * d))))(x, s, dy)
-            gd = jax.grad(lambda x: jnp.sum(f(x, s) * dy))(x)
-            assert_same_bits(gv, gd, f"{impl} vmap of grad")
-            gq = jax.jit(jax.grad(lambda x: jnp.sum(jq.quantize(x, s, granularity=g, dtype=E4M3).astype(jnp.float32))))(x)
-            want_q = jq.quantize_backward(jnp.ones_like(x), x, s, granularity=g, dtype=E4M3)
-            assert_same_bits(gq, want_q, f"{impl} grad of quantize (STE)")
-            r = jax.jit(jax.grad(jax.checkpoint(lambda x: jnp.sum(f(x, s) * dy))))(x)
-            assert_same_bits(r, gd, f"{impl} remat")
+    want = run_impl("reference", f, x, s)
+    for impl in TIERS:  # (run_impl: the reference tier on the CPU backend, the contract's arithmetic)
+        # vmap over the leading axis: each slice is a [4, 16] array with [2, 2] block scales
+        assert_same_bits(run_impl(impl, jax.vmap(f), x, s), want, f"{impl} vmap")
+        gv = run_impl(impl, jax.vmap(jax.grad(lambda x, s, d: jnp.sum(f(x, s) * d))), x, s, dy)
+        gd = run_impl(impl, jax.grad(lambda x: jnp.sum(f(x, s) * dy)), x)
+        assert_same_bits(gv, gd, f"{impl} vmap of grad")
+        gq = run_impl(impl, jax.grad(lambda x: jnp.sum(jq.quantize(x, s, granularity=g, dtype=E4M3)
+                                                       .astype(jnp.float32))), x)
+        want_q = run_impl(impl, lambda x: jq.quantize_backward(jnp.ones_like(x), x, s, granularity=g, dtype=E4M3), x)
+        assert_same_bits(gq, want_q, f"{impl} grad of quantize (STE)")
+        r = run_impl(impl, jax.grad(jax.checkpoint(lambda x: jnp.sum(f(x, s) * dy))), x)
+        assert_same_bits(r, gd, f"{impl} remat")
     # dequantize's scale gradient: sum(dy * f32(q)) over each block
     q = jq.quantize(x, s, granularity=g, dtype=E4M3)
     ds = jax.grad(lambda s: jnp.sum(jq.dequantize(q, s, granularity=g) * dy))(s)
