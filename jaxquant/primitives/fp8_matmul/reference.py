@@ -17,8 +17,8 @@ Bound of the kernels against this reference (``bound``): with ``S = sum_k |a w| 
 
     |y_kernel - y_ref| <= (c + 2**-16) * S + 2 * eps(out_dtype) * |y_ref| + 2 * tiny(out_dtype)
 
-``c = 2**-10`` for Hopper's fp8 tensor cores (they keep ~14 bits while they accumulate a 128-K
-chunk), ``c = 2**-16`` for float32 dots (Pallas interpret mode); ``2**-16 * S`` is this
+``c = 2**-9`` for Hopper's fp8 tensor cores (they keep ~14 bits while they accumulate a 128-K
+chunk: ``jaxquant.pallas.fp8_matmul.oracle`` gives the measurements), ``c = 2**-16`` for float32 dots (Pallas interpret mode); ``2**-16 * S`` is this
 reference's own float32 rounding; ``eps`` the output's rounding (float32 ``2**-22`` covering the
 epilogue's products, bfloat16 ``2**-8``, float16 ``2**-10``) and ``tiny`` its smallest step. NaN
 codes or scales make the outputs they reach NaN.
@@ -31,12 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core.numerics import rounded
+from jaxquant.pallas.fp8_matmul.oracle import BLOCK, FLOAT32_C, TENSOR_CORE_C
 
 __all__ = ["BLOCK", "TENSOR_CORE_C", "FLOAT32_C", "fp8_matmul_reference", "bound"]
 
-BLOCK = 128
-TENSOR_CORE_C = 2.0**-10
-FLOAT32_C = 2.0**-16
 _EPS = {"float32": 2.0**-22, "bfloat16": 2.0**-8, "float16": 2.0**-10}
 _TINY = {"float32": 2.0**-149, "bfloat16": 2.0**-133, "float16": 2.0**-24}
 
