@@ -7,8 +7,9 @@ parallel (split over its input features H; the layer sums over devices). Per lay
 the section compiles the layer under ``jax.jit`` with those layouts (the layer's input laid out as
 the previous layer leaves it) and counts the collectives of the compiled module
 (``jaxquant.core.describe.collectives``: count and bytes per device), against the bf16 layer
-(``x @ W.T`` in XLA) under the same layouts. Variants: ``bf16``, ``W8A8`` (``quantized_linear``),
-``W8A16`` and ``W4A16-g128`` (``weight_only_linear``). An ``fsdp`` row per variant shards the
+(``x @ W.T`` in XLA) under the same layouts. Variants: ``bf16``, ``W8A8``, ``FP8`` (e4m3 per channel)
+and ``FP8-b128`` (e4m3, 128 x 128 blocks) (``quantized_linear``), ``W8A16`` and ``W4A16-g128``
+(``weight_only_linear``). An ``fsdp`` row per variant shards the
 weight over the axis that also splits the tokens (the weight must be gathered: what moves is the
 codes and scales, never dequantized floats).
 
@@ -41,7 +42,10 @@ from jaxquant.core.describe import collectives
 __all__ = ["run", "table", "COLUMNS"]
 
 AXIS = "model"
-VARIANTS = {"bf16": None, "W8A8": dict(bits=8), "W8A16": dict(bits=8), "W4A16-g128": dict(bits=4, group_size=128)}
+VARIANTS = {"bf16": None, "W8A8": dict(bits=8), "FP8": dict(dtype=jnp.float8_e4m3fn),
+            "FP8-b128": dict(dtype=jnp.float8_e4m3fn, block_size=128), "W8A16": dict(bits=8),
+            "W4A16-g128": dict(bits=4, group_size=128)}
+LINEAR = ("W8A8", "FP8", "FP8-b128")  # quantized_linear (x quantized too); the others: weight_only_linear
 COLUMNS = ("layer", "layout", "variant", "devices", "shape", "collectives", "bytes", "bf16 bytes", "weight bytes",
            "ms", "bf16 ms")
 
@@ -57,7 +61,7 @@ def _layer(variant):
     """``f(x, w)`` of one layer: the bf16 matmul or the quantized op on a QuantizedWeight."""
     if variant == "bf16":
         return lambda x, w: x @ w.T
-    if variant == "W8A8":
+    if variant in LINEAR:
         return lambda x, w: jq.quantized_linear(x, w)
     return lambda x, w: jq.weight_only_linear(x, w)
 

@@ -159,10 +159,12 @@ def shardy_rule(rule: Rule, avals, outs) -> SdyShardingRule:
     A factor labelling dimensions of different sizes is written as the smallest of them; a larger
     dimension becomes the compound factor ``(factor, factor_r<size ratio>)`` whose minor part stays
     whole (a need-replication factor): Shardy then splits codes, scales and activations together.
+    (Where the smallest is 1, e.g. one group per row, the larger dimension is the minor factor alone.)
     """
     sizes = _sizes(rule, avals, outs)
     base = {f: min(s) for f, s in sizes.items()}
-    extra: dict[str, int] = {}
+    extra: dict[str, int] = {}  # compound factors' minor parts: their sizes
+    minor: list[str] = []
 
     def mapping(dims, shape):
         out = []
@@ -171,8 +173,12 @@ def shardy_rule(rule: Rule, avals, outs) -> SdyShardingRule:
                 out.append(f)
             else:
                 inner = f"{f}_r{d // base[f]}"
-                extra[inner] = d // base[f]
-                out.append(CompoundFactor(f, inner))
+                minor.append(inner)
+                if base[f] == 1:  # Shardy refuses a size-1 factor in a compound one (it splits
+                    out.append(inner)  # nothing): the dimension is the whole minor factor alone
+                else:
+                    extra[inner] = d // base[f]
+                    out.append(CompoundFactor(f, inner))
         return ArrayMapping(*out)
 
     operands = tuple(mapping(dims, avals[n].shape) for n, dims in rule.operands.items())
@@ -180,8 +186,15 @@ def shardy_rule(rule: Rule, avals, outs) -> SdyShardingRule:
     in_results = {f for dims in rule.results for f in dims}
     reduction = tuple(f for f in rule.reduction if f not in in_results)  # Shardy: absent from results
     singles = tuple(f for f, b in base.items() if b == 1 and f not in rule.reduction)
-    replicated = tuple(dict.fromkeys(rule.replicated + tuple(extra) + singles))
+    replicated = tuple(dict.fromkeys(rule.replicated + tuple(minor) + singles))
     replicated = tuple(f for f in replicated if f not in rule.reduction)
+    # Shardy numbers factors in order of appearance and wants each special set sorted by number
+    order = {}
+    for m in operands + results:
+        for d in m:
+            for f in (d if isinstance(d, CompoundFactor) else (d,)):
+                order.setdefault(f, len(order))
+    reduction, replicated = (tuple(sorted(fs, key=order.__getitem__)) for fs in (reduction, replicated))
     return SdyShardingRule(operands, results, reduction_factors=reduction, need_replication_factors=replicated,
                            **extra)
 

@@ -250,6 +250,17 @@ def test_weight_only_k_bf16(h, impl, rng):
     assert (err <= _wo_bound(x, qw, run.one)).all(), err.max()
 
 
+def test_weight_only_one_group_per_row(h, impl, rng):
+    """K == group_size: the scales' K axis has size 1 (Shardy takes no size-1 part of a compound factor)."""
+    x = _x(rng, (M, 128))
+    qw = jq.quantize_weight(_x(rng, (N, 128), scale=0.05), bits=4, group_size=128)
+    run = h.run(lambda x, qw: jq.weight_only_linear(x, qw), h.put(x), h.put_weight(qw, "m", None), impl=impl)
+    assert run.count == 0, run.collectives
+    assert h.laid_out(run.out, P(None, "m"))
+    err = np.abs(np.asarray(run.out, np.float64) - np.asarray(run.one, np.float64))
+    assert (err <= _wo_bound(x, qw, run.one)).all(), err.max()
+
+
 def test_weight_only_group_split_is_an_error(h, impl, rng):
     x = _x(rng, (M, K))
     qw = jq.quantize_weight(_x(rng, (N, K), scale=0.05), bits=4, group_size=64)  # K / 8 = 32: half a group

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.core import sharding as shd
-from jaxquant.core.numerics import compute_dtype
+from jaxquant.core.numerics import compute_dtype, is_fp8
 from jaxquant.core.primitive import Choice, Op, Operand
 from jaxquant.primitives.affine import primitive as affine_p
 from jaxquant.pallas.dynamic import triton as kernels
@@ -90,11 +90,12 @@ def global_row_qparams(shard, x, factor, *, qmin, qmax, symmetric, out_dtype, im
 
 
 def _per_shard(shard, arrays, params):
-    x = arrays["x"]
+    x, out_dtype = arrays["x"], params["out_dtype"]
     scale, zp = global_row_qparams(shard, x, "c", qmin=params["qmin"], qmax=params["qmax"],
-                                   symmetric=params["symmetric"], out_dtype=params["out_dtype"], impl=params["impl"])
-    q = affine_p.bind("quantize", x, scale=scale, zero_point=zp, qmin=params["qmin"], qmax=params["qmax"],
-                      out_dtype=params["out_dtype"], impl=params["impl"])
+                                   symmetric=params["symmetric"], out_dtype=out_dtype, impl=params["impl"])
+    fp8 = out_dtype if is_fp8(out_dtype) else None  # fp8 codes: the fp8 quantizer (no rounding to integers)
+    q = affine_p.bind("quantize", x, scale=scale, zero_point=None if fp8 else zp, qmin=params["qmin"],
+                      qmax=params["qmax"], out_dtype=out_dtype, impl=params["impl"], fp8=fp8)
     return q, scale, zp
 
 

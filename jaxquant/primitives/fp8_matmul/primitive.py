@@ -22,17 +22,20 @@ Neither kernel is bit-exact with the reference (tensor-core accumulation order a
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core import sharding as shd
 from jaxquant.core.device import is_hopper, num_sms
 from jaxquant.core.primitive import MAIN, PARAM, WEIGHT, Choice, Op, Operand
 from jaxquant.pallas.fp8_matmul import mosaic as mg_k
 from jaxquant.pallas.fp8_matmul import triton as tr_k
-from jaxquant.primitives.fp8_matmul.reference import fp8_matmul_reference
+from jaxquant.primitives.fp8_matmul.reference import BLOCK, epilogue, fp8_matmul_reference
 
 __all__ = ["fp8_matmul_op", "plan", "use_mosaic"]
 
@@ -110,11 +113,89 @@ def _kernel(choice, *, a, w, a_scale, w_scale, bias, layout, out_dtype, config, 
     return jnp.reshape(y, a.shape[:-1] + (w.shape[0],))
 
 
+# ------------------------------------------------------------------------------------------
+# Sharding (docs/sharding.md)
+# ------------------------------------------------------------------------------------------
+
+
+def _sharding(avals, params):
+    """Tokens and N local: each device runs the GEMM on its rows / its weight rows (with their
+    scales and bias) in the one-device config: bit-exact. K split (row parallel): float32 partial
+    sums per device (rowwise unscaled; blockwise with each 128-block's scales, as one device sums
+    them), one float32 all-reduce of ``[M, N]``, then the epilogue (rowwise scales, bias, cast):
+    within float32 reassociation of one device. Blockwise scales cover 128-wide blocks of K (and of
+    N for the weight), so N and K split only into whole blocks per device; a split that would cut
+    a block keeps that dimension whole (XLA gathers along it) and warns."""
+    a, w, a_scale, w_scale = avals["a"], avals["w"], avals["a_scale"], avals["w_scale"]
+    fm = shd.leading("m", a.ndim - 1)
+    k, n = a.shape[-1], w.shape[0]
+    if params["layout"] == "blockwise":
+        # a dimension that is not whole blocks cannot be split evenly into whole blocks: its
+        # scale blocks get a factor of their own and both stay whole
+        ragged = tuple(d for d, size in (("k", k), ("n", n)) if size % BLOCK)
+        kb, nb = ("kb" if "k" in ragged else "k"), ("nb" if "n" in ragged else "n")
+        sa_last, fws = kb, (nb, kb)
+        replicated = tuple(f for d in ragged for f in (d, d + "b"))
+    else:
+        sa_last, fws, replicated = "asl", (("n",) if w_scale.shape[0] == n else ("ws",)), ()
+    operands = {"a": fm + ("k",), "w": ("n", "k"),
+                "a_scale": shd.broadcast_factors(fm, a.shape[:-1], a_scale.shape[:-1], "as") + (sa_last,),
+                "w_scale": fws}
+    if avals["bias"] is not None:
+        operands["bias"] = ("n",)
+    return shd.Rule(operands, (fm + ("n",),), reduction=() if "k" in replicated else ("k",),
+                    replicated=replicated, per_shard=_split_k, pin=functools.partial(_pin, params["layout"]),
+                    check=functools.partial(_check_layout, params["layout"], k, n))
+
+
+def _pin(layout, choice, avals):
+    """Token- / N-split shards run the one-device kernel config (the same K chunks and split: the
+    same float32 summation order, so the same bits), when it serves the shard's shape."""
+    if choice.implementation == "triton":
+        return choice.config
+    m, k = _flat(avals["a"])
+    if choice.implementation == "mosaic_gpu" and mg_k.supports(m, avals["w"].shape[0], k, layout=layout,
+                                                               config=choice.config):
+        return choice.config
+    return None
+
+
+def _check_layout(layout, k, n, uneven, mesh):
+    """Blockwise: warn where the requested layout would cut the 128-wide scale blocks."""
+    for dim, size in (("K", k), ("N", n)):
+        axes = uneven.get(dim.lower())
+        if layout != "blockwise" or not axes:
+            continue
+        parts = math.prod(mesh.shape[ax] for ax in axes)
+        warnings.warn(
+            f"fp8_matmul (blockwise): the layout splits {dim}={size} over mesh axes {axes} ({parts} devices), which "
+            f"would cut the {BLOCK}-wide scale blocks ({dim} / {parts} = {size / parts:g}); {dim} is kept whole on "
+            f"every device (XLA gathers the operands along it). Split {dim} into multiples of {BLOCK} per device "
+            f"to keep the GEMM local.", stacklevel=2)
+
+
+def _split_k(shard, arrays, params):
+    """K split: float32 partial sums per device, summed across devices, then the epilogue."""
+    a, layout, f32 = arrays["a"], params["layout"], np.dtype(np.float32)
+    if layout == "rowwise":  # unit scales: the kernel returns the unscaled float32 sum
+        part = fp8_matmul_op(a, arrays["w"], jnp.ones((1,) * a.ndim, jnp.float32), jnp.ones((1,), jnp.float32),
+                             None, layout=layout, out_dtype=f32, config=None, impl=params["impl"])
+    else:  # each 128-block's partial sum scaled inside the GEMM, as on one device
+        part = fp8_matmul_op(a, arrays["w"], arrays["a_scale"], arrays["w_scale"], None, layout=layout,
+                             out_dtype=f32, config=None, impl=params["impl"])
+    m, n = math.prod(a.shape[:-1]), arrays["w"].shape[0]
+    acc = shard.psum(jnp.reshape(part, (m, n)), "k")
+    _, s2 = _operands(a, arrays["a_scale"], layout)
+    y = epilogue(acc, s2, arrays["w_scale"], arrays["bias"], layout=layout, out_dtype=params["out_dtype"])
+    return jnp.reshape(y, a.shape[:-1] + (n,))
+
+
 fp8_matmul_op = Op(
     "jaxquant_fp8_matmul",
     [Operand("a", MAIN), Operand("w", WEIGHT), Operand("a_scale", PARAM), Operand("w_scale", WEIGHT),
      Operand("bias", WEIGHT, optional=True)],
-    abstract_eval=_abstract, reference=_reference, kernel=_kernel, dispatch=_dispatch, precision=PRECISION)
+    abstract_eval=_abstract, reference=_reference, kernel=_kernel, dispatch=_dispatch, precision=PRECISION,
+    sharding=_sharding)
 
 
 def bind(a, w, a_scale, w_scale, bias=None, *, layout, out_dtype, config=None, impl="auto"):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxquant.core.numerics import rounded
 from jaxquant.pallas.fp8_matmul.oracle import BLOCK, FLOAT32_C, TENSOR_CORE_C
 
-__all__ = ["BLOCK", "TENSOR_CORE_C", "FLOAT32_C", "fp8_matmul_reference", "bound"]
+__all__ = ["BLOCK", "TENSOR_CORE_C", "FLOAT32_C", "fp8_matmul_reference", "epilogue", "bound"]
 
 _EPS = {"float32": 2.0**-22, "bfloat16": 2.0**-8, "float16": 2.0**-10}
 _TINY = {"float32": 2.0**-149, "bfloat16": 2.0**-133, "float16": 2.0**-24}
@@ -70,6 +70,14 @@ def fp8_matmul_reference(a, w, a_scale, w_scale, bias=None, *, layout: str, out_
         return acc + part, None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((m, n), f32), (ac, wc, sa, sw))
+    return epilogue(acc, a_scale, w_scale, bias, layout=layout, out_dtype=out_dtype)
+
+
+def epilogue(acc, a_scale, w_scale, bias, *, layout: str, out_dtype):
+    """``y`` from the float32 sum ``acc [M, N]`` (module docstring): rowwise ``(acc * a_scale) *
+    w_scale``, blockwise ``acc`` (its scales are inside the sum); then ``+ f32(bias)`` after the
+    product is rounded, and the cast. A K-sharded GEMM applies it to the summed partials."""
+    f32 = jnp.float32
     y = acc
     if layout == "rowwise":
         y = y * jnp.reshape(a_scale, (-1, 1)).astype(f32)
