@@ -1,6 +1,6 @@
 """Check and time the fp8 GEMM kernels on a GPU (H100 / H200), side by side with XLA.
 
-    PYTHONPATH=. python tools/fp8_gpu_check.py [--quick] [--no-sweep]
+    PYTHONPATH=. python tools/fp8_gpu_check.py [--quick] [--no-sweep] [--bound-probe]
 
 For M in {1, 16, 128, 2048, 8192} and (N, K) in {(8192, 8192), (4096, 14336)} it runs
 
@@ -20,6 +20,12 @@ share (one call is ~10 us of GPU time, less than the host's dispatch). Then, at 
 sweep of kernel configs. Prints a table and the targets (fp8 8192^3 >= 1300 TFLOP/s and >= XLA's
 fp8; block-scaled >= 1200) and writes ``$OUT/fp8_gpu_check.json`` (or ``benchmarks/results/``).
 Exits 1 if any check fails.
+
+``--bound-probe`` instead measures the tensor-core error the bound's ``c`` rests on: every kernel
+(Mosaic GPU configs, Triton), float32 outputs, 512 x 512 problems with K = 1152 / 4096, codes spread
+over ``2**-10 .. 2**8`` ("wide") or normal, scales ``2**U(-12, 2)``; prints ``|err| / bound`` at
+``c = 2**-10`` per case and the max / median per kernel and layout (``jaxquant.pallas.fp8_matmul.oracle``
+gives the figures measured on an H100).
 """
 
 from __future__ import annotations
@@ -249,10 +255,42 @@ def run_problem(m, n, k, sets, hopper, repeats, min_time, rng, failures):
     return list(res.values())
 
 
+def bound_probe(budget: float) -> int:
+    """``--bound-probe`` (module docstring)."""
+    t0 = time.perf_counter()
+    cands = {"mgpu": FM.Config(), "mgpu-n64": FM.Config(tile_n=64, part_m=None), "triton": None}
+    res = {}
+    for seed in range(64):
+        if time.perf_counter() - t0 > budget:
+            break
+        rng = np.random.default_rng(seed)
+        k = 1152 if seed % 2 else 4096
+        for wide in (True, False):
+            def codes(shape):
+                x = rng.standard_normal(shape) * (2.0 ** rng.integers(-10, 8, size=shape) if wide else 16.0)
+                return jnp.asarray(np.clip(x, -FMAX, FMAX), jnp.float32).astype(E4M3)
+            a, w = codes((512, k)), codes((512, k))
+            for layout in FT.LAYOUTS:
+                u = lambda *shape: jnp.asarray(2.0 ** rng.uniform(-12, 2, size=shape), jnp.float32)
+                sa, sw = (u(512, 1), u(512)) if layout == "rowwise" else (u(512, k // 128), u(4, k // 128))
+                for name, cfg in cands.items():
+                    if cfg is None:
+                        y = FT.fp8_matmul(a, w, sa, sw, layout=layout, out_dtype=jnp.float32)
+                    else:
+                        y = FM.fp8_matmul_mgpu(a, w, sa, sw, layout=layout, out_dtype=jnp.float32, config=cfg)
+                    ratio = O.check(y, a, w, sa, sw, layout=layout, c=2.0**-10)[1]
+                    res.setdefault((name, layout, "wide" if wide else "normal"), []).append(ratio)
+                    print(f"seed {seed} K {k} {name} {layout} {'wide' if wide else 'normal'}: {ratio:.3g}", flush=True)
+    for key, v in sorted(res.items()):
+        print(*key, f"n {len(v)} max {max(v):.3g} median {statistics.median(v):.3g}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="M in {16, 2048} on 8192^2 only, 3 repeats")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--bound-probe", action="store_true", help="measure the tensor-core error (module docstring)")
     p.add_argument("--budget", type=float, default=280.0,
                    help="seconds; problems and sweep configs not started by then are skipped (default 280)")
     args = p.parse_args(argv)
@@ -262,6 +300,8 @@ def main(argv=None) -> int:
         print("no GPU visible: this script times the kernels on a GPU", file=sys.stderr)
         return 2
     hopper = is_hopper(kind)
+    if args.bound_probe:
+        return bound_probe(args.budget)
     repeats, min_time = (3, 0.02) if args.quick else (5, 0.05)
     ms, nks = ((16, 2048), NKS[:1]) if args.quick else (MS, NKS)
     rng = np.random.default_rng(0)

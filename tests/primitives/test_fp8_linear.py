@@ -119,6 +119,11 @@ def test_dispatch_mosaic_on_hopper_for_prefill(hopper):
     assert _serve_kernels(16, 4096, 4096, None) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_rowwise"]
     assert _serve_kernels(256, 1024, 1024, 128) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_blockwise"]
     assert _serve_kernels(2000, 4096, 4096, None) == ["jaxquant_dynamic_quantize", "jaxquant_fp8_matmul_rowwise"]
+    # M = 128: the Mosaic kernel from 64 CTA tiles (8192 x 8192: 64 tiles of 128 x 128; 4096: 32)
+    plan = lambda m, n, k: P.plan(m, n, k, layout="blockwise", config=None, device_kind="NVIDIA H100 80GB HBM3",
+                                  interpret=False)
+    assert plan(128, 8192, 8192).implementation == "mosaic_gpu"
+    assert plan(128, 4096, 14336).implementation == "triton"
 
 
 def test_dispatch_triton_off_hopper(monkeypatch):

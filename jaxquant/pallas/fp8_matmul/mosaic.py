@@ -54,7 +54,7 @@ from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipel
                                          tile_loop, warp_specialized_pipeline)
 
 __all__ = ["Config", "heuristics", "supports", "scope", "enough_tiles", "fit_stages", "fp8_matmul_mgpu", "TILE_K",
-           "ACC_REGS", "MIN_TILES", "WS_WINDOW"]
+           "ACC_REGS", "MIN_TILES", "DISPATCH_MIN_TILES", "worth_it", "WS_WINDOW"]
 
 TILE_K = 128  # K of a pipeline step: one 128-byte swizzled row of fp8, and the promotion interval
 ACC_REGS = 192  # float32 accumulator registers a compute thread may hold (carry + fresh partial)
@@ -63,7 +63,12 @@ ACC_REGS = 192  # float32 accumulator registers a compute thread may hold (carry
 # shared-memory destination must be 128-byte aligned: an 8-float (32-byte) window faulted with
 # CUDA_ERROR_MISALIGNED_ADDRESS on an H100 from the second stage on.
 WS_WINDOW = 32
-MIN_TILES = 100  # fewer CTA tiles than this and the Triton kernel's smaller tiles fill more SMs
+MIN_TILES = 100  # heuristics: fewer 128 x 256 CTA tiles than this and it takes 128 x 128 ones
+# Dispatch: the Mosaic kernel runs a problem whose (heuristic) CTA tiles number at least this. At
+# M = 128 on an H100 (jax 0.11.2) it beat the Triton kernel at 64 CTA tiles (128 x 8192 x 8192:
+# 0.034 / 0.040 ms rowwise / blockwise against 0.046 / 0.062) and lost at 32 (128 x 4096 x 14336:
+# 0.049 / 0.065 against 0.042 / 0.053).
+DISPATCH_MIN_TILES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,12 @@ def _cta_tiles(m: int, n: int, cfg: Config) -> int:
 def enough_tiles(m: int, n: int, cfg: Config) -> bool:
     """Whether ``cfg``'s CTA tiles of an ``[m, n]`` output number at least ``MIN_TILES``."""
     return _cta_tiles(m, n, cfg) >= MIN_TILES
+
+
+def worth_it(m: int, n: int, cfg: Config) -> bool:
+    """Whether the Mosaic kernel with ``cfg`` beats the Triton kernel on an ``[m, n]`` output:
+    at least ``DISPATCH_MIN_TILES`` CTA tiles."""
+    return _cta_tiles(m, n, cfg) >= DISPATCH_MIN_TILES
 
 
 def heuristics(m: int, n: int, k: int, *, layout: str = "rowwise") -> Config:

@@ -11,7 +11,8 @@ Dispatch (``plan``), once per call:
 
 * the Mosaic GPU kernel (``jaxquant.pallas.fp8_matmul.mosaic``: warp-specialised, TMA-fed
   ``wgmma``) on Hopper for prefill shapes it ``supports`` (M, N, K multiples of its tile) that
-  give at least ``mosaic.MIN_TILES`` CTA tiles, or whenever a ``mosaic.Config`` is given;
+  give at least ``mosaic.DISPATCH_MIN_TILES`` CTA tiles (``mosaic.worth_it``), or whenever a
+  ``mosaic.Config`` is given;
 * the Triton kernel (``jaxquant.pallas.fp8_matmul.triton``) otherwise: every shape, masked edges,
   split K at decode;
 * the reference (``reference.py``) on the CPU (and with ``jaxquant.implementation("reference")``).
@@ -56,7 +57,7 @@ def use_mosaic(m, n, k, *, layout, config, device_kind, interpret) -> bool:
     if config is not None or interpret or not is_hopper(device_kind):
         return False
     cfg = mg_k.heuristics(m, n, k, layout=layout)
-    return mg_k.supports(m, n, k, layout=layout, config=cfg) and mg_k.enough_tiles(m, n, cfg)
+    return mg_k.supports(m, n, k, layout=layout, config=cfg) and mg_k.worth_it(m, n, cfg)
 
 
 def plan(m, n, k, *, layout, config, device_kind, interpret) -> Choice:
