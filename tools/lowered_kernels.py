@@ -1,5 +1,6 @@
 """Lower every jaxquant kernel for CUDA (works on a CPU-only machine with jax-cuda12-plugin) and
-write one fingerprint per case: the kernels' serialized modules with source locations stripped.
+write one fingerprint per case: the kernels' serialized modules with source locations stripped
+(every op family, the integer and fp8 formats, Triton and explicit Mosaic GPU configs).
 
 Use it to show that a refactor leaves the kernels byte-identical (after ``make venv``, which
 installs the CUDA plugin to ``.cuda-plugin``)::
@@ -145,6 +146,42 @@ def cases():
             qw = jq.quantize_weight(w, bits=bits, group_size=g, symmetric=sym)
             yield f"wo-mosaic/{cfg}/b{bits}g{g}s{sym}", (
                 lambda x, qw=qw, cfg=cfg: jq.weight_only_linear(x, qw, jnp.ones((512,)), config=cfg)), (xl,)
+
+    yield from fp8_cases(x, grans, rng)
+
+
+def fp8_cases(x, grans, rng):
+    """The fp8 kernels: the quantize family (e4m3 / e5m2), dynamic fp8, the fp8 GEMMs (Triton at
+    M = 1 / 16 / 300, Mosaic GPU with explicit configs) and fp8_linear's forward and backward."""
+    e4, e5 = jnp.float8_e4m3fn, jnp.float8_e5m2
+    for gname in ("tensor", "token", "group32"):
+        g, s = grans[gname]
+        for code in (e4, e5):
+            q = jnp.ones(x.shape, code)
+            yield f"fp8/{gname}/{jnp.dtype(code).name}", (lambda x, s, q, g=g, code=code: (
+                jq.quantize(x, s, granularity=g, dtype=code), jq.dequantize(q, s, granularity=g),
+                jq.fake_quantize(x, s, granularity=g, code_dtype=code),
+                jq.fake_quantize_backward(x, x, s, granularity=g, code_dtype=code))), (x, s, q)
+    yield "fp8/dynamic", (lambda x: (jq.dynamic_quantize(x, dtype=e4), jq.dynamic_quantize(
+        x, granularity=jq.PerGroup(32), dtype=e5))), (x,)
+    for m in (1, 16, 300):
+        w = jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32)
+        xl = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
+        for block in (None, 128):
+            qw = jq.quantize_weight(w, dtype=e4, block_size=block)
+            yield f"fp8-linear/{m}/b{block}", (lambda x, qw=qw: jq.quantized_linear(x, qw)), (xl,)
+    fm = _first(("jaxquant.pallas.fp8_matmul.mosaic", "Config"),)
+    w = jnp.asarray(rng.standard_normal((512, 512)), jnp.float32)
+    xl = jnp.asarray(rng.standard_normal((256, 512)), jnp.bfloat16)
+    for cfg in (fm(), fm(tile_n=64, part_m=None), fm(tile_m=64, part_m=None)):
+        for block in (None, 128):
+            qw = jq.quantize_weight(w, dtype=e4, block_size=block)
+            yield f"fp8-mosaic/{cfg}/b{block}", (lambda x, qw=qw, cfg=cfg: jq.quantized_linear(
+                x, qw, jnp.ones((512,)), config=cfg)), (xl,)
+    for recipe in ("tensorwise", "rowwise", "blockwise"):
+        yield f"fp8_linear/{recipe}", (lambda x, w, recipe=recipe: jax.grad(
+            lambda x, w: jnp.sum(jq.fp8_linear(x, w, recipe=recipe).astype(jnp.float32)), (0, 1))(x, w)), (
+            xl, jnp.asarray(rng.standard_normal((384, 512)), jnp.bfloat16))
 
 
 def main(argv):

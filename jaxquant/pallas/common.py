@@ -20,6 +20,7 @@ The GPU test suite checks the fast forms against the CPU reference bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import ClassVar
 
 import jax
@@ -276,14 +277,29 @@ def gemm_blocks(cfg: GemmTileConfig, m: int, n: int, k: int, min_block_k: int):
     return bm, bn, bk, nm, nn, nk, max(1, min(cfg.group_m, nm))
 
 
+# Inside ``shard_map`` (whose default ``check_vma=True`` tracks how values vary over manual mesh
+# axes) pallas_call needs every output type to say how it varies, else it raises "manual_axis_type
+# on jax.ShapeDtypeStruct must not be None". A jaxquant kernel is lowered on one device's operands,
+# stripped of mesh axes (core.primitive), so its outputs vary over none: ``ManualAxisType()``.
+# (A jax whose ShapeDtypeStruct has no such field does not ask for it.)
+_HAS_MANUAL_AXIS_TYPE = "manual_axis_type" in inspect.signature(jax.ShapeDtypeStruct).parameters
+
+
+def kernel_out(shape, dtype) -> jax.ShapeDtypeStruct:
+    """The type of a kernel output ``shape`` x ``dtype`` (``pallas_call`` ``out_shape``)."""
+    if _HAS_MANUAL_AXIS_TYPE:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType())
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def gemm_output(m: int, n: int, bm: int, bn: int, split: int, dtype, ij):
     """``(out_shape, out_spec, grid)`` of a grouped-launch GEMM (program ``p`` -> tile ``ij(p)``):
     ``[m, n]`` on the grid ``(tiles,)``, or split-K partials ``[split, m, n]`` on ``(tiles, split)``."""
     tiles = pl.cdiv(m, bm) * pl.cdiv(n, bn)
     if split > 1:
-        return (jax.ShapeDtypeStruct((split, m, n), dtype), pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p))),
+        return (kernel_out((split, m, n), dtype), pl.BlockSpec((None, bm, bn), lambda p, s: (s, *ij(p))),
                 (tiles, split))
-    return jax.ShapeDtypeStruct((m, n), dtype), pl.BlockSpec((bm, bn), lambda p: ij(p)), (tiles,)
+    return kernel_out((m, n), dtype), pl.BlockSpec((bm, bn), lambda p: ij(p)), (tiles,)
 
 
 def triton_call(kernel, operands, *, out_shape, grid, in_specs, out_specs, cfg, interpret: bool, name: str):

@@ -190,9 +190,7 @@ def test_inside_shard_map(h, impl, rng):
         return jq.fp8_matmul(a, w, sa[:, 0], sw, layout="rowwise", out_dtype=jnp.float32)
 
     specs = (P(), P("m", None), P(), P("m"))
-    # check_vma=False: a pallas_call's result type names no varying mesh axes, which the check refuses
-    # (the interpret tier); the reference tier passes it either way
-    mapped = jax.shard_map(gemm, mesh=h.mesh, in_specs=specs, out_specs=P(None, "m"), check_vma=False)
+    mapped = jax.shard_map(gemm, mesh=h.mesh, in_specs=specs, out_specs=P(None, "m"))  # check_vma=True
     args = [h.put(t, *s) for t, s in zip((a, w, sa, sw), specs)]
     run = h.run(mapped, *args, impl=impl, single=gemm)
     assert run.count == 0, run.collectives

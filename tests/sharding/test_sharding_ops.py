@@ -392,3 +392,35 @@ def test_explicit_mesh_axes(h, impl, rng):
                 h.put_weight(qw, "m", None, mesh=mesh), h.put(bias, "m", mesh=mesh), impl=impl)
     same(run, "quantized_linear, N split on an Explicit mesh")
     assert run.count == 0, run.collectives
+
+
+# ------------------------------------------------------------------------------------------
+# Inside shard_map (its default check_vma=True: every kernel output must type its variation)
+# ------------------------------------------------------------------------------------------
+
+
+def test_every_family_inside_shard_map(h, impl, rng):
+    """Each op family on the row shards ``shard_map`` hands it equals the op on the whole array
+    (row-local ops: quantize family, dynamic per token, LSQ, W8A8, weight-only, fp8)."""
+    m, k, n = 16, 128, 64
+    x = _x(rng, (m, k))
+    s = jnp.asarray(2.0 ** rng.integers(-4, 0, (m,)), jnp.float32)
+    w = _x(rng, (n, k), scale=0.05)
+    qw8, qw4 = jq.quantize_weight(w, bits=8), jq.quantize_weight(w, bits=4, group_size=32)
+    qf8 = jq.quantize_weight(w, dtype=jnp.float8_e4m3fn)
+    tok = jq.PerToken()
+
+    def ops(x, s):
+        r = dict(granularity=tok, qmin=-128, qmax=127)
+        return (jq.quantize(x, s, **r), jq.fake_quantize(x, s, **r), jq.fake_quantize_backward(x, x, s, **r),
+                jq.dynamic_quantize(x)[:2],
+                jq.dynamic_quantize(x, dtype=jnp.float8_e4m3fn)[:2],
+                jq.fake_quantize_learnable(x, s, jnp.zeros_like(s), granularity=jq.PerChannel(0), qmin=-128, qmax=127),
+                jq.quantized_linear(x, qw8), jq.weight_only_linear(x, qw4), jq.quantized_linear(x, qf8))
+
+    specs = (P("m", None), P("m"))
+    outs = jax.tree.map(lambda a: P("m", *([None] * (len(a.shape) - 1))), jax.eval_shape(ops, x, s))
+    mapped = jax.shard_map(ops, mesh=h.mesh, in_specs=specs, out_specs=outs)
+    run = h.run(mapped, h.put(x, "m", None), h.put(s, "m"), impl=impl, single=ops)
+    assert run.count == 0, run.collectives
+    same(run, "inside shard_map")

@@ -44,7 +44,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import fp8_clamp, fp8_max, is_fp8
 from jaxquant.granularity import CanonicalView
-from jaxquant.pallas.common import TileConfig, next_pow2, param_mask, plus_zero, recip, rne, to_code, view_masks
+from jaxquant.pallas.common import (TileConfig, kernel_out, next_pow2, param_mask, plus_zero, recip, rne, to_code,
+                                    view_masks)
 
 __all__ = ["OPS", "Config", "heuristics", "affine"]
 
@@ -242,7 +243,7 @@ def _call(op, mains, scale, zero_point, qmin, qmax, out_dtype, ct, shape3, pfull
         fast=not interpret, fp8=None if fp8 is None else np.dtype(fp8))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((b, out_rows, c), out_dtype),
+        out_shape=kernel_out((b, out_rows, c), out_dtype),
         grid=grid,
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, br, bc), out_map),
@@ -273,7 +274,7 @@ def _reciprocal(scale, interpret):
     block = min(next_pow2(n), 4096)
     out = pl.pallas_call(
         functools.partial(_recip_kernel, n=n, block=block, fast=not interpret),
-        out_shape=jax.ShapeDtypeStruct(flat.shape, flat.dtype),
+        out_shape=kernel_out(flat.shape, flat.dtype),
         grid=(pl.cdiv(n, block),),
         in_specs=[pl.BlockSpec((1, block), lambda j: (0, j))],
         out_specs=pl.BlockSpec((1, block), lambda j: (0, j)),

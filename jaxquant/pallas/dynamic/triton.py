@@ -35,8 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import fp8_clamp, is_fp8
-from jaxquant.pallas.common import (TileConfig, abs_max_bits, bits_to_float, finite_or_zero, next_pow2, recip, rne,
-                                    to_code)
+from jaxquant.pallas.common import (TileConfig, abs_max_bits, bits_to_float, finite_or_zero, kernel_out, next_pow2,
+                                    recip, rne, to_code)
 
 __all__ = ["Config", "heuristics", "dynamic_quantize_rows"]
 
@@ -221,10 +221,10 @@ def _call(x, rows, cols, br, bc, nchunks, row_off, nb, out_rows, symmetric, qmin
     kernel = functools.partial(
         _kernel, rows=rows, cols=cols, br=br, bc=bc, nchunks=nchunks, row_off=row_off, symmetric=symmetric,
         qmin=qmin, qmax=qmax, ct=ct, out_dtype=out_dtype, fast=not interpret)
-    out_shape = [jax.ShapeDtypeStruct((out_rows, cols), out_dtype), jax.ShapeDtypeStruct((out_rows, 1), ct)]
+    out_shape = [kernel_out((out_rows, cols), out_dtype), kernel_out((out_rows, 1), ct)]
     out_specs = [pl.BlockSpec((br, width), lambda i: (i, 0)), pl.BlockSpec((br, 1), lambda i: (i, 0))]
     if not symmetric:
-        out_shape.append(jax.ShapeDtypeStruct((out_rows, 1), jnp.int32))
+        out_shape.append(kernel_out((out_rows, 1), jnp.int32))
         out_specs.append(pl.BlockSpec((br, 1), lambda i: (i, 0)))
     return pl.pallas_call(
         kernel,

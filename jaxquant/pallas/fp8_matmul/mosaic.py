@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_fields, check_pow2
+from jaxquant.pallas.common import check_fields, check_pow2, kernel_out
 from jaxquant.pallas.fp8_matmul.triton import LAYOUTS, validate
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
@@ -283,7 +283,7 @@ def fp8_matmul_mgpu(a, w, a_scale, w_scale, bias=None, *, layout: str = "rowwise
                     views += [as_gmem.at[:, rows], ws_gmem.at[:, pl.ds(ni * WS_WINDOW, WS_WINDOW)]]
                 pipeline(step, ctx)(*views, allocations=allocs)
 
-    f = persistent_kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+    f = persistent_kernel(body, out_type=kernel_out((m, n), out_dtype),
                           kernel_name=f"jaxquant_fp8_gemm_{layout}_mgpu", num_sms=num_sms)
     if blockwise:
         as_op = a_scale.T  # [K/128, M]

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_fields
+from jaxquant.pallas.common import check_fields, kernel_out
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
@@ -201,7 +201,7 @@ def int8_matmul_mgpu(a, w, a_scale, w_scale, *, out_dtype, config: Config | None
 
                 pipeline(step, ctx)(a_gmem.at[rows, :], w_gmem.at[cols, :], allocations=allocs)
 
-    f = persistent_kernel(body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), kernel_name="jaxquant_w8a8_gemm_mgpu",
+    f = persistent_kernel(body, out_type=kernel_out((m, n), out_dtype), kernel_name="jaxquant_w8a8_gemm_mgpu",
                           num_sms=num_sms)
     return f(a, w, a_scale, w_scale)
 

@@ -53,8 +53,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.core.numerics import int8_epilogue
 from jaxquant.pallas.common import (GemmTileConfig, column_epilogue, fill_gemm_tiles, finite_or_zero, gemm_blocks,
-                                    gemm_output, grid_ij, k_split, mask_and, mul_rn, next_pow2, recip, rne, store_tile,
-                                    tile_masks, to_code, triton_call)
+                                    gemm_output, grid_ij, k_split, kernel_out, mask_and, mul_rn, next_pow2, recip, rne,
+                                    store_tile, tile_masks, to_code, triton_call)
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS
 
@@ -333,7 +333,7 @@ def int8_matmul(a, w, *, a_scale=None, w_scale=None, bias=None, a_mode: str = "i
         out_dtype=out_dtype, fast=not interpret, split=split, row_bcast=row_bcast)
     out_shape, out_spec, grid = gemm_output(m, n, bm, bn, split, out_dtype, ij)
     if split > 1 and a_mode == "dynamic":  # + the activation scale [1, 1] (row_bcast: M == 1)
-        out_shape = (out_shape, jax.ShapeDtypeStruct((1, 1), jnp.float32))
+        out_shape = (out_shape, kernel_out((1, 1), jnp.float32))
         out_spec = (out_spec, pl.BlockSpec((1, 1), lambda p, s: (0, 0)))
     y = triton_call(kernel, operands, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec, cfg=cfg,
                     interpret=interpret, name=f"jaxquant_int8_matmul_{a_mode}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import TileConfig, next_pow2, param_mask, plus_zero, recip, rne, view_masks
+from jaxquant.pallas.common import TileConfig, kernel_out, next_pow2, param_mask, plus_zero, recip, rne, view_masks
 
 __all__ = ["Config", "heuristics", "lsq_backward"]
 
@@ -139,10 +139,10 @@ def lsq_backward(dy, x, scale, zero_point=None, *, qmin, qmax, grad_factor=1.0, 
     part_spec = pl.BlockSpec((None, br if pr_full else 1, bc if pc_full else 1), lambda bi, i, j: (bi, i, j))
     operands = [dy, x, scale] + ([zero_point] if has_zp else [])
     in_specs = [main_spec, main_spec, p_spec] + ([p_spec] if has_zp else [])
-    out_shape = [jax.ShapeDtypeStruct(shape3, dx_dtype), jax.ShapeDtypeStruct(part_shape, ct)]
+    out_shape = [kernel_out(shape3, dx_dtype), kernel_out(part_shape, ct)]
     out_specs = [main_spec, part_spec]
     if has_zp:
-        out_shape.append(jax.ShapeDtypeStruct(part_shape, ct))
+        out_shape.append(kernel_out(part_shape, ct))
         out_specs.append(part_spec)
     kernel = functools.partial(
         _kernel, has_zp=has_zp, qmin=qmin, qmax=qmax, gf=float(grad_factor), ct=ct, dx_dtype=dx_dtype,

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxquant.pallas.common import check_fields, check_pow2
+from jaxquant.pallas.common import check_fields, check_pow2, kernel_out
 from jaxquant.core.device import NUM_SMS
 from jaxquant.pallas.mosaic_common import (SMEM_BUDGET, persistent_kernel, pipeline_allocations, store_tiles,
                                          tile_loop, warp_specialized_pipeline)
@@ -369,7 +369,7 @@ def weight_only_matmul_mgpu(x, codes, scale, zero_point=None, bias=None, *, bits
                 views = [tile_view(name, mi, ni) for name in piped_specs]
                 pipeline(step, ctx)(*views, allocations=allocs)
 
-    f = persistent_kernel(body, out_type=jax.ShapeDtypeStruct((n, mp), jnp.bfloat16),
+    f = persistent_kernel(body, out_type=kernel_out((n, mp), jnp.bfloat16),
                           kernel_name=f"jaxquant_weight_only_w{bits}_mgpu", num_sms=num_sms)
     operands = [c, xp, st] + ([zt] if has_zp else []) + ([bias32] if has_bias else [])
     y_t = f(*operands)

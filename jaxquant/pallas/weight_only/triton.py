@@ -90,7 +90,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.pallas.common import check_fields, next_pow2, triton_call
+from jaxquant.pallas.common import check_fields, kernel_out, next_pow2, triton_call
 from jaxquant.core import tuned
 from jaxquant.core.device import NUM_SMS  # H100 / H200 SXM: 132
 from jaxquant.core.weights import nibbles
@@ -231,7 +231,7 @@ def _int4_ptx(b, off, *, symmetric: bool, dt):
         offs = "mov.b32 o0, $3; mov.b32 o1, $4;"
         args = [b, off]
     cons = "=r,=r,r" + (",r,r" if off is not None else "")
-    out = jax.ShapeDtypeStruct(b.shape, dt)
+    out = kernel_out(b.shape, dt)
     parts = []
     # one asm per nibble (Pallas lowers single-result inline asm only): $0, $1 = the 4 results as
     # two half2 registers, $2 = the 4 bytes, $3, $4 = the offsets as two half2 registers
@@ -269,7 +269,7 @@ def _int4_f32_ptx(b, *, symmetric: bool):
     integer instructions an element instead of shifts and a quarter-rate integer-to-float convert.
     """
     mg = 0x4B000000 | (8 if symmetric else 0)
-    out = jax.ShapeDtypeStruct(b.shape, jnp.float32)
+    out = kernel_out(b.shape, jnp.float32)
     parts = []
     for first in (0, 4):
         lines = ["{", ".reg .b32 t<4>;"]
@@ -507,11 +507,11 @@ def weight_only_matmul(x, codes, scale, zero_point=None, bias=None, *, bits: int
         in_specs.append(pl.BlockSpec((bn,), lambda i, j, s: (i,)))
         operands.append(bias)
     if split == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_shape = kernel_out((m, n), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (j, i))
         kdt = out_dtype
     else:
-        out_shape = jax.ShapeDtypeStruct((split, m, n), jnp.float32)
+        out_shape = kernel_out((split, m, n), jnp.float32)
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i))
         kdt = np.dtype(np.float32)
     kernel = functools.partial(
