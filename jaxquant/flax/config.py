@@ -53,6 +53,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxquant.core import weights as W
+from jaxquant.primitives.fp8_matmul.api import RECIPES     # fp8_linear's recipes
 
 __all__ = ["QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8_BLOCK", "ACTIVATIONS", "CALIBRATIONS",
            "MIN_GROUP_SIZE", "FP8_WEIGHT_DTYPES", "FP8_BLOCK_SIZES", "RECIPES"]
@@ -63,8 +64,7 @@ CALIBRATIONS = ("absmax", "percentile", "mse")
 FP8_WEIGHT_DTYPES = ("float8_e4m3fn",)
 #: fp8 weight scale blocks: per output channel, or the fp8 GEMM's 128 x 128 blocks.
 FP8_BLOCK_SIZES = (None, 128)
-#: ``jaxquant.fp8_linear`` recipes (the scale granularity of every GEMM operand).
-RECIPES = ("tensorwise", "rowwise", "blockwise")
+
 #: Smallest group size per weight width: the weight-only kernels' minimum (smaller groups would
 #: fall back to XLA's dequantize-then-dot and lose the memory saving).
 MIN_GROUP_SIZE = {4: 32, 8: 16}
