@@ -136,8 +136,9 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{field}: expected {want!r} with weight_dtype={name!r} ({why}), "
                                  f"got {got!r}")
         if self.block_size not in FP8_BLOCK_SIZES or isinstance(self.block_size, bool):
-            raise ValueError(f"QuantConfig.block_size: expected one of {FP8_BLOCK_SIZES} for fp8 weights (None: one "
-                             f"scale per output channel; 128: the fp8 GEMM's 128 x 128 blocks), got {self.block_size!r}")
+            raise ValueError(f"QuantConfig.block_size: expected one of {FP8_BLOCK_SIZES} for fp8 weights (None: "
+                             f"one scale per output channel; 128: the fp8 GEMM's 128 x 128 blocks), got "
+                             f"{self.block_size!r}")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"QuantConfig.recipe: expected None (the weight format's own) or one of {RECIPES}, got "
                              f"{self.recipe!r}")

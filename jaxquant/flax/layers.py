@@ -65,7 +65,8 @@ from jaxquant.flax.geometry import Geometry
 from jaxquant.flax import sharding as S
 
 __all__ = ["fake_quantize_weight", "fake_quantize_activation", "lsq_grad_factor", "weight_params",
-           "serving_weight", "qweight_of", "codes_spec", "qat_matmul", "fp8_train_matmul", "serve_matmul", "compute_dtype", "act_scale_from_amax", "QuantStat",
+           "serving_weight", "qweight_of", "codes_spec", "qat_matmul", "fp8_train_matmul", "serve_matmul",
+           "compute_dtype", "act_scale_from_amax", "QuantStat",
            "Quantized", "QATLayer", "QuantizedLayer", "maybe_abstract", "geometry_of"]
 
 _TINY = np.float32(2.0**-126)

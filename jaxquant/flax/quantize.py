@@ -21,8 +21,8 @@ nnx models: ``nnx.Linear``, ``nnx.LinearGeneral`` (``nnx.MultiHeadAttention``'s 
   float layers; a QAT layer whose rule gives another config warns and is served as trained.
 * ``calibration``: ``Calibration(run, batches)`` sets static activation scales (configs with
   ``activations="static"``) from the inputs the float layers see; ``GPTQ(run, batches, ...)``
-  also rounds the integer weights by GPTQ (fp8 layers are rounded to nearest). Weight scales follow ``QuantConfig.calibration`` (absmax,
-  percentile, MSE clip search).
+  also rounds the integer weights by GPTQ (fp8 layers are rounded to nearest). Weight scales
+  follow ``QuantConfig.calibration`` (absmax, percentile, MSE clip search).
 * Sharding annotations carry over (``jaxquant.flax.sharding``): a QAT layer keeps the float
   ``kernel`` / ``bias`` variables (and their ``out_sharding`` names); its learnable scales, and a
   serving layer's codes / scales / zero points, get the kernel's names mapped onto ``W [N, K]``.
