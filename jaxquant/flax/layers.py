@@ -72,9 +72,6 @@ __all__ = ["fake_quantize_weight", "fake_quantize_activation", "lsq_grad_factor"
 _TINY = np.float32(2.0**-126)
 
 
-_E4M3 = np.dtype(jnp.float8_e4m3fn)
-
-
 def _weight_gran(config: QuantConfig):
     if config.block_size is not None:
         return jq.PerBlock((config.block_size, config.block_size))
@@ -142,7 +139,8 @@ def _fake_quantize_weight_fp8(w, config: QuantConfig, scale, learnable: bool):
         raise ValueError(f"fake_quantize_weight: {config} cannot quantize a weight of shape {tuple(w.shape)}: {why}")
     if scale is None:
         scale = weight_params(w, config)[0]
-    return jq.fake_quantize(w, jax.lax.stop_gradient(scale), granularity=_weight_gran(config), code_dtype=_E4M3)
+    return jq.fake_quantize(w, jax.lax.stop_gradient(scale), granularity=_weight_gran(config),
+                            code_dtype=config.weight_dtype)
 
 
 def fake_quantize_activation(x, config: QuantConfig, act_scale=None):
@@ -152,8 +150,8 @@ def fake_quantize_activation(x, config: QuantConfig, act_scale=None):
         return x
     if config.is_fp8:
         g = _fp8_act_gran(config)
-        _, s, _ = jq.dynamic_quantize(jax.lax.stop_gradient(x), granularity=g, dtype=_E4M3)
-        return jq.fake_quantize(x, s, granularity=g, code_dtype=_E4M3)
+        _, s, _ = jq.dynamic_quantize(jax.lax.stop_gradient(x), granularity=g, dtype=config.weight_dtype)
+        return jq.fake_quantize(x, s, granularity=g, code_dtype=config.weight_dtype)
     if config.activations == "dynamic":
         s, _ = jq.choose_qparams(x, granularity=jq.PerToken(), qmin=-128, qmax=127)
         return jq.fake_quantize(x, s, granularity=jq.PerToken(), qmin=-128, qmax=127)
@@ -172,7 +170,7 @@ def weight_params(w, config: QuantConfig, method: str | None = None):
     fp8: the scales of ``jaxquant.quantize_weight(w, dtype=float8_e4m3fn[, block_size])`` (absmax), no
     zero point."""
     if config.is_fp8:
-        qw = jq.quantize_weight(jax.lax.stop_gradient(w), dtype=_E4M3, block_size=config.block_size)
+        qw = jq.quantize_weight(jax.lax.stop_gradient(w), dtype=config.weight_dtype, block_size=config.block_size)
         return qw.scale, None
     s, z = C.weight_qparams(w, bits=config.weight_bits, group_size=config.group_size,
                             symmetric=config.weight_symmetric, method=method or config.calibration,
@@ -193,7 +191,8 @@ def serving_weight(w, scale, zero_point, config: QuantConfig) -> W.QuantizedWeig
     With absmax parameters this is ``jaxquant.quantize_weight(w, ...)`` (fp8: ``dtype=float8_e4m3fn``)."""
     if config.is_fp8:
         scale = jnp.asarray(scale, jnp.float32)
-        codes = jq.quantize(jnp.asarray(w, jnp.float32), scale, granularity=_weight_gran(config), dtype=_E4M3)
+        codes = jq.quantize(jnp.asarray(w, jnp.float32), scale, granularity=_weight_gran(config),
+                            dtype=config.weight_dtype)
         return qweight_of(codes, scale, None, config, w.shape)
     qmin, qmax = config.weight_range
     zp = None if config.weight_symmetric else jnp.asarray(zero_point, jnp.int32)
