@@ -39,8 +39,7 @@ A config is checked when it is built: impossible combinations (3-bit weights, a 
 kernels cannot take, an unknown calibration method, fp8 with a group size) raise ``ValueError`` /
 ``TypeError`` naming the field. Whether a config fits one layer (K a multiple of the group size, a
 kernel for serving, N and K multiples of 128 for fp8 blocks) is checked per layer by
-``QuantConfig.problem``; ``jaxquant.flax.quantize`` leaves
-such a layer float with a warning.
+``QuantConfig.problem``; ``jaxquant.flax.quantize`` leaves such a layer float with a warning.
 
 The weight quantizer of a QAT layer with ``learnable_scales=False`` is exactly
 ``jaxquant.quantize_weight``, so a served layer holds the codes its QAT layer simulated.
@@ -226,8 +225,8 @@ class QuantConfig:
         """Short name, e.g. ``W8A8``, ``W4A16-g128``, ``W4A16-g32-asym-mse``, ``W8A8-static-lsq``, ``FP8``,
         ``FP8-block128``, ``FP8-tensorwise`` (an fp8 training recipe other than the format's own)."""
         if self.is_fp8:
-            return "FP8" + (f"-block{self.block_size}" if self.block_size else "") + (f"-{self.recipe}" if self.recipe
-                                                                                       else "")
+            block = f"-block{self.block_size}" if self.block_size else ""
+            return f"FP8{block}" + (f"-{self.recipe}" if self.recipe else "")
         name = f"W{self.weight_bits}A{16 if self.activations is None else 8}"
         if self.group_size is not None:
             name += f"-g{self.group_size}"

@@ -316,8 +316,8 @@ class QATLayer(nnx.Module):
     ``w_scale`` (and a float ``w_zero_point`` when asymmetric) as ``nnx.Param`` of shape ``[N]`` /
     ``[N, K // g]``, and with ``"static"`` activations the calibrated ``act_scale`` (``QuantStat``).
     ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that. With an fp8
-    config the matmul is ``jaxquant.fp8_linear`` on the float weight (fp8 training; module docstring). The kernel
-    and bias keep their variables' metadata (sharding annotations); ``quantize`` names the
+    config the matmul is ``jaxquant.fp8_linear`` on the float weight (fp8 training; module
+    docstring). The kernel and bias keep their variables' metadata (sharding annotations); ``quantize`` names the
     learnable scales' axes after the kernel's (``jaxquant.flax.sharding.annotate_layer``).
     """
 
