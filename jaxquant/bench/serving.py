@@ -25,8 +25,9 @@ Variants (``act`` = the dtype of the activations flowing between layers):
 * ``bfloat16``: the same weights cast to bfloat16, parameters and computation (softmax, LayerNorm
   statistics and pooling stay float32, see ``MiniLM``); ``vs_bf16`` = its time / the variant's.
 * ``W8A8`` (int8 per-channel weights, dynamic per-token int8 activations: ``quantized_linear``),
-  ``W8A16`` (int8 per-channel weights) and ``W4A16-g128`` (int4, groups of 128: both
-  ``weight_only_linear``), each converted from the float32 model and from the bfloat16 model
+  ``W8A16`` (int8 per-channel weights), ``W4A16-g128`` (int4, groups of 128: both
+  ``weight_only_linear``), ``FP8`` and ``FP8-block128`` (e4m3 weights per channel / in 128 x 128
+  blocks, dynamic e4m3 activations: ``quantized_linear``'s fp8 GEMM), each converted from the float32 model and from the bfloat16 model
   (``quantize(model, preset)``; absmax scales, no calibration data), so each runs with float32 and
   with bfloat16 activations. ``implementation("auto")``: the Pallas kernels on CUDA, the jnp
   reference on the CPU (``lowering`` in the row).
@@ -59,7 +60,7 @@ from flax import nnx
 from rich.table import Table
 
 from jaxquant.bench.harness import Context, nbytes, timeit
-from jaxquant.flax import W4A16, W8A8, W8A16, quantize, summary
+from jaxquant.flax import FP8, FP8_BLOCK, W4A16, W8A8, W8A16, quantize, summary
 from jaxquant.models.minilm import MiniLM, MiniLMConfig
 from jaxquant.flax.config import QuantConfig
 
@@ -68,7 +69,7 @@ SHAPES = [(1, 128), (32, 128), (256, 128)]
 QUICK_SHAPES = [(1, 16)]
 
 #: (name, preset) of the quantized variants; each is built with float32 and bfloat16 activations.
-QUANTIZED = [("W8A8", W8A8), ("W8A16", W8A16), ("W4A16-g128", W4A16)]
+QUANTIZED = [("W8A8", W8A8), ("W8A16", W8A16), ("W4A16-g128", W4A16), ("FP8", FP8), ("FP8-block128", FP8_BLOCK)]
 
 _ACTS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -8,7 +8,8 @@
     served = quantize(qat)                                                     # serve what QAT simulated
     print(summary(served))
 
-* ``QuantConfig`` (+ presets ``W8A8``, ``W8A16``, ``W4A16``, ``W4A8``) — ``jaxquant.flax.config``.
+* ``QuantConfig`` (+ presets ``W8A8``, ``W8A16``, ``W4A16``, ``W4A8``, and fp8: ``FP8`` per channel,
+  ``FP8_BLOCK`` in 128 x 128 blocks) — ``jaxquant.flax.config``.
 * ``Rule``, ``quantize`` (nnx and linen), ``QuantizationWarning`` — ``jaxquant.flax.rules`` /
   ``jaxquant.flax.quantize``. Layer kinds: ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` (matmul
   equations) and linen ``Dense`` / ``DenseGeneral`` / ``Einsum``; the replaced nnx layers are
@@ -35,7 +36,7 @@ except ModuleNotFoundError as e:
 
 from jaxquant.flax.calibrate import qparams_from_range, weight_qparams
 from jaxquant.flax.checkpoint import restore_checkpoint, save_checkpoint
-from jaxquant.flax.config import MIN_GROUP_SIZE, W4A8, W4A16, W8A8, W8A16, QuantConfig
+from jaxquant.flax.config import FP8, FP8_BLOCK, MIN_GROUP_SIZE, W4A8, W4A16, W8A8, W8A16, QuantConfig
 from jaxquant.flax.gptq import GPTQ, gptq_quantize_weight, layer_output_error
 from jaxquant.flax.layers import QATLayer, QuantizedLayer, QuantStat, fake_quantize_activation, fake_quantize_weight
 from jaxquant.flax.linen import LinenQuantized, quantize_variables
@@ -46,7 +47,7 @@ from jaxquant.flax.rules import QuantizationWarning, Rule
 from jaxquant.flax.summary import Summary, summary
 
 __all__ = [
-    "QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "MIN_GROUP_SIZE",
+    "QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8_BLOCK", "MIN_GROUP_SIZE",
     "Rule", "quantize", "QuantizationWarning", "summary", "Summary",
     "QATLayer", "QuantizedLayer", "QuantStat", "LinenQuantized", "quantize_variables",
     "Calibration", "GPTQ", "calibration_mask", "weight_qparams", "qparams_from_range",

@@ -64,6 +64,13 @@ def _config_name(cfg: dict) -> str:
     return str(QuantConfig(**cfg))
 
 
+def _normalised(rec: dict) -> dict:
+    """A saved layer record with its config rebuilt: fields added to ``QuantConfig`` after the
+    checkpoint was written get their defaults, so older checkpoints compare equal."""
+    cfg = rec.get("config")
+    return rec if cfg is None else {**rec, "config": QuantConfig(**cfg).to_dict()}
+
+
 def _concrete_sharding(a):
     """The sharding of an array (or an abstract one's, on a concrete mesh), else None."""
     sharding = getattr(a, "sharding", None)
@@ -85,7 +92,7 @@ def restore_checkpoint(path, model: nnx.Module, *, mesh: jax.sharding.Mesh | Non
     meta = path / METADATA
     if not meta.exists():
         raise FileNotFoundError(f"restore_checkpoint: {meta} not found (not a jaxquant checkpoint directory)")
-    saved = json.loads(meta.read_text())["layers"]
+    saved = {p: _normalised(rec) for p, rec in json.loads(meta.read_text())["layers"].items()}
     have = layer_records(model)
     diffs = [f"  {p!r}: checkpoint {_describe(saved.get(p))}, model {_describe(have.get(p))}"
              for p in sorted(set(saved) | set(have)) if saved.get(p) != have.get(p)]

@@ -16,13 +16,30 @@ field                  meaning
                        weights at every step (absmax, straight-through)
 ``calibration``        how ``jaxquant.flax.calibrate`` picks the initial weight scales:
                        ``"absmax"``, ``"percentile"`` or ``"mse"``
+``weight_dtype``       None: integer codes (``weight_bits``); ``"float8_e4m3fn"`` (or
+                       ``jnp.float8_e4m3fn``): fp8 weight codes with fp8 dynamic activations
+``block_size``         fp8 only: None (one weight scale per output channel; activations per token)
+                       or 128 (128 x 128 weight blocks; activations in 1 x 128 groups)
+``recipe``             fp8 only: the ``jaxquant.fp8_linear`` recipe of ``mode="qat"`` (fp8
+                       training): ``"tensorwise"``, ``"rowwise"`` or ``"blockwise"``; None (the
+                       default) picks the one whose forward is the served layer's: ``"rowwise"``
+                       per channel, ``"blockwise"`` for 128 x 128 blocks
 =====================  ==========================================================================
 
+fp8 configs (presets ``FP8`` and ``FP8_BLOCK``): served by ``jaxquant.quantized_linear`` on the
+fp8 ``QuantizedWeight`` of ``jaxquant.quantize_weight(w, dtype=jnp.float8_e4m3fn[, block_size=128])``,
+trained (``mode="qat"``) by ``jaxquant.fp8_linear(x, w, bias, recipe=...)`` on the float weight.
+Their scales are always absmax and dynamic, so an fp8 config takes ``weight_bits=8``,
+``group_size=None``, ``weight_symmetric=True``, ``activations="dynamic"``,
+``learnable_scales=False`` and ``calibration="absmax"`` (the defaults); anything else is an
+error naming the field. ``recipe`` equal to the format's own is stored as None, so two configs
+are equal exactly when they compute the same thing.
+
 A config is checked when it is built: impossible combinations (3-bit weights, a group size the
-kernels cannot take, an unknown calibration method) raise ``ValueError`` / ``TypeError`` naming
-the field. Whether a config fits one layer (K a multiple of the group size, an integer kernel
-for serving) is checked per layer by ``QuantConfig.problem``; ``jaxquant.flax.quantize`` leaves
-such a layer float with a warning.
+kernels cannot take, an unknown calibration method, fp8 with a group size) raise ``ValueError`` /
+``TypeError`` naming the field. Whether a config fits one layer (K a multiple of the group size, a
+kernel for serving, N and K multiples of 128 for fp8 blocks) is checked per layer by
+``QuantConfig.problem``; ``jaxquant.flax.quantize`` leaves such a layer float with a warning.
 
 The weight quantizer of a QAT layer with ``learnable_scales=False`` is exactly
 ``jaxquant.quantize_weight``, so a served layer holds the codes its QAT layer simulated.
@@ -32,12 +49,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxquant.core import weights as W
+import jax.numpy as jnp
 
-__all__ = ["QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "ACTIVATIONS", "CALIBRATIONS", "MIN_GROUP_SIZE"]
+from jaxquant.core import weights as W
+from jaxquant.primitives.fp8_matmul.api import RECIPES     # fp8_linear's recipes
+
+__all__ = ["QuantConfig", "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8_BLOCK", "ACTIVATIONS", "CALIBRATIONS",
+           "MIN_GROUP_SIZE", "FP8_WEIGHT_DTYPES", "FP8_BLOCK_SIZES", "RECIPES"]
 
 ACTIVATIONS = (None, "dynamic", "static")
 CALIBRATIONS = ("absmax", "percentile", "mse")
+#: fp8 weight formats (the forward format of ``jaxquant.fp8_linear``; e5m2 is its gradient format).
+FP8_WEIGHT_DTYPES = ("float8_e4m3fn",)
+#: fp8 weight scale blocks: per output channel, or the fp8 GEMM's 128 x 128 blocks.
+FP8_BLOCK_SIZES = (None, 128)
+
 #: Smallest group size per weight width: the weight-only kernels' minimum (smaller groups would
 #: fall back to XLA's dequantize-then-dot and lose the memory saving).
 MIN_GROUP_SIZE = {4: 32, 8: 16}
@@ -54,6 +80,9 @@ class QuantConfig:
     learnable_scales: bool = False
     calibration: str = "absmax"
     percentile: float = 99.9
+    weight_dtype: str | None = None
+    block_size: int | None = None
+    recipe: str | None = None
 
     def __post_init__(self):
         if self.weight_bits not in (4, 8) or isinstance(self.weight_bits, bool):
@@ -75,11 +104,75 @@ class QuantConfig:
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not (0 < self.percentile <= 100):
             raise ValueError(f"QuantConfig.percentile: expected a number 0 < p <= 100, got {self.percentile!r}")
+        if self.weight_dtype is None:
+            for name in ("block_size", "recipe"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"QuantConfig.{name}: only for fp8 weights (weight_dtype='float8_e4m3fn'); "
+                                     f"expected None with integer weights, got {getattr(self, name)!r}"
+                                     + (" (integer weights use group_size)" if name == "block_size" else ""))
+        else:
+            self._check_fp8()
+
+    def _check_fp8(self):
+        try:
+            name = jnp.dtype(self.weight_dtype).name
+        except TypeError:
+            name = None
+        if name not in FP8_WEIGHT_DTYPES:
+            raise ValueError(f"QuantConfig.weight_dtype: expected None (integer weights) or one of {FP8_WEIGHT_DTYPES} "
+                             f"(fp8 weights; e5m2 is only a gradient format, jaxquant.fp8_linear's grad_dtype), got "
+                             f"{self.weight_dtype!r}")
+        object.__setattr__(self, "weight_dtype", name)
+        fixed = (("weight_bits", 8, "fp8 codes are 8-bit"),
+                 ("group_size", None, "fp8 weights are scaled per output channel or in blocks: use block_size"),
+                 ("weight_symmetric", True, "fp8 codes are symmetric (no zero point)"),
+                 ("activations", "dynamic", "fp8 weights run with fp8 activations quantized from the data"),
+                 ("learnable_scales", False, "fp8 scales are recomputed from the data (absmax) at every call"),
+                 ("calibration", "absmax", "fp8 scales are absmax (jaxquant.quantize_weight / fp8_linear)"))
+        for field, want, why in fixed:
+            got = getattr(self, field)
+            if got != want or type(got) is not type(want):
+                raise ValueError(f"QuantConfig.{field}: expected {want!r} with weight_dtype={name!r} ({why}), "
+                                 f"got {got!r}")
+        if self.block_size not in FP8_BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ValueError(f"QuantConfig.block_size: expected one of {FP8_BLOCK_SIZES} for fp8 weights (None: "
+                             f"one scale per output channel; 128: the fp8 GEMM's 128 x 128 blocks), got "
+                             f"{self.block_size!r}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"QuantConfig.recipe: expected None (the weight format's own) or one of {RECIPES}, got "
+                             f"{self.recipe!r}")
+        if self.recipe == self._own_recipe():
+            object.__setattr__(self, "recipe", None)
+
+    def _own_recipe(self) -> str:
+        return "rowwise" if self.block_size is None else "blockwise"
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the weights are fp8 codes (``weight_dtype`` set)."""
+        return self.weight_dtype is not None
+
+    @property
+    def fp8_recipe(self) -> str | None:
+        """The ``jaxquant.fp8_linear`` recipe of fp8 training: ``recipe``, else the weight format's own
+        (``"rowwise"`` per channel, ``"blockwise"`` for blocks); None for integer weights."""
+        if not self.is_fp8:
+            return None
+        return self.recipe or self._own_recipe()
 
     @property
     def weight_range(self) -> tuple[int, int]:
-        """``(qmin, qmax)`` of the weight codes (``jaxquant.core.weights.code_range``)."""
+        """``(qmin, qmax)`` of the integer weight codes (``jaxquant.core.weights.code_range``)."""
+        if self.is_fp8:
+            raise ValueError(f"QuantConfig.weight_range: {self} has fp8 weight codes, which have no integer range")
         return W.code_range(self.weight_bits, self.weight_symmetric)
+
+    def scale_shape(self, n: int, k: int) -> tuple[int, ...]:
+        """Shape of the weight scale (and zero point) of ``W [N, K]``: ``[N]`` per channel, ``[N, K // g]``
+        per group, ``[N // b, K // b]`` for fp8 ``b x b`` blocks."""
+        if self.block_size is not None:
+            return (n // self.block_size, k // self.block_size)
+        return (n,) if self.group_size is None else (n, k // self.group_size)
 
     @property
     def act_range(self) -> tuple[int, int]:
@@ -88,17 +181,26 @@ class QuantConfig:
 
     @property
     def serving_kind(self) -> str:
-        """``"w8a8"`` (``jaxquant.quantized_linear``), ``"weight_only"`` (``jaxquant.weight_only_linear``)
-        or ``"fake"`` (no integer kernel serves it: e.g. int4 weights with int8 activations)."""
+        """``"w8a8"`` (``jaxquant.quantized_linear``), ``"fp8"`` (``jaxquant.quantized_linear`` on fp8
+        weights), ``"weight_only"`` (``jaxquant.weight_only_linear``) or ``"fake"`` (no kernel
+        serves it: e.g. int4 weights with int8 activations)."""
+        if self.is_fp8:
+            return "fp8"
         if self.activations is None:
             return "weight_only"
         if self.weight_bits == 8 and self.group_size is None and self.weight_symmetric:
             return "w8a8"
         return "fake"
 
-    def problem(self, k: int, *, serve: bool) -> str | None:
-        """Why this config cannot quantize a layer whose weight has ``k`` inputs (K), or None.
-        ``serve``: the layer must also run on an integer kernel (QAT simulates any config)."""
+    def problem(self, k: int, *, serve: bool, n: int | None = None) -> str | None:
+        """Why this config cannot quantize a layer whose weight ``W [N, K]`` has ``k`` inputs and ``n``
+        outputs, or None. ``serve``: the layer must also run on a serving kernel (QAT simulates any
+        config). fp8 blocks need N and K multiples of the block in both modes, so a layer trained
+        with an fp8 block config can be served with it."""
+        b = self.block_size
+        if b is not None and (k % b or (n is not None and n % b)):
+            return (f"N = {n} and K = {k} must be multiples of block_size = {b} "
+                    f"(fp8 {b} x {b} weight blocks)")
         if serve and self.serving_kind == "fake":
             return (f"no integer kernel serves {self} (W8A8 needs 8-bit symmetric per-channel weights, "
                     "weight-only serving needs activations=None); it can only be simulated (mode='qat')")
@@ -120,7 +222,11 @@ class QuantConfig:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        """Short name, e.g. ``W8A8``, ``W4A16-g128``, ``W4A16-g32-asym-mse``, ``W8A8-static-lsq``."""
+        """Short name, e.g. ``W8A8``, ``W4A16-g128``, ``W4A16-g32-asym-mse``, ``W8A8-static-lsq``, ``FP8``,
+        ``FP8-block128``, ``FP8-tensorwise`` (an fp8 training recipe other than the format's own)."""
+        if self.is_fp8:
+            block = f"-block{self.block_size}" if self.block_size else ""
+            return f"FP8{block}" + (f"-{self.recipe}" if self.recipe else "")
         name = f"W{self.weight_bits}A{16 if self.activations is None else 8}"
         if self.group_size is not None:
             name += f"-g{self.group_size}"
@@ -143,3 +249,9 @@ W8A16 = QuantConfig(weight_bits=8, activations=None)
 W4A16 = QuantConfig(weight_bits=4, group_size=128, activations=None)
 #: int4 per-channel weights, int8 dynamic activations (simulated: QAT / fake-quant only).
 W4A8 = QuantConfig(weight_bits=4, activations="dynamic")
+#: fp8 e4m3 weights, one scale per output channel; fp8 e4m3 activations, one dynamic scale per token
+#: (``jaxquant.quantized_linear``); trained with ``jaxquant.fp8_linear(recipe="rowwise")``.
+FP8 = QuantConfig(weight_dtype="float8_e4m3fn")
+#: fp8 e4m3 weights in 128 x 128 blocks; fp8 e4m3 activations in dynamic 1 x 128 groups
+#: (``jaxquant.quantized_linear``); trained with ``jaxquant.fp8_linear(recipe="blockwise")``.
+FP8_BLOCK = QuantConfig(weight_dtype="float8_e4m3fn", block_size=128)

@@ -16,6 +16,22 @@ with ``Q`` the ``QuantizedWeight`` holding exactly the codes and scales of ``W_h
 QAT: straight-through (``dx = dy_hat * m_x``, ``dW = dW_hat * m_w``, ``m`` the in-range masks);
 scales from data get none; learnable scales get LSQ gradients.
 
+fp8 configs (``config.is_fp8``: ``FP8``, ``FP8_BLOCK``)::
+
+    y     = fp8_linear(x, W, bias, recipe=config.fp8_recipe)    (QAT = fp8 training, ``QATLayer``)
+    y     = quantized_linear(x, Q)                               (serving, ``QuantizedLayer``)
+
+``fp8_linear`` quantizes x and the float ``W`` afresh at every call (forward, dgrad and wgrad GEMMs
+in fp8). Its rowwise forward (x per token, W per row) and blockwise forward (x in 1 x 128 groups, W
+in 128 x 128 blocks) quantize exactly as ``quantize_weight(W, dtype=float8_e4m3fn[, block_size=128])``
+and ``quantized_linear`` do and run the same GEMM, so the served layer computes what fp8 training
+computed: the same bits in the compute dtype float32, one rounding of the output apart in
+bfloat16 / float16 (training adds the bias after rounding the product to that dtype, serving
+before). A ``recipe`` other than the format's own (``"tensorwise"``, or a per-channel format
+trained ``"blockwise"``) trains with other scales than the served layer's.
+``fake_quantize_weight`` / ``fake_quantize_activation`` with an fp8 config are the float
+simulation of those quantizers (``fake_quantize(..., code_dtype=float8_e4m3fn)``, absmax scales).
+
 Equivalence of serving with QAT. QAT computes ``fl(x_hat @ W_hat^T) + b`` with float32 products of
 the same integer codes the served layer holds. Weight-only serving computes ``fl(x @ W_hat^T)``
 with the same ``W_hat`` (only the summation order differs); W8A8 serving computes the integer dot
@@ -49,14 +65,22 @@ from jaxquant.flax.geometry import Geometry
 from jaxquant.flax import sharding as S
 
 __all__ = ["fake_quantize_weight", "fake_quantize_activation", "lsq_grad_factor", "weight_params",
-           "serving_weight", "qat_matmul", "serve_matmul", "compute_dtype", "act_scale_from_amax", "QuantStat",
+           "serving_weight", "qweight_of", "codes_spec", "qat_matmul", "fp8_train_matmul", "serve_matmul",
+           "compute_dtype", "act_scale_from_amax", "QuantStat",
            "Quantized", "QATLayer", "QuantizedLayer", "maybe_abstract", "geometry_of"]
 
 _TINY = np.float32(2.0**-126)
 
 
 def _weight_gran(config: QuantConfig):
+    if config.block_size is not None:
+        return jq.PerBlock((config.block_size, config.block_size))
     return jq.PerChannel(0) if config.group_size is None else jq.PerGroup(config.group_size)
+
+
+def _fp8_act_gran(config: QuantConfig):
+    """The activations' granularity of fp8 serving: per token, or 1 x 128 groups for block weights."""
+    return jq.PerToken() if config.block_size is None else jq.PerGroup(config.block_size)
 
 
 def lsq_grad_factor(config: QuantConfig, k: int) -> float:
@@ -66,8 +90,8 @@ def lsq_grad_factor(config: QuantConfig, k: int) -> float:
 
 
 def param_shape(config: QuantConfig, n: int, k: int) -> tuple[int, ...]:
-    """Shape of the weight scale (and zero point): ``[N]`` or ``[N, K // g]``."""
-    return (n,) if config.group_size is None else (n, k // config.group_size)
+    """Shape of the weight scale (and zero point): ``[N]``, ``[N, K // g]`` or (fp8 blocks) ``[N // b, K // b]``."""
+    return config.scale_shape(n, k)
 
 
 def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *, learnable: bool = False):
@@ -87,8 +111,10 @@ def fake_quantize_weight(w, config: QuantConfig, scale=None, zero_point=None, *,
 
 
 def _fake_quantize_weight(w, config: QuantConfig, scale, zero_point, learnable: bool):
-    qmin, qmax = config.weight_range
     n, k = w.shape
+    if config.is_fp8:
+        return _fake_quantize_weight_fp8(w, config, scale, learnable)
+    qmin, qmax = config.weight_range
     config.check_features(k)
     if learnable:
         g = k if config.group_size is None else config.group_size
@@ -104,10 +130,28 @@ def _fake_quantize_weight(w, config: QuantConfig, scale, zero_point, learnable: 
     return jq.fake_quantize(w, scale, zp, granularity=_weight_gran(config), qmin=qmin, qmax=qmax)
 
 
+def _fake_quantize_weight_fp8(w, config: QuantConfig, scale, learnable: bool):
+    if learnable:
+        raise ValueError(f"fake_quantize_weight: learnable=True is for integer configs; {config} has fp8 weights, "
+                         "whose scales come from the data")
+    why = config.problem(w.shape[1], n=w.shape[0], serve=True)
+    if why:
+        raise ValueError(f"fake_quantize_weight: {config} cannot quantize a weight of shape {tuple(w.shape)}: {why}")
+    if scale is None:
+        scale = weight_params(w, config)[0]
+    return jq.fake_quantize(w, jax.lax.stop_gradient(scale), granularity=_weight_gran(config),
+                            code_dtype=config.weight_dtype)
+
+
 def fake_quantize_activation(x, config: QuantConfig, act_scale=None):
-    """int8 fake-quantized activation rows ``x [..., K]`` (``config.activations``), or ``x`` when None."""
+    """Fake-quantized activation rows ``x [..., K]`` (``config.activations``: int8, or fp8 e4m3 for an
+    fp8 config, per token or in 1 x 128 groups), or ``x`` when None."""
     if config.activations is None:
         return x
+    if config.is_fp8:
+        g = _fp8_act_gran(config)
+        _, s, _ = jq.dynamic_quantize(jax.lax.stop_gradient(x), granularity=g, dtype=config.weight_dtype)
+        return jq.fake_quantize(x, s, granularity=g, code_dtype=config.weight_dtype)
     if config.activations == "dynamic":
         s, _ = jq.choose_qparams(x, granularity=jq.PerToken(), qmin=-128, qmax=127)
         return jq.fake_quantize(x, s, granularity=jq.PerToken(), qmin=-128, qmax=127)
@@ -122,7 +166,12 @@ def act_scale_from_amax(amax):
 
 
 def weight_params(w, config: QuantConfig, method: str | None = None):
-    """``(scale, zero_point int32 or None)`` of ``w [N, K]`` by ``method`` (default ``config.calibration``)."""
+    """``(scale, zero_point int32 or None)`` of ``w [N, K]`` by ``method`` (default ``config.calibration``).
+    fp8: the scales of ``jaxquant.quantize_weight(w, dtype=float8_e4m3fn[, block_size])`` (absmax), no
+    zero point."""
+    if config.is_fp8:
+        qw = jq.quantize_weight(jax.lax.stop_gradient(w), dtype=config.weight_dtype, block_size=config.block_size)
+        return qw.scale, None
     s, z = C.weight_qparams(w, bits=config.weight_bits, group_size=config.group_size,
                             symmetric=config.weight_symmetric, method=method or config.calibration,
                             percentile=config.percentile)
@@ -139,7 +188,12 @@ def rounded_zero_point(zero_point, config: QuantConfig):
 
 def serving_weight(w, scale, zero_point, config: QuantConfig) -> W.QuantizedWeight:
     """``QuantizedWeight`` of ``w [N, K]`` with the given parameters (``zero_point`` int32 or None).
-    With absmax parameters this is ``jaxquant.quantize_weight(w, ...)``."""
+    With absmax parameters this is ``jaxquant.quantize_weight(w, ...)`` (fp8: ``dtype=float8_e4m3fn``)."""
+    if config.is_fp8:
+        scale = jnp.asarray(scale, jnp.float32)
+        codes = jq.quantize(jnp.asarray(w, jnp.float32), scale, granularity=_weight_gran(config),
+                            dtype=config.weight_dtype)
+        return qweight_of(codes, scale, None, config, w.shape)
     qmin, qmax = config.weight_range
     zp = None if config.weight_symmetric else jnp.asarray(zero_point, jnp.int32)
     scale = jnp.asarray(scale, jnp.float32)
@@ -147,8 +201,22 @@ def serving_weight(w, scale, zero_point, config: QuantConfig) -> W.QuantizedWeig
                         qmax=qmax, dtype=jnp.int8)
     if config.weight_bits == 4:
         codes = W.pack_int4(codes)
-    return W.QuantizedWeight(codes, scale, zp, bits=config.weight_bits, group_size=config.group_size,
-                             symmetric=config.weight_symmetric, shape=w.shape)
+    return qweight_of(codes, scale, zp, config, w.shape)
+
+
+def qweight_of(codes, scale, zero_point, config: QuantConfig, shape) -> W.QuantizedWeight:
+    """The ``QuantizedWeight`` of ``config`` holding these arrays (``shape``: the float ``(N, K)``)."""
+    return W.QuantizedWeight(codes, scale, zero_point, bits=config.weight_bits, group_size=config.group_size,
+                             symmetric=config.weight_symmetric, shape=shape,
+                             code_dtype=None if not config.is_fp8 else config.weight_dtype,
+                             block_size=config.block_size)
+
+
+def codes_spec(config: QuantConfig, n: int, k: int) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of a served layer's codes: int8 ``[N, K]``, packed int4 ``[N, K // 2]`` or fp8 ``[N, K]``."""
+    if config.is_fp8:
+        return (n, k), np.dtype(config.weight_dtype)
+    return ((n, k // 2) if config.weight_bits == 4 else (n, k)), np.dtype(np.int8)
 
 
 def compute_dtype(x, dtype, kernel_dtype):
@@ -165,10 +233,17 @@ def qat_matmul(x2, w_hat, bias, config: QuantConfig, act_scale=None, precision=N
     return y
 
 
-def serve_matmul(x2, qw: W.QuantizedWeight, bias, config: QuantConfig, act_scale=None):
-    """The serving forward on rows: ``quantized_linear`` (W8A8) or ``weight_only_linear``, in ``x2``'s dtype."""
+def fp8_train_matmul(x2, w, bias, config: QuantConfig):
+    """The fp8 training forward on rows: ``fp8_linear(x2, w, bias, recipe=config.fp8_recipe)`` with the
+    float ``w [N, K]`` (in its own dtype: quantized afresh), in ``x2``'s dtype."""
     b = None if bias is None else jnp.reshape(bias, (-1,))
-    if config.serving_kind == "w8a8":
+    return jq.fp8_linear(x2, w, b, recipe=config.fp8_recipe)
+
+
+def serve_matmul(x2, qw: W.QuantizedWeight, bias, config: QuantConfig, act_scale=None):
+    """The serving forward on rows: ``quantized_linear`` (W8A8, fp8) or ``weight_only_linear``, in ``x2``'s dtype."""
+    b = None if bias is None else jnp.reshape(bias, (-1,))
+    if config.serving_kind in ("w8a8", "fp8"):
         return jq.quantized_linear(x2, qw, b, act_scale=act_scale)
     return jq.weight_only_linear(x2, qw, b)
 
@@ -240,8 +315,9 @@ class QATLayer(nnx.Module):
     optimizers and checkpoints see the model's usual parameters), plus, with ``learnable_scales``,
     ``w_scale`` (and a float ``w_zero_point`` when asymmetric) as ``nnx.Param`` of shape ``[N]`` /
     ``[N, K // g]``, and with ``"static"`` activations the calibrated ``act_scale`` (``QuantStat``).
-    ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that. The kernel
-    and bias keep their variables' metadata (sharding annotations); ``quantize`` names the
+    ``config`` records what QAT simulates: ``quantize(qat_model)`` serves exactly that. With an fp8
+    config the matmul is ``jaxquant.fp8_linear`` on the float weight (fp8 training; module
+    docstring). The kernel and bias keep their variables' metadata (sharding annotations); ``quantize`` names the
     learnable scales' axes after the kernel's (``jaxquant.flax.sharding.annotate_layer``).
     """
 
@@ -287,17 +363,22 @@ class QATLayer(nnx.Module):
         x = x.astype(dtype)
         bias = None if self.bias is None else self.bias[...]
         act = None if self.act_scale is None else self.act_scale[...]
-        w_hat = self.quantized_weight()
         flat = bias if self.geometry.flat_bias else None
-        y = self.geometry.apply(x, lambda x2: qat_matmul(x2, w_hat, flat, self.config, act, self.precision), bias)
-        return y.astype(dtype)
+        if self.config.is_fp8:
+            w = self.weight()
+            matmul = lambda x2: fp8_train_matmul(x2, w, flat, self.config)
+        else:
+            w_hat = self.quantized_weight()
+            matmul = lambda x2: qat_matmul(x2, w_hat, flat, self.config, act, self.precision)
+        return self.geometry.apply(x, matmul, bias).astype(dtype)
 
 
 class QuantizedLayer(nnx.Module):
     """Serving version of a float or QAT layer: ``codes`` / ``w_scale`` / ``w_zero_point``
-    (``Quantized`` variables: int8 ``[N, K]`` or packed ``[N, K // 2]``, float32 and int32 ``[N]`` or
-    ``[N, K // g]``), the float ``bias`` (its own dtype), ``act_scale`` (``QuantStat``, static
-    activations); runs ``jaxquant.quantized_linear`` (W8A8) or ``jaxquant.weight_only_linear``.
+    (``Quantized`` variables: int8 ``[N, K]``, packed ``[N, K // 2]`` or fp8 ``[N, K]``, float32 and int32
+    ``[N]``, ``[N, K // g]`` or fp8 blocks' ``[N // 128, K // 128]``), the float ``bias`` (its own dtype),
+    ``act_scale`` (``QuantStat``, static activations); runs ``jaxquant.quantized_linear`` (W8A8, fp8) or
+    ``jaxquant.weight_only_linear``.
     ``dtype`` / ``kernel_dtype`` keep the float layer's compute-dtype behaviour. ``quantize`` gives
     the quantized variables the float kernel's sharding names mapped onto ``W [N, K]``
     (``jaxquant.flax.sharding.annotate_layer``).
@@ -320,11 +401,9 @@ class QuantizedLayer(nnx.Module):
 
     @property
     def qweight(self) -> W.QuantizedWeight:
-        c = self.config
-        return W.QuantizedWeight(self.codes[...], self.w_scale[...],
-                                 None if self.w_zero_point is None else self.w_zero_point[...],
-                                 bits=c.weight_bits, group_size=c.group_size, symmetric=c.weight_symmetric,
-                                 shape=(self.geometry.n, self.geometry.k))
+        return qweight_of(self.codes[...], self.w_scale[...],
+                          None if self.w_zero_point is None else self.w_zero_point[...], self.config,
+                          (self.geometry.n, self.geometry.k))
 
     def __call__(self, x, einsum_str=None, out_sharding=None):
         _check_call(self, einsum_str, out_sharding)

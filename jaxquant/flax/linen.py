@@ -54,7 +54,6 @@ from flax.linen import dtypes as linen_dtypes
 from flax import traverse_util
 from flax.core import meta as flax_meta
 
-from jaxquant.core import weights as W
 from jaxquant.flax import geometry as G
 from jaxquant.flax import layers as L
 from jaxquant.flax.config import QuantConfig
@@ -130,15 +129,16 @@ class LinenQuantized:
         matched, config = match(self.rules, path, module) if self.rules is not None else (False, None)
         if self.qat_rules is not None:
             q_matched, q_config = match(self.qat_rules, path, module)
-            if q_config is not None and (geometry is None or not q_config.problem(geometry.k, serve=False)):
+            if q_config is not None and (geometry is None or not q_config.problem(geometry.k, n=geometry.n,
+                                                                                   serve=False)):
                 if matched and config != q_config:
                     self._warn(path, f"quantize: layer {path!r} was trained with QAT as {q_config}; the rules ask "
                                      f"for {config or 'float'}: serving {q_config}")
                 config, from_qat, matched = q_config, True, True
         if config is None:
             return "float", None, False, ("a rule keeps it float" if matched else "no rule matched")
-        why = unsupported or config.problem(geometry.k, serve=self.mode == "serve")
-        if why and from_qat and not unsupported and not config.problem(geometry.k, serve=False):
+        why = unsupported or config.problem(geometry.k, n=geometry.n, serve=self.mode == "serve")
+        if why and from_qat and not unsupported and not config.problem(geometry.k, n=geometry.n, serve=False):
             # trained with a config no integer kernel serves (e.g. W4A8): keep simulating it
             self._warn(path, f"quantize: layer {path!r} stays a QAT layer (simulated): {config} cannot be served: "
                              f"{why}")
@@ -222,6 +222,10 @@ def _qat_forward(module, path, geometry, config, next_fun, args, kwargs):
     x = args[0]
     dtype = L.compute_dtype(x, module.dtype, kernel.dtype)
     w = geometry.weight(kernel)
+    flat = bias if geometry.flat_bias else None
+    if config.is_fp8:       # fp8 training: fp8_linear on the float weight
+        y = geometry.apply(x.astype(dtype), lambda x2: L.fp8_train_matmul(x2, w, flat, config), bias)
+        return y.astype(dtype)
     if config.learnable_scales:
         for name in ("w_scale",) + (() if config.weight_symmetric else ("w_zero_point",)):
             if not module.is_initializing() and not module.has_variable("params", name):
@@ -233,7 +237,6 @@ def _qat_forward(module, path, geometry, config, next_fun, args, kwargs):
     else:
         w_hat = L.fake_quantize_weight(w, config)
     act = _stat(module, path, "act_scale", ()) if config.activations == "static" else None
-    flat = bias if geometry.flat_bias else None
     y = geometry.apply(x.astype(dtype), lambda x2: L.qat_matmul(x2, w_hat, flat, config, act, module.precision),
                        bias)
     return y.astype(dtype)
@@ -248,9 +251,9 @@ def _serve_forward(module, path, geometry, config, x):
     n, k = geometry.n, geometry.k
     if not module.is_initializing() and not module.has_variable("quantized", "codes"):
         raise _missing(path, "codes", "quantized")
-    ck = k // 2 if config.weight_bits == 4 else k
+    cshape, cdtype = L.codes_spec(config, n, k)
     pshape = L.param_shape(config, n, k)
-    codes = module.variable("quantized", "codes", lambda: jnp.zeros((n, ck), jnp.int8)).value
+    codes = module.variable("quantized", "codes", lambda: jnp.zeros(cshape, cdtype)).value
     scale = module.variable("quantized", "w_scale", lambda: jnp.ones(pshape, jnp.float32)).value
     zp = None
     if not config.weight_symmetric:
@@ -259,8 +262,7 @@ def _serve_forward(module, path, geometry, config, x):
     if geometry.bias_shape is not None:
         bias = module.param("bias", module.bias_init, geometry.bias_shape, module.param_dtype)
     act = _stat(module, path, "act_scale", ()) if config.activations == "static" else None
-    qw = W.QuantizedWeight(codes, scale, zp, bits=config.weight_bits, group_size=config.group_size,
-                             symmetric=config.weight_symmetric, shape=(n, k))
+    qw = L.qweight_of(codes, scale, zp, config, (n, k))
     dtype = L.compute_dtype(x, module.dtype, module.param_dtype)
     flat = bias if geometry.flat_bias else None
     y = geometry.apply(x.astype(dtype), lambda x2: L.serve_matmul(x2, qw, flat, config, act), bias)
@@ -380,7 +382,7 @@ def quantize_variables(qmodel: LinenQuantized, variables, *args, calibration: Ca
     # layers served from QAT that stay QAT layers keep their QAT variables as they are
     layers = [l for l in linen_layers(qmodel, variables, *args, **kwargs)
               if l.action == qmodel.mode and l.config is not None]
-    needs = [l for l in layers if not l.from_qat and (l.config.activations == "static" or isinstance(calibration, GPTQ))]
+    needs = [l for l in layers if not l.from_qat and (l.config.activations == "static" or _gptq(calibration, l))]
     stats = {}
     if needs:
         if calibration is None:
@@ -395,6 +397,11 @@ def quantize_variables(qmodel: LinenQuantized, variables, *args, calibration: Ca
     for l in layers:
         _convert_layer(qmodel.mode, l, flat, out, stats.get(l.path), calibration)
     return {c: traverse_util.unflatten_dict(v) for c, v in out.items() if v}
+
+
+def _gptq(calibration, l: LinenLayer) -> bool:
+    """Whether GPTQ rounds this layer's weight (integer codes; fp8 layers are rounded to nearest)."""
+    return isinstance(calibration, GPTQ) and not l.config.is_fp8
 
 
 def _convert_layer(mode, l: LinenLayer, flat, out, stats, calibration):
@@ -434,7 +441,7 @@ def _convert_layer(mode, l: LinenLayer, flat, out, stats, calibration):
         z = None if c.weight_symmetric else flax_meta.unbox(need("params", "w_zero_point"))
         qw = L.maybe_abstract(lambda k, s, z: L.serving_weight(g.weight(k), s, L.rounded_zero_point(z, c), c),
                               kernel, s, z)
-    elif isinstance(calibration, GPTQ) and not l.from_qat:
+    elif _gptq(calibration, l) and not l.from_qat:
         qw = gptq_quantize_weight(jnp.asarray(g.weight(kernel), jnp.float32), stats[0], c, damp=calibration.damp,
                                   act_order=calibration.act_order, block_size=calibration.block_size)
     else:

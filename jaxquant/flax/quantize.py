@@ -13,15 +13,16 @@ nnx models: ``nnx.Linear``, ``nnx.LinearGeneral`` (``nnx.MultiHeadAttention``'s 
 (``mode="qat"``) or ``QuantizedLayer`` (``mode="serve"``) modules (``jaxquant.flax.layers``).
 
 * A layer a config cannot quantize (K not a multiple of the group size, an einsum that is not a
-  matmul, an int4 x int8 config in serving mode) stays float with one ``QuantizationWarning``
+  matmul, an int4 x int8 config in serving mode, N or K not a multiple of 128 for fp8 blocks in
+  serving mode) stays float with one ``QuantizationWarning``
   naming its path and the reason; ``strict=True`` raises ``ValueError`` listing them instead.
 * A QAT layer records its config: ``quantize(qat_model)`` serves every QAT layer with it (its
   learned scales, calibrated activation scale). Rules passed for a QAT model still choose the
   float layers; a QAT layer whose rule gives another config warns and is served as trained.
 * ``calibration``: ``Calibration(run, batches)`` sets static activation scales (configs with
   ``activations="static"``) from the inputs the float layers see; ``GPTQ(run, batches, ...)``
-  also rounds the weights by GPTQ. Weight scales follow ``QuantConfig.calibration`` (absmax,
-  percentile, MSE clip search).
+  also rounds the integer weights by GPTQ (fp8 layers are rounded to nearest). Weight scales
+  follow ``QuantConfig.calibration`` (absmax, percentile, MSE clip search).
 * Sharding annotations carry over (``jaxquant.flax.sharding``): a QAT layer keeps the float
   ``kernel`` / ``bias`` variables (and their ``out_sharding`` names); its learnable scales, and a
   serving layer's codes / scales / zero points, get the kernel's names mapped onto ``W [N, K]``.
@@ -62,8 +63,9 @@ def quantize(model, rules=None, *, mode: str = "serve", strict: bool = False, ca
       model: an ``nnx.Module`` (float, QAT or partly served) or a ``flax.linen.Module``.
       rules: ``Rule`` s (first match wins), a ``QuantConfig`` (every layer), or None (only for a
         QAT model: serve it with the configs recorded at QAT time).
-      mode: ``"serve"`` (integer kernels: ``quantized_linear`` / ``weight_only_linear``) or
-        ``"qat"`` (fake-quantized, trainable, same parameters as the float model).
+      mode: ``"serve"`` (quantized kernels: ``quantized_linear`` / ``weight_only_linear``) or
+        ``"qat"`` (fake-quantized, trainable, same parameters as the float model; for fp8 configs
+        fp8 training: the layers' matmuls run ``jaxquant.fp8_linear``).
       strict: raise instead of leaving a layer float with a warning.
       calibration: None, ``Calibration(run, batches)`` or ``GPTQ(run, batches, ...)`` (nnx only;
         for linen pass it to ``quantize_variables``).
@@ -111,7 +113,7 @@ def _plan(model, rules, mode, strict):
                 warnings.warn(f"quantize: layer {p!r} was {state} as {have}; the rules ask for "
                               f"{config or 'float'}: keeping {have}", QuantizationWarning, stacklevel=4)
             if isinstance(node, L.QATLayer) and serve:
-                why = have.problem(geometry.k, serve=True)
+                why = have.problem(geometry.k, n=geometry.n, serve=True)
                 if why:
                     problems.append((p, have, why, "stays a QAT layer (simulated)"))
                 else:
@@ -123,7 +125,7 @@ def _plan(model, rules, mode, strict):
             else:
                 _note(node, "a rule keeps it float")
             continue
-        why = unsupported or config.problem(geometry.k, serve=serve)
+        why = unsupported or config.problem(geometry.k, n=geometry.n, serve=serve)
         if why:
             problems.append((p, config, why, "stays float"))
             _note(node, f"{config}: {why}")
@@ -168,7 +170,8 @@ def _quantize_nnx(model, rules, mode, strict, calibration):
     plan = _plan(model, rules, mode, strict)
     gptq = {}
     if isinstance(calibration, GPTQ):
-        float_layers = [(path, g, c) for path, node, g, c in plan if not isinstance(node, L.QATLayer)]
+        # GPTQ rounds integer codes; fp8 layers are quantized by quantize_weight (round to nearest)
+        float_layers = [(path, g, c) for path, node, g, c in plan if not isinstance(node, L.QATLayer) and not c.is_fp8]
         gptq = gptq_calibrate(model, calibration, float_layers) if float_layers else {}
         stats = {path: st for path, (_, st) in gptq.items()}
     else:

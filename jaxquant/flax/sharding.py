@@ -112,8 +112,8 @@ def codes_axes(config: QuantConfig, n, k) -> tuple:
 
 
 def qparam_axes(config: QuantConfig, n, k) -> tuple:
-    """Names of ``w_scale`` / ``w_zero_point``: ``(n,)`` per channel, ``(n, k)`` per group."""
-    return (n,) if config.group_size is None else (n, k)
+    """Names of ``w_scale`` / ``w_zero_point``: ``(n,)`` per channel, ``(n, k)`` per group or fp8 block."""
+    return (n,) if config.group_size is None and config.block_size is None else (n, k)
 
 
 # ------------------------------------------------------------------------------------------
