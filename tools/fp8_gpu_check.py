@@ -1,6 +1,6 @@
 """Check and time the fp8 GEMM kernels on a GPU (H100 / H200), side by side with XLA.
 
-    PYTHONPATH=. python tools/fp8_gpu_check.py [--quick] [--no-sweep] [--bound-probe]
+    PYTHONPATH=. python tools/fp8_gpu_check.py [--quick] [--no-sweep] [--sweep-only] [--bound-probe]
 
 For M in {1, 16, 128, 2048, 8192} and (N, K) in {(8192, 8192), (4096, 14336)} it runs
 
@@ -183,8 +183,9 @@ SWEEP = {  # 8192^3: a few configs around the heuristic's
     "triton-block": [FT.Config(128, 128, 128, group_m=16, num_warps=8, num_stages=3),
                      FT.Config(128, 128, 128, group_m=16, num_warps=4, num_stages=4),
                      FT.Config(64, 128, 128, group_m=16, num_warps=4, num_stages=4)],
-    "mgpu": [FM.Config(), FM.Config(grid_tile_width=16), FM.Config(tile_m=64, part_m=None),
-             FM.Config(tile_n=64, part_m=None), FM.Config(stages=6, epi_n=64)],
+    "mgpu": [FM.Config(), FM.Config(grid_tile_width=16), FM.Config(grid_tile_width=4), FM.Config(minor_n=False),
+             FM.Config(stages=3), FM.Config(stages=6, epi_n=64), FM.Config(epi_n=64),
+             FM.Config(tile_m=64, part_m=None), FM.Config(tile_n=64, part_m=None)],
 }
 
 
@@ -291,6 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="M in {16, 2048} on 8192^2 only, 3 repeats")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--bound-probe", action="store_true", help="measure the tensor-core error (module docstring)")
+    p.add_argument("--sweep-only", action="store_true", help="only the config sweep at 8192^3 (no problem table)")
     p.add_argument("--budget", type=float, default=280.0,
                    help="seconds; problems and sweep configs not started by then are skipped (default 280)")
     args = p.parse_args(argv)
@@ -311,6 +313,10 @@ def main(argv=None) -> int:
     big_sets = None
     # the targets' shape first, so that it is measured whatever the time budget leaves
     problems = sorted(((m, n, k) for n, k in nks for m in ms), key=lambda p: p != BIG)
+    if args.sweep_only:
+        print("config sweep at 8192^3:")
+        run_sweep([make_set(i, *BIG) for i in range(SETS)], hopper, 3, min_time, rows, start + args.budget)
+        problems = []
     deadline = start + args.budget
     for m, n, k in problems:
         if time.perf_counter() > deadline:
