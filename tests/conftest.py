@@ -68,6 +68,18 @@ def rng(request):
     return np.random.default_rng([BASE_SEED, zlib.crc32(request.node.nodeid.encode())])
 
 
+def cpu_cycled(cases, variants, case_ids, variant_ids):
+    """``pytest.param``s of ``cases`` x ``variants``: the whole cross product on a GPU; on the CPU
+    (interpret mode, ~1 s a case) each case with one variant, in turn, so that every case and
+    every variant is still run."""
+    out = []
+    for i, (case, cid) in enumerate(zip(cases, case_ids)):
+        for j, (variant, vid) in enumerate(zip(variants, variant_ids)):
+            if HAS_GPU or j == i % len(variants):
+                out.append(pytest.param(*case, variant, id=f"{cid}-{vid}"))
+    return out
+
+
 def run_impl(impl, fn, *args):
     """Trace and run ``fn`` under implementation ``impl``.
 

@@ -26,7 +26,7 @@ from jaxquant.primitives.int8_matmul import primitive as L
 from jaxquant.primitives.int8_matmul.api import int8_matmul, quantized_linear
 from jaxquant.primitives.int8_matmul.reference import linear_reference
 from jaxquant.primitives.weights import quantize_weight
-from conftest import assert_same_bits, cuda_kernels, run_impl
+from conftest import assert_same_bits, cpu_cycled, cuda_kernels, run_impl
 
 DN = (((1,), (1,)), ((), ()))
 
@@ -85,6 +85,8 @@ CASES = [
     ((1, 256), 33, mm_k.Config(16, 32, 64, split_k=4)),
     ((1, 1, 96), 20, mm_k.Config(16, 16, 32, row_bcast=False)),
 ]
+OUT_DTYPES = [jnp.bfloat16, jnp.float32, jnp.float16]
+OUT_DTYPE_GRID = cpu_cycled(CASES, OUT_DTYPES, [f"{c[0]}x{c[1]}" for c in CASES], ["bf16", "f32", "f16"])
 
 
 @pytest.mark.parametrize("xshape,n,cfg", CASES, ids=[f"{c[0]}x{c[1]}" for c in CASES])
@@ -102,8 +104,7 @@ def test_int32_accumulator_exact(tier, rng, xshape, n, cfg):
     assert_same_bits(run_impl("reference", f, a, w), want, "reference accumulator")
 
 
-@pytest.mark.parametrize("xshape,n,cfg", CASES, ids=[f"{c[0]}x{c[1]}" for c in CASES])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+@pytest.mark.parametrize("xshape,n,cfg,dtype", OUT_DTYPE_GRID)
 def test_int8_matmul_epilogue(tier, rng, xshape, n, cfg, dtype):
     k = xshape[-1]
     a = jnp.asarray(rng.integers(-128, 128, size=xshape), jnp.int8)
@@ -123,8 +124,7 @@ def test_int8_matmul_epilogue(tier, rng, xshape, n, cfg, dtype):
         assert_close_ulp(g, r, f"int8_matmul {name} [{tier}]", tol)
 
 
-@pytest.mark.parametrize("xshape,n,cfg", CASES, ids=[f"{c[0]}x{c[1]}" for c in CASES])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+@pytest.mark.parametrize("xshape,n,cfg,dtype", OUT_DTYPE_GRID)
 def test_quantized_linear_equals_reference(tier, rng, xshape, n, cfg, dtype):
     k = xshape[-1]
     _, qw = make_layer(rng, n, k)
