@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     unknown = [s for s in wanted if s.partition(":")[0] not in SECTIONS]
     if unknown:
         p.error(f"unknown sections {unknown}; available: {list(SECTIONS)}")
+    if not wanted:
+        p.error(f"--sections: expected at least one of {list(SECTIONS)}")
 
     console = Console(stderr=True)
     ctx = harness.make_context(args.quick)
@@ -82,8 +84,7 @@ def main(argv=None) -> int:
             rows += mod.run(ctx, **kwargs)
             if hasattr(mod, "table"):
                 tables[name] = mod.table
-            harness.write_results(args.out, ctx, rows, path=path)
-    path = harness.write_results(args.out, ctx, rows, path=path)
+            harness.write_results(args.out, ctx, rows, path=path)  # after every section: a cut-short run keeps it
 
     out = Console(width=200)
     title = f"jaxquant on {ctx.device} (jax {harness.jax.__version__}); copy {ctx.copy_gbps:.0f} GB/s"

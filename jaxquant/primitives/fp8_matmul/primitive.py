@@ -177,13 +177,13 @@ def _check_layout(layout, k, n, uneven, mesh):
 
 def _split_k(shard, arrays, params):
     """K split: float32 partial sums per device, summed across devices, then the epilogue."""
-    a, layout, f32 = arrays["a"], params["layout"], np.dtype(np.float32)
+    a, layout = arrays["a"], params["layout"]
     if layout == "rowwise":  # unit scales: the kernel returns the unscaled float32 sum
-        part = fp8_matmul_op(a, arrays["w"], jnp.ones((1,) * a.ndim, jnp.float32), jnp.ones((1,), jnp.float32),
-                             None, layout=layout, out_dtype=f32, config=None, impl=params["impl"])
+        sa, sw = jnp.ones((1,) * a.ndim, jnp.float32), jnp.ones((1,), jnp.float32)
     else:  # each 128-block's partial sum scaled inside the GEMM, as on one device
-        part = fp8_matmul_op(a, arrays["w"], arrays["a_scale"], arrays["w_scale"], None, layout=layout,
-                             out_dtype=f32, config=None, impl=params["impl"])
+        sa, sw = arrays["a_scale"], arrays["w_scale"]
+    part = fp8_matmul_op(a, arrays["w"], sa, sw, None, layout=layout, out_dtype=np.dtype(np.float32), config=None,
+                         impl=params["impl"])
     m, n = math.prod(a.shape[:-1]), arrays["w"].shape[0]
     acc = shard.psum(jnp.reshape(part, (m, n)), "k")
     _, s2 = _operands(a, arrays["a_scale"], layout)
