@@ -1,9 +1,22 @@
-"""Calibration sentences for examples/minilm_demo.py (GPTQ's calibration data).
+"""The sentences of examples/minilm_demo.py: its 8 evaluation sentences and GPTQ's calibration data.
 
-200 fixed English sentences: captions, questions, news-like and everyday statements. None of them
-is one of the demo's evaluation sentences (``minilm_demo.SENTENCES``; the demo asserts the two
-lists are disjoint), so the reported cosines are measured on data the calibration never saw.
+``EVALUATION_SENTENCES``: the sentences whose embeddings the demo compares (tests/models/test_minilm.py
+checks the fp8 cosines on the same ones). ``CALIBRATION_SENTENCES``: 200 fixed English sentences:
+captions, questions, news-like and everyday statements. None of them is an evaluation sentence (the
+demo asserts the two lists are disjoint), so the reported cosines are measured on data the
+calibration never saw.
 """
+
+EVALUATION_SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+]
 
 CALIBRATION_SENTENCES = [
     "The weather forecast predicts heavy rain for the weekend.",

@@ -10,7 +10,7 @@ Every variant is ``jaxquant.flax.quantize(model, cfg)`` of the float model; thos
 are ``quantize(model, cfg, calibration=GPTQ(run, batches))``:
 same scales as the plain variant, weights rounded by GPTQ on the dense layers' inputs. The
 calibration data is ``calibration_sentences.CALIBRATION_SENTENCES`` (200 sentences, disjoint from
-the evaluation ``SENTENCES`` below — checked at start-up), padded positions masked out with
+the evaluation ``SENTENCES``, ``calibration_sentences.EVALUATION_SENTENCES`` — checked at start-up), padded positions masked out with
 ``calibration_mask``.
 
     python examples/minilm_demo.py
@@ -32,18 +32,7 @@ from jaxquant.flax import FP8, FP8_BLOCK, GPTQ, W4A16, W8A8, W8A16, calibration_
 from jaxquant.models.minilm import embed, load_minilm
 from jaxquant.models.minilm import _embed_jit, tokenize
 
-from calibration_sentences import CALIBRATION_SENTENCES
-
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-]
+from calibration_sentences import CALIBRATION_SENTENCES, EVALUATION_SENTENCES as SENTENCES
 
 assert not set(SENTENCES) & set(CALIBRATION_SENTENCES), "calibration and evaluation sentences must differ"
 

@@ -9,8 +9,10 @@ Two independent oracles:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -514,17 +516,16 @@ def test_real_files_are_verified(real, tmp_path):
         minilm.load_minilm(model_dir=tmp_path, verify=False)
 
 
-# Eight sentences of the demo's evaluation set (examples/minilm_demo.py).
-FP8_SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-]
+def _demo_sentences():
+    """The demo's evaluation sentences (examples/calibration_sentences.py: one list for both)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "calibration_sentences.py"
+    spec = importlib.util.spec_from_file_location("calibration_sentences", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.EVALUATION_SENTENCES
+
+
+FP8_SENTENCES = _demo_sentences()
 
 
 def test_real_fp8_serving_cosine(real):
